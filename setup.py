@@ -4,7 +4,9 @@ setup(
     name="g2e_jax",
     version="0.1.0",
     description="From Generator to Embedder in JAX/Flax: a multimodal LLM as a universal multimodal embedding model",
-    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description=open("README.md", encoding="utf-8").read()
+    if __import__("os").path.exists("README.md")
+    else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["g2e_jax", "g2e_jax.*"]),

@@ -41,7 +41,16 @@ def processor(tiny_dir):
 def test_asset_is_small_and_ids_are_consecutive():
     assert hf_files.TOKENIZER_ASSET.stat().st_size < 150_000
     ids = hf_files.special_token_ids()
-    names = ["endoftext", "im_start", "im_end", "vision_start", "vision_end", "vision_pad", "image_pad", "video_pad"]
+    names = [
+        "endoftext",
+        "im_start",
+        "im_end",
+        "vision_start",
+        "vision_end",
+        "vision_pad",
+        "image_pad",
+        "video_pad",
+    ]
     first = ids["endoftext"]
     assert [ids[n] for n in names] == list(range(first, first + len(names)))
     assert ids["vocab_size"] == first + len(names)
@@ -125,9 +134,11 @@ def test_processor_mixed_batch(processor):
     assert out["pixel_values"].shape == (int(grid.prod(-1).sum()), 3 * 2 * 14 * 14)
 
     n_pad = (out["input_ids"] == ids["image_pad"]).sum(-1)
-    merge = processor.image_processor.merge_size ** 2
+    merge = processor.image_processor.merge_size**2
     np.testing.assert_array_equal(n_pad, [grid[0].prod() // merge, 0, grid[1].prod() // merge])
-    np.testing.assert_array_equal(out["mm_token_type_ids"], (out["input_ids"] == ids["image_pad"]).astype(int))
+    np.testing.assert_array_equal(
+        out["mm_token_type_ids"], (out["input_ids"] == ids["image_pad"]).astype(int)
+    )
 
     # Right padding with <|endoftext|>.
     mask = out["attention_mask"]

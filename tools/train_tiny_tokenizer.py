@@ -41,9 +41,7 @@ OUT_PATH = REPO_ROOT / "g2e_jax" / "assets" / "tiny_tokenizer.json"
 # Size of the BPE vocab (byte alphabet + merges) before the special tokens: 992 + 8 specials = 1000.
 BPE_VOCAB_SIZE = 992
 
-QWEN2_SPLIT_PATTERN = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+QWEN2_SPLIT_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
 # Order matters: it fixes the ids (consecutive, right after the BPE vocab).
 SPECIAL_TOKENS = [
@@ -205,7 +203,10 @@ def build_tokenizer() -> Tokenizer:
     if got != BPE_VOCAB_SIZE:
         raise RuntimeError(f"corpus too small: BPE vocab has {got} tokens, wanted {BPE_VOCAB_SIZE}")
     tok.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False, single_word=False, lstrip=False, rstrip=False) for t in SPECIAL_TOKENS]
+        [
+            AddedToken(t, special=True, normalized=False, single_word=False, lstrip=False, rstrip=False)
+            for t in SPECIAL_TOKENS
+        ]
     )
     for offset, t in enumerate(SPECIAL_TOKENS):
         assert tok.token_to_id(t) == BPE_VOCAB_SIZE + offset, t
@@ -234,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         f.write(text)
     os.chmod(f.name, 0o644)  # NamedTemporaryFile creates 0600
     os.replace(f.name, args.out)
-    print(f"wrote {args.out} ({len(text.encode('utf-8'))} bytes, {BPE_VOCAB_SIZE + len(SPECIAL_TOKENS)} tokens)")
+    print(
+        f"wrote {args.out} ({len(text.encode('utf-8'))} bytes, {BPE_VOCAB_SIZE + len(SPECIAL_TOKENS)} tokens)"
+    )
     return 0
 
 

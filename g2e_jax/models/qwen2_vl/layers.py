@@ -15,53 +15,60 @@ ACTIVATIONS = {
 
 
 def activation(name: str):
-  if name not in ACTIVATIONS:
-    raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}")
-  return ACTIVATIONS[name]
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
 
 
 def linear(din: int, dout: int, *, bias: bool, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
-  """A Linear initialised like transformers (normal, std 0.02; zero bias)."""
-  return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+    """A Linear initialised like transformers (normal, std 0.02; zero bias)."""
+    return nnx.Linear(
+        din,
+        dout,
+        use_bias=bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nnx.initializers.normal(0.02),
+        rngs=rngs,
+    )
 
 
 class RMSNorm(nnx.Module):
-  """RMSNorm computed in float32 and cast back before the scale, as transformers does."""
+    """RMSNorm computed in float32 and cast back before the scale, as transformers does."""
 
-  def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32):
-    self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
-    self.eps = eps
+    def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = eps
 
-  def __call__(self, x):
-    dtype = x.dtype
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return self.scale[...] * x32.astype(dtype)
+    def __call__(self, x):
+        dtype = x.dtype
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...] * x32.astype(dtype)
 
 
 def rotate_half(x):
-  half = x.shape[-1] // 2
-  return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
 def apply_rotary(x, cos, sin):
-  """Rotates ``x [..., heads, head_dim]`` by angles broadcast over the heads axis."""
-  return x * cos[..., None, :] + rotate_half(x) * sin[..., None, :]
+    """Rotates ``x [..., heads, head_dim]`` by angles broadcast over the heads axis."""
+    return x * cos[..., None, :] + rotate_half(x) * sin[..., None, :]
 
 
 def attention(q, k, v, mask):
-  """Scaled dot-product attention with a float32 softmax.
+    """Scaled dot-product attention with a float32 softmax.
 
-  q ``[..., Lq, Hq, D]``, k/v ``[..., Lk, Hk, D]`` with ``Hq % Hk == 0`` (grouped-query attention
-  without materialising repeated keys), mask broadcastable to ``[..., Hk, Hq/Hk, Lq, Lk]``.
-  Fully masked query rows give a finite (uniform) result instead of NaN.
-  """
-  *batch, lq, hq, d = q.shape
-  hk = k.shape[-2]
-  q = q.reshape(*batch, lq, hk, hq // hk, d)
-  logits = jnp.einsum("...qhgd,...khd->...hgqk", q, k).astype(jnp.float32) * (d ** -0.5)
-  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("...hgqk,...khd->...qhgd", probs, v)
-  return out.reshape(*batch, lq, hq, d)
+    q ``[..., Lq, Hq, D]``, k/v ``[..., Lk, Hk, D]`` with ``Hq % Hk == 0`` (grouped-query attention
+    without materialising repeated keys), mask broadcastable to ``[..., Hk, Hq/Hk, Lq, Lk]``.
+    Fully masked query rows give a finite (uniform) result instead of NaN.
+    """
+    *batch, lq, hq, d = q.shape
+    hk = k.shape[-2]
+    q = q.reshape(*batch, lq, hk, hq // hk, d)
+    logits = jnp.einsum("...qhgd,...khd->...hgqk", q, k).astype(jnp.float32) * (d**-0.5)
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("...hgqk,...khd->...qhgd", probs, v)
+    return out.reshape(*batch, lq, hq, d)

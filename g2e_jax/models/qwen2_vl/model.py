@@ -21,83 +21,110 @@ from g2e_jax.models.qwen2_vl.vision import VisionTower
 
 
 def _host_value(x):
-  """The array as numpy if it is concrete, None if it is a tracer (inside jit)."""
-  if isinstance(x, jax.core.Tracer):
-    return None
-  return np.asarray(x)
+    """The array as numpy if it is concrete, None if it is a tracer (inside jit)."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    return np.asarray(x)
 
 
 def scatter_image_features(input_ids, embeds, features, image_token_id: int):
-  """Puts feature k into the k-th ``<|image_pad|>`` slot of the batch (row-major)."""
-  is_image = input_ids == image_token_id
-  index = jnp.cumsum(is_image.reshape(-1)).reshape(is_image.shape) - 1
-  gathered = features[jnp.clip(index, 0, features.shape[0] - 1)].astype(embeds.dtype)
-  return jnp.where(is_image[..., None], gathered, embeds)
+    """Puts feature k into the k-th ``<|image_pad|>`` slot of the batch (row-major)."""
+    is_image = input_ids == image_token_id
+    index = jnp.cumsum(is_image.reshape(-1)).reshape(is_image.shape) - 1
+    gathered = features[jnp.clip(index, 0, features.shape[0] - 1)].astype(embeds.dtype)
+    return jnp.where(is_image[..., None], gathered, embeds)
 
 
 class Qwen2VL(nnx.Module):
+    def __init__(
+        self,
+        config: Qwen2VLConfig,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs | None = None,
+    ):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.config = config
+        self.visual = VisionTower(config.vision, **kw)
+        self.text = TextDecoder(config.text, **kw)
+        # Unused for embeddings, kept so that an untied checkpoint survives load -> save.
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else linear(config.text.hidden_size, config.text.vocab_size, bias=False, **kw)
+        )
 
-  def __init__(self, config: Qwen2VLConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs | None = None):
-    rngs = rngs if rngs is not None else nnx.Rngs(0)
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.config = config
-    self.visual = VisionTower(config.vision, **kw)
-    self.text = TextDecoder(config.text, **kw)
-    # Unused for embeddings, kept so that an untied checkpoint survives load -> save.
-    self.lm_head = None if config.tie_word_embeddings else linear(
-        config.text.hidden_size, config.text.vocab_size, bias=False, **kw)
+    def image_features(self, pixel_values, image_grid_thw, max_patches_per_image: int | None = None):
+        """Merged vision features ``[num_patches / merge**2, hidden]``, images concatenated."""
+        if max_patches_per_image is None:
+            grid = _host_value(image_grid_thw)
+            if grid is None:
+                raise ValueError("image_grid_thw is traced (inside jit): pass a static max_patches_per_image")
+            grid = grid.reshape(-1, 3)
+            if (grid[:, 0] != 1).any():
+                raise ValueError(
+                    f"image_grid_thw temporal size must be 1 for images, got {grid[:, 0].tolist()}"
+                )
+            max_patches_per_image = int(grid.prod(-1).max()) if grid.size else 1
+        return self.visual(jnp.asarray(pixel_values), jnp.asarray(image_grid_thw), max_patches_per_image)
 
-  def image_features(self, pixel_values, image_grid_thw, max_patches_per_image: int | None = None):
-    """Merged vision features ``[num_patches / merge**2, hidden]``, images concatenated."""
-    if max_patches_per_image is None:
-      grid = _host_value(image_grid_thw)
-      if grid is None:
-        raise ValueError("image_grid_thw is traced (inside jit): pass a static max_patches_per_image")
-      grid = grid.reshape(-1, 3)
-      if (grid[:, 0] != 1).any():
-        raise ValueError(f"image_grid_thw temporal size must be 1 for images, got {grid[:, 0].tolist()}")
-      max_patches_per_image = int(grid.prod(-1).max()) if grid.size else 1
-    return self.visual(jnp.asarray(pixel_values), jnp.asarray(image_grid_thw), max_patches_per_image)
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        pixel_values=None,
+        image_grid_thw=None,
+        position_ids=None,
+        *,
+        max_patches_per_image: int | None = None,
+        output_hidden_states: bool = False,
+    ):
+        """Final-layer hidden states after the final norm, ``[B, L, H]``.
 
-  def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, position_ids=None,
-               *, max_patches_per_image: int | None = None, output_hidden_states: bool = False):
-    """Final-layer hidden states after the final norm, ``[B, L, H]``.
+        With ``output_hidden_states`` also returns every layer's hidden states (embeddings first,
+        the last entry equal to the returned final-norm states), as transformers does.
+        """
+        if attention_mask is None:
+            attention_mask = jnp.ones(jnp.shape(input_ids), jnp.int32)
+        if pixel_values is not None and image_grid_thw is None:
+            raise ValueError("pixel_values given without image_grid_thw")
+        ids_host = _host_value(input_ids)
+        if ids_host is not None and pixel_values is not None:
+            self._check_image_tokens(ids_host, _host_value(image_grid_thw), np.shape(pixel_values)[0])
+        if position_ids is None:
+            if ids_host is None:
+                raise ValueError(
+                    "position_ids are required under jit: compute them on the host with "
+                    "g2e_jax.models.qwen2_vl.rope_index"
+                )
+            grid = None if image_grid_thw is None else _host_value(image_grid_thw)
+            position_ids = rope_index(ids_host, _host_value(attention_mask), grid, self.config, "mrope")
+        position_ids = jnp.asarray(position_ids)
+        if position_ids.ndim == 2:
+            position_ids = jnp.broadcast_to(position_ids[None], (3,) + position_ids.shape)
 
-    With ``output_hidden_states`` also returns every layer's hidden states (embeddings first,
-    the last entry equal to the returned final-norm states), as transformers does.
-    """
-    if attention_mask is None:
-      attention_mask = jnp.ones(jnp.shape(input_ids), jnp.int32)
-    if pixel_values is not None and image_grid_thw is None:
-      raise ValueError("pixel_values given without image_grid_thw")
-    ids_host = _host_value(input_ids)
-    if ids_host is not None and pixel_values is not None:
-      self._check_image_tokens(ids_host, _host_value(image_grid_thw), np.shape(pixel_values)[0])
-    if position_ids is None:
-      if ids_host is None:
-        raise ValueError("position_ids are required under jit: compute them on the host with "
-                         "g2e_jax.models.qwen2_vl.rope_index")
-      grid = None if image_grid_thw is None else _host_value(image_grid_thw)
-      position_ids = rope_index(ids_host, _host_value(attention_mask), grid, self.config, "mrope")
-    position_ids = jnp.asarray(position_ids)
-    if position_ids.ndim == 2:
-      position_ids = jnp.broadcast_to(position_ids[None], (3,) + position_ids.shape)
+        input_ids = jnp.asarray(input_ids)
+        embeds = self.text.embed_tokens(input_ids)
+        if pixel_values is not None:
+            features = self.image_features(pixel_values, image_grid_thw, max_patches_per_image)
+            embeds = scatter_image_features(input_ids, embeds, features, self.config.image_token_id)
+        return self.text(
+            embeds, jnp.asarray(attention_mask), position_ids, output_hidden_states=output_hidden_states
+        )
 
-    input_ids = jnp.asarray(input_ids)
-    embeds = self.text.embed_tokens(input_ids)
-    if pixel_values is not None:
-      features = self.image_features(pixel_values, image_grid_thw, max_patches_per_image)
-      embeds = scatter_image_features(input_ids, embeds, features, self.config.image_token_id)
-    return self.text(embeds, jnp.asarray(attention_mask), position_ids, output_hidden_states=output_hidden_states)
-
-  def _check_image_tokens(self, input_ids, grid, num_patches):
-    window = self.config.vision.spatial_merge_size ** 2
-    grid = grid.reshape(-1, 3)
-    needed = int(grid.prod(-1).sum())
-    if needed > num_patches:
-      raise ValueError(f"image_grid_thw describes {needed} patches but pixel_values holds {num_patches}")
-    tokens = int((input_ids == self.config.image_token_id).sum())
-    if tokens != needed // window:
-      raise ValueError(f"input_ids hold {tokens} <|image_pad|> tokens but image_grid_thw gives "
-                       f"{needed // window} image features")
+    def _check_image_tokens(self, input_ids, grid, num_patches):
+        window = self.config.vision.spatial_merge_size**2
+        grid = grid.reshape(-1, 3)
+        needed = int(grid.prod(-1).sum())
+        if needed > num_patches:
+            raise ValueError(
+                f"image_grid_thw describes {needed} patches but pixel_values holds {num_patches}"
+            )
+        tokens = int((input_ids == self.config.image_token_id).sum())
+        if tokens != needed // window:
+            raise ValueError(
+                f"input_ids hold {tokens} <|image_pad|> tokens but image_grid_thw gives "
+                f"{needed // window} image features"
+            )

@@ -11,90 +11,97 @@ from g2e_jax.models.qwen2_vl.layers import RMSNorm, activation, apply_rotary, at
 
 
 def mrope_angles(position_ids, cfg: TextConfig):
-  """cos/sin ``[B, L, head_dim]`` from ``[3, B, L]`` positions.
+    """cos/sin ``[B, L, head_dim]`` from ``[3, B, L]`` positions.
 
-  Frequency j of the half head takes its position from axis (section of j) % 3: the first
-  ``mrope_section[0]`` frequencies follow time, the next height, the last width.
-  """
-  dim = cfg.head_dim
-  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
-  freqs = position_ids[..., None].astype(jnp.float32) * inv_freq             # [3, B, L, dim/2]
-  axis_of_freq = np.repeat(np.arange(len(cfg.mrope_section)) % 3, cfg.mrope_section)
-  freqs = jnp.moveaxis(freqs, 0, -1)[..., np.arange(axis_of_freq.size), axis_of_freq]  # [B, L, dim/2]
-  angles = jnp.concatenate([freqs, freqs], axis=-1)
-  return jnp.cos(angles), jnp.sin(angles)
+    Frequency j of the half head takes its position from axis (section of j) % 3: the first
+    ``mrope_section[0]`` frequencies follow time, the next height, the last width.
+    """
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    freqs = position_ids[..., None].astype(jnp.float32) * inv_freq  # [3, B, L, dim/2]
+    axis_of_freq = np.repeat(np.arange(len(cfg.mrope_section)) % 3, cfg.mrope_section)
+    freqs = jnp.moveaxis(freqs, 0, -1)[..., np.arange(axis_of_freq.size), axis_of_freq]  # [B, L, dim/2]
+    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
 
 
 class TextAttention(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
+        self.q_proj = linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=True, **kw)
+        self.k_proj = linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True, **kw)
+        self.v_proj = linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True, **kw)
+        self.o_proj = linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False, **kw)
 
-  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    self.q_proj = linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=True, **kw)
-    self.k_proj = linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True, **kw)
-    self.v_proj = linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True, **kw)
-    self.o_proj = linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False, **kw)
-
-  def __call__(self, x, cos, sin, mask):
-    b, l, _ = x.shape
-    q = self.q_proj(x).reshape(b, l, self.num_heads, self.head_dim)
-    k = self.k_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
-    q = apply_rotary(q, cos.astype(q.dtype), sin.astype(q.dtype))
-    k = apply_rotary(k, cos.astype(k.dtype), sin.astype(k.dtype))
-    return self.o_proj(attention(q, k, v, mask).reshape(b, l, -1))
+    def __call__(self, x, cos, sin, mask):
+        b, length, _ = x.shape
+        q = self.q_proj(x).reshape(b, length, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, length, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, length, self.num_kv_heads, self.head_dim)
+        q = apply_rotary(q, cos.astype(q.dtype), sin.astype(q.dtype))
+        k = apply_rotary(k, cos.astype(k.dtype), sin.astype(k.dtype))
+        return self.o_proj(attention(q, k, v, mask).reshape(b, length, -1))
 
 
 class TextMLP(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = linear(cfg.hidden_size, cfg.intermediate_size, bias=False, **kw)
+        self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size, bias=False, **kw)
+        self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, bias=False, **kw)
+        self.act = activation(cfg.hidden_act)
 
-  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.gate_proj = linear(cfg.hidden_size, cfg.intermediate_size, bias=False, **kw)
-    self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size, bias=False, **kw)
-    self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, bias=False, **kw)
-    self.act = activation(cfg.hidden_act)
-
-  def __call__(self, x):
-    return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.attn = TextAttention(cfg, **kw)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.mlp = TextMLP(cfg, **kw)
 
-  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
-    self.attn = TextAttention(cfg, **kw)
-    self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
-    self.mlp = TextMLP(cfg, **kw)
-
-  def __call__(self, x, cos, sin, mask):
-    x = x + self.attn(self.input_norm(x), cos, sin, mask)
-    return x + self.mlp(self.post_attn_norm(x))
+    def __call__(self, x, cos, sin, mask):
+        x = x + self.attn(self.input_norm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attn_norm(x))
 
 
 class TextDecoder(nnx.Module):
-  """Input embeddings ``[B, L, H]`` -> final-norm hidden states (and optionally every layer's)."""
+    """Input embeddings ``[B, L, H]`` -> final-norm hidden states (and optionally every layer's)."""
 
-  def __init__(self, cfg: TextConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.cfg = cfg
-    self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
-                                  embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
-    self.layers = nnx.List([DecoderLayer(cfg, **kw) for _ in range(cfg.num_hidden_layers)])
-    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+    def __init__(self, cfg: TextConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.cfg = cfg
+        self.embed_tokens = nnx.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            embedding_init=nnx.initializers.normal(0.02),
+            rngs=rngs,
+        )
+        self.layers = nnx.List([DecoderLayer(cfg, **kw) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
 
-  def __call__(self, embeds, attention_mask, position_ids, *, output_hidden_states: bool = False):
-    length = embeds.shape[1]
-    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
-    # [B, 1 (kv heads), 1 (group), Lq, Lk]: causal and never attending to padded keys.
-    mask = (causal[None] & attention_mask.astype(bool)[:, None, :])[:, None, None]
-    cos, sin = mrope_angles(position_ids, self.cfg)
-    x, hidden = embeds, [embeds]
-    for layer in self.layers:
-      x = layer(x, cos, sin, mask)
-      hidden.append(x)
-    x = self.norm(x)
-    if output_hidden_states:
-      hidden[-1] = x
-      return x, tuple(hidden)
-    return x
+    def __call__(self, embeds, attention_mask, position_ids, *, output_hidden_states: bool = False):
+        length = embeds.shape[1]
+        causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+        # [B, 1 (kv heads), 1 (group), Lq, Lk]: causal and never attending to padded keys.
+        mask = (causal[None] & attention_mask.astype(bool)[:, None, :])[:, None, None]
+        cos, sin = mrope_angles(position_ids, self.cfg)
+        x, hidden = embeds, [embeds]
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+            hidden.append(x)
+        x = self.norm(x)
+        if output_hidden_states:
+            hidden[-1] = x
+            return x, tuple(hidden)
+        return x

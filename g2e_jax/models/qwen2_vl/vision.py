@@ -19,138 +19,139 @@ from g2e_jax.models.qwen2_vl.layers import activation, apply_rotary, attention, 
 
 
 class VisionLayout:
-  """Where each patch sits: its image, its index inside the image, and its (h, w) grid cell."""
+    """Where each patch sits: its image, its index inside the image, and its (h, w) grid cell."""
 
-  def __init__(self, grid_thw, num_patches: int, max_patches_per_image: int, merge: int):
-    grid_thw = jnp.asarray(grid_thw, jnp.int32).reshape(-1, 3)
-    sizes = grid_thw[:, 0] * grid_thw[:, 1] * grid_thw[:, 2]
-    ends = jnp.cumsum(sizes)
-    self.starts = ends - sizes
-    self.sizes = sizes
-    p = jnp.arange(num_patches, dtype=jnp.int32)
-    image = jnp.minimum(jnp.searchsorted(ends, p, side="right"), grid_thw.shape[0] - 1).astype(jnp.int32)
-    self.patch_valid = p < ends[-1]
-    local = jnp.where(self.patch_valid, p - self.starts[image], 0)
-    self.patch_image, self.patch_local = image, local
-    # Within one frame the processor orders patches as (h/m, w/m, m, m).
-    w = grid_thw[image, 2]
-    in_frame = local % jnp.maximum(grid_thw[image, 1] * w, 1)
-    block, within = in_frame // (merge * merge), in_frame % (merge * merge)
-    blocks_per_row = jnp.maximum(w // merge, 1)
-    self.hpos = (block // blocks_per_row) * merge + within // merge
-    self.wpos = (block % blocks_per_row) * merge + within % merge
-    s = jnp.arange(max_patches_per_image, dtype=jnp.int32)
-    self.slot_valid = s[None, :] < sizes[:, None]                      # [images, S]
-    self.slot_patch = jnp.where(self.slot_valid, self.starts[:, None] + s[None, :], 0)
-    self.max_patches_per_image = max_patches_per_image
+    def __init__(self, grid_thw, num_patches: int, max_patches_per_image: int, merge: int):
+        grid_thw = jnp.asarray(grid_thw, jnp.int32).reshape(-1, 3)
+        sizes = grid_thw[:, 0] * grid_thw[:, 1] * grid_thw[:, 2]
+        ends = jnp.cumsum(sizes)
+        self.starts = ends - sizes
+        self.sizes = sizes
+        p = jnp.arange(num_patches, dtype=jnp.int32)
+        image = jnp.minimum(jnp.searchsorted(ends, p, side="right"), grid_thw.shape[0] - 1).astype(jnp.int32)
+        self.patch_valid = p < ends[-1]
+        local = jnp.where(self.patch_valid, p - self.starts[image], 0)
+        self.patch_image, self.patch_local = image, local
+        # Within one frame the processor orders patches as (h/m, w/m, m, m).
+        w = grid_thw[image, 2]
+        in_frame = local % jnp.maximum(grid_thw[image, 1] * w, 1)
+        block, within = in_frame // (merge * merge), in_frame % (merge * merge)
+        blocks_per_row = jnp.maximum(w // merge, 1)
+        self.hpos = (block // blocks_per_row) * merge + within // merge
+        self.wpos = (block % blocks_per_row) * merge + within % merge
+        s = jnp.arange(max_patches_per_image, dtype=jnp.int32)
+        self.slot_valid = s[None, :] < sizes[:, None]  # [images, S]
+        self.slot_patch = jnp.where(self.slot_valid, self.starts[:, None] + s[None, :], 0)
+        self.max_patches_per_image = max_patches_per_image
 
-  def to_images(self, x):
-    """``[num_patches, ...]`` -> ``[images, S, ...]`` (invalid slots zeroed)."""
-    out = x[self.slot_patch]
-    return jnp.where(self.slot_valid.reshape(self.slot_valid.shape + (1,) * (x.ndim - 1)), out, 0)
+    def to_images(self, x):
+        """``[num_patches, ...]`` -> ``[images, S, ...]`` (invalid slots zeroed)."""
+        out = x[self.slot_patch]
+        return jnp.where(self.slot_valid.reshape(self.slot_valid.shape + (1,) * (x.ndim - 1)), out, 0)
 
-  def to_patches(self, y):
-    """``[images, S, ...]`` -> ``[num_patches, ...]`` (padding patches zeroed)."""
-    out = y[self.patch_image, jnp.minimum(self.patch_local, self.max_patches_per_image - 1)]
-    return jnp.where(self.patch_valid.reshape(self.patch_valid.shape + (1,) * (y.ndim - 1)), out, 0)
+    def to_patches(self, y):
+        """``[images, S, ...]`` -> ``[num_patches, ...]`` (padding patches zeroed)."""
+        out = y[self.patch_image, jnp.minimum(self.patch_local, self.max_patches_per_image - 1)]
+        return jnp.where(self.patch_valid.reshape(self.patch_valid.shape + (1,) * (out.ndim - 1)), out, 0)
 
 
 class VisionRotary(nnx.Module):
-  """2-D rotary angles: the first half of the frequencies rotate by row, the second by column."""
+    """2-D rotary angles: the first half of the frequencies rotate by row, the second by column."""
 
-  def __init__(self, cfg: VisionConfig):
-    self.dim, self.theta = cfg.head_dim // 2, cfg.rope_theta
+    def __init__(self, cfg: VisionConfig):
+        self.dim, self.theta = cfg.head_dim // 2, cfg.rope_theta
 
-  def __call__(self, hpos, wpos):
-    inv_freq = 1.0 / (self.theta ** (jnp.arange(0, self.dim, 2, dtype=jnp.float32) / self.dim))
-    freqs = jnp.concatenate([hpos[:, None].astype(jnp.float32) * inv_freq,
-                             wpos[:, None].astype(jnp.float32) * inv_freq], axis=-1)
-    angles = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(angles), jnp.sin(angles)
+    def __call__(self, hpos, wpos):
+        inv_freq = 1.0 / (self.theta ** (jnp.arange(0, self.dim, 2, dtype=jnp.float32) / self.dim))
+        freqs = jnp.concatenate(
+            [hpos[:, None].astype(jnp.float32) * inv_freq, wpos[:, None].astype(jnp.float32) * inv_freq],
+            axis=-1,
+        )
+        angles = jnp.concatenate([freqs, freqs], axis=-1)
+        return jnp.cos(angles), jnp.sin(angles)
 
 
 class VisionAttention(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.num_heads = cfg.num_heads
+        self.qkv = linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=True, **kw)
+        self.proj = linear(cfg.embed_dim, cfg.embed_dim, bias=True, **kw)
 
-  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.num_heads = cfg.num_heads
-    self.qkv = linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=True, **kw)
-    self.proj = linear(cfg.embed_dim, cfg.embed_dim, bias=True, **kw)
-
-  def __call__(self, x, cos, sin, layout: VisionLayout):
-    n = x.shape[0]
-    q, k, v = jnp.split(self.qkv(x).reshape(n, 3, self.num_heads, -1), 3, axis=1)
-    q, k, v = q[:, 0], k[:, 0], v[:, 0]
-    # Rotary in float32 (as transformers does for the vision tower).
-    q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(v.dtype)
-    k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(v.dtype)
-    q, k, v = layout.to_images(q), layout.to_images(k), layout.to_images(v)   # [I, S, H, D]
-    mask = layout.slot_valid[:, None, None, None, :]                           # keys of the same image
-    out = layout.to_patches(attention(q, k, v, mask))
-    return self.proj(out.reshape(n, -1))
+    def __call__(self, x, cos, sin, layout: VisionLayout):
+        n = x.shape[0]
+        q, k, v = jnp.split(self.qkv(x).reshape(n, 3, self.num_heads, -1), 3, axis=1)
+        q, k, v = q[:, 0], k[:, 0], v[:, 0]
+        # Rotary in float32 (as transformers does for the vision tower).
+        q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(v.dtype)
+        k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(v.dtype)
+        q, k, v = layout.to_images(q), layout.to_images(k), layout.to_images(v)  # [I, S, H, D]
+        mask = layout.slot_valid[:, None, None, None, :]  # keys of the same image
+        out = layout.to_patches(attention(q, k, v, mask))
+        return self.proj(out.reshape(n, -1))
 
 
 class VisionMLP(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc1 = linear(cfg.embed_dim, cfg.mlp_dim, bias=True, **kw)
+        self.fc2 = linear(cfg.mlp_dim, cfg.embed_dim, bias=True, **kw)
+        self.act = activation(cfg.hidden_act)
 
-  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.fc1 = linear(cfg.embed_dim, cfg.mlp_dim, bias=True, **kw)
-    self.fc2 = linear(cfg.mlp_dim, cfg.embed_dim, bias=True, **kw)
-    self.act = activation(cfg.hidden_act)
-
-  def __call__(self, x):
-    return self.fc2(self.act(self.fc1(x)))
+    def __call__(self, x):
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class VisionBlock(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm1 = nnx.LayerNorm(cfg.embed_dim, epsilon=1e-6, **kw)
+        self.norm2 = nnx.LayerNorm(cfg.embed_dim, epsilon=1e-6, **kw)
+        self.attn = VisionAttention(cfg, **kw)
+        self.mlp = VisionMLP(cfg, **kw)
 
-  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.norm1 = nnx.LayerNorm(cfg.embed_dim, epsilon=1e-6, **kw)
-    self.norm2 = nnx.LayerNorm(cfg.embed_dim, epsilon=1e-6, **kw)
-    self.attn = VisionAttention(cfg, **kw)
-    self.mlp = VisionMLP(cfg, **kw)
-
-  def __call__(self, x, cos, sin, layout):
-    x = x + self.attn(self.norm1(x), cos, sin, layout)
-    return x + self.mlp(self.norm2(x))
+    def __call__(self, x, cos, sin, layout):
+        x = x + self.attn(self.norm1(x), cos, sin, layout)
+        return x + self.mlp(self.norm2(x))
 
 
 class PatchMerger(nnx.Module):
-  """LayerNorm, then each 2x2 window of neighbouring patches (contiguous in the input) -> one token."""
+    """LayerNorm, then each 2x2 window of neighbouring patches (contiguous in the input) -> one token."""
 
-  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.window = cfg.spatial_merge_size ** 2
-    merged = cfg.embed_dim * self.window
-    self.ln_q = nnx.LayerNorm(cfg.embed_dim, epsilon=1e-6, **kw)
-    self.fc1 = linear(merged, merged, bias=True, **kw)
-    self.fc2 = linear(merged, cfg.out_hidden_size, bias=True, **kw)
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.window = cfg.spatial_merge_size**2
+        merged = cfg.embed_dim * self.window
+        self.ln_q = nnx.LayerNorm(cfg.embed_dim, epsilon=1e-6, **kw)
+        self.fc1 = linear(merged, merged, bias=True, **kw)
+        self.fc2 = linear(merged, cfg.out_hidden_size, bias=True, **kw)
 
-  def __call__(self, x):
-    x = self.ln_q(x).reshape(-1, self.window * x.shape[-1])
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+    def __call__(self, x):
+        x = self.ln_q(x).reshape(-1, self.window * x.shape[-1])
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
 
 
 class VisionTower(nnx.Module):
-  """Flattened patches -> one feature per merged 2x2 window (``[num_patches / 4, text hidden]``)."""
+    """Flattened patches -> one feature per merged 2x2 window (``[num_patches / 4, text hidden]``)."""
 
-  def __init__(self, cfg: VisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.cfg = cfg
-    self.patch_embed = linear(cfg.patch_dim, cfg.embed_dim, bias=False, **kw)
-    self.rotary = VisionRotary(cfg)
-    self.blocks = nnx.List([VisionBlock(cfg, **kw) for _ in range(cfg.depth)])
-    self.merger = PatchMerger(cfg, **kw)
+    def __init__(self, cfg: VisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.cfg = cfg
+        self.patch_embed = linear(cfg.patch_dim, cfg.embed_dim, bias=False, **kw)
+        self.rotary = VisionRotary(cfg)
+        self.blocks = nnx.List([VisionBlock(cfg, **kw) for _ in range(cfg.depth)])
+        self.merger = PatchMerger(cfg, **kw)
 
-  def __call__(self, pixel_values, grid_thw, max_patches_per_image: int):
-    num_patches = pixel_values.shape[0]
-    window = self.cfg.spatial_merge_size ** 2
-    if num_patches % window:
-      raise ValueError(f"pixel_values has {num_patches} patches, not a multiple of the merge window {window}")
-    layout = VisionLayout(grid_thw, num_patches, max_patches_per_image, self.cfg.spatial_merge_size)
-    x = self.patch_embed(pixel_values.astype(self.patch_embed.kernel.dtype))
-    cos, sin = self.rotary(layout.hpos, layout.wpos)
-    for block in self.blocks:
-      x = block(x, cos, sin, layout)
-    return self.merger(x)
+    def __call__(self, pixel_values, grid_thw, max_patches_per_image: int):
+        num_patches = pixel_values.shape[0]
+        window = self.cfg.spatial_merge_size**2
+        if num_patches % window:
+            raise ValueError(
+                f"pixel_values has {num_patches} patches, not a multiple of the merge window {window}"
+            )
+        layout = VisionLayout(grid_thw, num_patches, max_patches_per_image, self.cfg.spatial_merge_size)
+        x = self.patch_embed(pixel_values.astype(self.patch_embed.kernel.dtype))
+        cos, sin = self.rotary(layout.hpos, layout.wpos)
+        for block in self.blocks:
+            x = block(x, cos, sin, layout)
+        return self.merger(x)

@@ -1,0 +1,46 @@
+"""Shared fixtures: the tiny model written once per session, loaded by both frameworks."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+# Parity is judged in float32 at full matmul precision (DESIGN.md §3).
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def report(case: str, **values) -> None:
+    """One greppable line per measured quantity (visible with ``pytest -s``)."""
+    items = " ".join(f"{k}={v:.3e}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+    print(f"\n[parity] {case}: {items}")
+
+
+def real_token_diff(ref: np.ndarray, out: np.ndarray, mask: np.ndarray) -> float:
+    """Max abs difference over the real (attention_mask == 1) positions of ``[B, L, H]`` states."""
+    mask = np.asarray(mask).astype(bool)
+    return float(np.abs(np.asarray(ref)[mask] - np.asarray(out)[mask]).max())
+
+
+def pooled_cosine(ref: np.ndarray, out: np.ndarray, mask: np.ndarray) -> float:
+    """Minimum cosine between the two models' last-real-token states (the embedding we pool)."""
+    mask = np.asarray(mask).astype(bool)
+    last = np.array([np.flatnonzero(row)[-1] for row in mask])
+    a = np.asarray(ref)[np.arange(len(last)), last]
+    b = np.asarray(out)[np.arange(len(last)), last]
+    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    return float(cos.min())
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    from g2e_jax.models.qwen2_vl.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def jax_model(tiny_dir):
+    from g2e_jax.models.qwen2_vl import load
+
+    return load(tiny_dir, progress=False)

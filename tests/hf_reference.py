@@ -1,0 +1,56 @@
+"""The PyTorch (transformers) side of the parity tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def load_hf_model(path):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="sdpa", local_files_only=True
+    )
+    return model.eval()
+
+
+def hf_rope_index(hf_model, batch) -> np.ndarray:
+    """transformers' own M-RoPE positions for a processor batch."""
+    with torch.no_grad():
+        pos, _ = hf_model.model.get_rope_index(
+            torch.as_tensor(batch["input_ids"]),
+            mm_token_type_ids=torch.as_tensor(batch["mm_token_type_ids"]),
+            image_grid_thw=None
+            if batch.get("image_grid_thw") is None
+            else torch.as_tensor(batch["image_grid_thw"]),
+            attention_mask=torch.as_tensor(batch["attention_mask"]),
+        )
+    return pos.numpy()
+
+
+def sequential_positions(attention_mask) -> np.ndarray:
+    """What Gen2Embed's transformers 4.46 computes for bare <|image_pad|> runs: 0..n-1 over real tokens."""
+    mask = torch.as_tensor(attention_mask).long()
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return pos[None].expand(3, -1, -1).numpy()
+
+
+def hf_hidden_states(hf_model, batch, position_ids, output_hidden_states=False):
+    kwargs = dict(
+        input_ids=torch.as_tensor(batch["input_ids"]),
+        attention_mask=torch.as_tensor(batch["attention_mask"]),
+        position_ids=torch.as_tensor(np.asarray(position_ids), dtype=torch.long),
+        output_hidden_states=output_hidden_states,
+    )
+    if batch.get("pixel_values") is not None:
+        kwargs.update(
+            pixel_values=torch.as_tensor(batch["pixel_values"]),
+            image_grid_thw=torch.as_tensor(batch["image_grid_thw"]),
+            mm_token_type_ids=torch.as_tensor(batch["mm_token_type_ids"]),
+        )
+    with torch.no_grad():
+        out = hf_model.model(**kwargs)
+    if output_hidden_states:
+        return out.last_hidden_state.numpy(), [h.numpy() for h in out.hidden_states]
+    return out.last_hidden_state.numpy()
