@@ -54,3 +54,33 @@ def hf_hidden_states(hf_model, batch, position_ids, output_hidden_states=False):
     if output_hidden_states:
         return out.last_hidden_state.numpy(), [h.numpy() for h in out.hidden_states]
     return out.last_hidden_state.numpy()
+
+
+def official_template(text: str, *, has_image: bool, role: str, system: str | None, scheme: str) -> str:
+    """The official Gen2Embed string for one row (plain string formatting, as its process_fn does)."""
+    image = "<|image_pad|>" if scheme == "gen2embed" else "<|vision_start|><|image_pad|><|vision_end|>"
+    text = text.replace("<|image_1|>", image)
+    if role == "query":
+        text += (
+            "\nRepresent the given text/image in one word."
+            if has_image
+            else "\nRepresent the given text in one word."
+        )
+    if system is not None:
+        return f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+    return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def official_embeddings(hf_model, processor, strings, images, *, scheme: str) -> np.ndarray:
+    """Full template strings -> HF processor -> transformers -> last real token -> L2 normalise."""
+    present = [im for im in images if im is not None]
+    batch = processor(text=list(strings), images=present or None, padding=True, return_tensors="np")
+    batch = {k: np.asarray(v) for k, v in batch.items()}
+    if scheme == "gen2embed":
+        positions = sequential_positions(batch["attention_mask"])
+    else:
+        positions = hf_rope_index(hf_model, batch)
+    hidden = hf_hidden_states(hf_model, batch, positions)
+    last = batch["attention_mask"].sum(-1) - 1
+    pooled = torch.as_tensor(hidden[np.arange(len(last)), last])
+    return torch.nn.functional.normalize(pooled, dim=-1).numpy()

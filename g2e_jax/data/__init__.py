@@ -1,0 +1,1 @@
+"""Host-side (numpy + PIL) data preparation, kept off the accelerator."""

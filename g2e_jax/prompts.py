@@ -1,0 +1,140 @@
+"""The hierarchical embedding prompt (DESIGN.md §1) as data, and its split into segments.
+
+A row is rendered in the backbone's chat template::
+
+    <|im_start|>system\\n{SYSTEM}<|im_end|>\\n<|im_start|>user\\n{USER}<|im_end|>\\n<|im_start|>assistant\\n
+
+and split into three segments so that only the middle one depends on the row:
+
+    system segment   ``<|im_start|>system\\n{SYSTEM}<|im_end|>\\n<|im_start|>user``   (constant per role)
+    user segment     ``\\n{USER}``                        (tokenised once per row on the host)
+    assistant header ``<|im_end|>\\n<|im_start|>assistant\\n``                (constant)
+
+Every cut falls on a special token or right after ``user`` (a pre-token of its own), so the
+concatenated token ids equal those of the whole string. ``{USER}`` is the task instruction, the
+content (with the image placeholder) and, on the query side, the role suffix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+IMAGE_MARKER = "<|image_1|>"  # how MMEB text marks its image
+IMAGE_PAD = "<|image_pad|>"
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
+SCHEMES = ("gen2embed", "mrope")
+ROLES = ("query", "document")
+ASSISTANT_HEADER = "<|im_end|>\n<|im_start|>assistant\n"
+
+PAPER_SYSTEM = "Given an image, summarize the provided image in one word. Given only text, describe the text in one word."
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptConfig:
+    """Everything that decides the text around a row's content."""
+
+    name: str = "custom"
+    query_system: str | None = PAPER_SYSTEM  # None: no system turn at all
+    document_system: str | None = PAPER_SYSTEM
+    query_suffix_image: str = "\nRepresent the given text/image in one word."
+    query_suffix_text: str = "\nRepresent the given text in one word."
+    document_suffix: str = ""
+    instruction_format: str = "{instruction}\n{content}"  # how a task instruction joins the content
+    scheme: str = "gen2embed"  # image placeholder and positions: bare pads + 1-D, or tagged + M-RoPE
+    matching_marker: str = "Matching"  # subsets named so encode their candidates with the query template
+
+    def __post_init__(self):
+        if self.scheme not in SCHEMES:
+            raise ValueError(
+                f"prompt {self.name!r}: unknown scheme {self.scheme!r}; expected one of {SCHEMES}"
+            )
+        if "{content}" not in self.instruction_format:
+            raise ValueError(f"prompt {self.name!r}: instruction_format must contain '{{content}}'")
+
+    def replace(self, **changes) -> "PromptConfig":
+        return dataclasses.replace(self, **changes)
+
+    # --- per role --------------------------------------------------------------------------
+
+    def template_role(self, role: str, subset: str | None = None) -> str:
+        """The template a row is encoded with: Matching subsets' candidates use the query one."""
+        check_role(role)
+        if subset is not None and self.matching_marker and self.matching_marker in subset:
+            return "query"
+        return role
+
+    def system(self, role: str) -> str | None:
+        return self.query_system if check_role(role) == "query" else self.document_system
+
+    def suffix(self, role: str, has_image: bool) -> str:
+        if check_role(role) == "document":
+            return self.document_suffix
+        return self.query_suffix_image if has_image else self.query_suffix_text
+
+    def image_placeholder(self) -> str:
+        return IMAGE_PAD if self.scheme == "gen2embed" else VISION_START + IMAGE_PAD + VISION_END
+
+    # --- text --------------------------------------------------------------------------------
+
+    def user_text(self, role: str, content: str, *, has_image: bool, instruction: str | None = None) -> str:
+        """``{USER}``: instruction + content (image marker -> placeholder) + role suffix.
+
+        An image without a marker in the content goes first, as MMEB's image-first rows do.
+        """
+        markers = content.count(IMAGE_MARKER)
+        if markers > 1:
+            raise ValueError(f"content has {markers} {IMAGE_MARKER} markers; one image per row is supported")
+        if markers and not has_image:
+            raise ValueError(f"content has an {IMAGE_MARKER} marker but no image was given")
+        if has_image:
+            placeholder = self.image_placeholder()
+            content = content.replace(IMAGE_MARKER, placeholder) if markers else placeholder + content
+        if instruction:
+            content = self.instruction_format.format(instruction=instruction, content=content)
+        return content + self.suffix(role, has_image)
+
+    def system_segment(self, role: str) -> str:
+        system = self.system(role)
+        head = "" if system is None else f"<|im_start|>system\n{system}<|im_end|>\n"
+        return head + "<|im_start|>user"
+
+    def render(self, role: str, user: str) -> str:
+        """The whole template string: what the reference pipeline tokenises in one go."""
+        return self.system_segment(role) + "\n" + user + ASSISTANT_HEADER
+
+
+def check_role(role: str) -> str:
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
+    return role
+
+
+PRESETS: dict[str, PromptConfig] = {
+    # The paper's zero-shot prompt: task-agnostic system level + task-specific user level.
+    "hierarchical": PromptConfig(name="hierarchical"),
+    # The baseline it is compared against: no system turn, no suffix.
+    "plain": PromptConfig(
+        name="plain", query_system=None, document_system=None, query_suffix_image="", query_suffix_text=""
+    ),
+}
+
+
+def get_prompt(prompt: str | PromptConfig | Mapping[str, Any] = "hierarchical", **overrides) -> PromptConfig:
+    """A preset by name, a PromptConfig, or a mapping of fields (e.g. from an ml-collections config)."""
+    if isinstance(prompt, PromptConfig):
+        base = prompt
+    elif isinstance(prompt, str):
+        if prompt not in PRESETS:
+            raise ValueError(f"unknown prompt preset {prompt!r}; available: {sorted(PRESETS)}")
+        base = PRESETS[prompt]
+    else:
+        fields = dict(prompt)
+        preset = fields.pop("preset", None)
+        base = get_prompt(preset) if preset else PromptConfig()
+        overrides = {**fields, **overrides}
+    known = {f.name for f in dataclasses.fields(PromptConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown prompt field(s) {unknown}; known: {sorted(known)}")
+    return base.replace(**overrides) if overrides else base

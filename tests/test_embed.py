@@ -1,0 +1,168 @@
+"""Embedder: prompt segments, jitted templating + pooling, buckets, truncation, official-pipeline parity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import report
+from g2e_jax import Embedder
+from g2e_jax.embed import InputError
+from g2e_jax.prompts import PAPER_SYSTEM, get_prompt
+
+
+def random_image(height, width, seed):
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def embedder(tiny_dir):
+    return Embedder.from_pretrained(tiny_dir, batch_size=4, max_len=256, progress=False)
+
+
+QUERIES = [
+    "<|image_1|> Represent the given image with the following question: What is in the image?",
+    "Find a caption for the news in the given photo.",
+    "  leading and trailing spaces \n",
+    "unicodé 日本語 🙂\ttabs",
+    '<|image_1|>\nSelect the portion of the image that isolates the object labeled as "dog"',
+]
+IMAGES = [random_image(56, 84, 1), None, None, None, random_image(112, 56, 2)]
+
+
+@pytest.mark.parametrize("scheme", ["gen2embed", "mrope"])
+@pytest.mark.parametrize("role", ["query", "document"])
+def test_matches_official_pipeline(tiny_dir, embedder, scheme, role):
+    torch = pytest.importorskip("torch")
+    from hf_reference import load_hf_model, official_embeddings, official_template
+
+    from g2e_jax.models.qwen2_vl.hf_files import load_hf_processor
+
+    hf_model, processor = load_hf_model(tiny_dir), load_hf_processor(tiny_dir)
+    strings = [
+        official_template(t, has_image=im is not None, role=role, system=PAPER_SYSTEM, scheme=scheme)
+        for t, im in zip(QUERIES, IMAGES)
+    ]
+    ref = official_embeddings(hf_model, processor, strings, IMAGES, scheme=scheme)
+    ours = embedder.with_prompt(scheme=scheme).encode(QUERIES, IMAGES, role=role)
+    cosine = (ref * ours).sum(-1)
+    report(f"Embedder vs official pipeline ({role}, {scheme}, text + image rows)", min_cosine=float(cosine.min()),
+           one_minus_min_cosine=float(1 - cosine.min()))  # fmt: skip
+    assert ours.dtype == np.float32 and ours.shape == (len(QUERIES), embedder.dim)
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=-1), 1.0, atol=1e-5)
+    assert cosine.min() >= 0.99999
+    del torch
+
+
+@pytest.mark.parametrize("role", ["query", "document"])
+@pytest.mark.parametrize("scheme", ["gen2embed", "mrope"])
+def test_segments_equal_whole_string_tokenisation(tiny_dir, embedder, role, scheme):
+    pytest.importorskip("transformers")
+    from g2e_jax.models.qwen2_vl.hf_files import load_hf_processor
+
+    processor = load_hf_processor(tiny_dir)
+    emb = embedder.with_prompt(scheme=scheme)
+    cases = QUERIES + ["", " ", "\n\nstarts with newlines", "ends with newlines\n\n", "x" * 50 + " y"]
+    images = IMAGES + [random_image(28, 28, 3), random_image(28, 56, 4), None, None, None]
+    instructions = [None, "Retrieve the news photo", "", None, "Instruction: ", None, None, None, None, "Q"]
+    for text, image, inst in zip(cases, images, instructions):
+        (row,) = emb.prepare([text], [image], role=role, instruction=inst)
+        ids = np.concatenate([emb._system_ids(role), row.user_ids, emb.header_ids])
+        user = emb.prompt.user_text(role, text, has_image=image is not None, instruction=inst)
+        whole = processor(
+            text=[emb.prompt.render(role, user)], images=[image] if image else None, return_tensors="np"
+        )
+        np.testing.assert_array_equal(ids, whole["input_ids"][0], err_msg=repr((text, inst)))
+
+
+def test_hierarchical_template_string():
+    p = get_prompt("hierarchical")
+    user = p.user_text("query", "<|image_1|> What is it?", has_image=True, instruction=None)
+    assert p.render("query", user) == (
+        f"<|im_start|>system\n{PAPER_SYSTEM}<|im_end|>\n<|im_start|>user\n"
+        "<|image_pad|> What is it?\nRepresent the given text/image in one word.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert p.render("document", p.user_text("document", "a dog", has_image=False)).endswith(
+        "user\na dog<|im_end|>\n<|im_start|>assistant\n"
+    )
+    plain = get_prompt("plain")
+    assert plain.render("query", plain.user_text("query", "a dog", has_image=False)) == (
+        "<|im_start|>user\na dog<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert p.template_role("document", subset="RefCOCO-Matching") == "query"
+    assert p.template_role("document", subset="RefCOCO") == "document"
+    mrope = p.replace(scheme="mrope").user_text("document", "x", has_image=True)
+    assert mrope == "<|vision_start|><|image_pad|><|vision_end|>x"
+
+
+def test_input_order_and_batching_do_not_change_embeddings(embedder):
+    texts = [f"row {i} " + "word " * (i * 7 % 40) for i in range(11)]
+    images = [random_image(28 * (1 + i % 3), 56, i) if i % 4 == 0 else None for i in range(11)]
+    together = embedder.encode(texts, images, role="query")
+    alone = np.concatenate([embedder.encode([t], [im], role="query") for t, im in zip(texts, images)])
+    np.testing.assert_allclose(together, alone, atol=2e-5)
+
+
+def test_mixed_lengths_compile_a_handful_of_programs(tiny_dir):
+    emb = Embedder.from_pretrained(tiny_dir, batch_size=8, max_len=512, progress=False)
+    rng = np.random.default_rng(0)
+    texts = [" ".join(["word"] * int(n)) for n in rng.integers(1, 300, 200)]
+    out = emb.encode(texts, role="document")
+    report("compiled programs for 200 mixed-length rows", programs=len(emb.traces))
+    assert out.shape == (200, emb.dim) and np.isfinite(out).all()
+    assert len(emb.traces) <= 6
+
+
+def test_changing_the_system_prompt_does_not_retokenise(embedder):
+    texts = [f"document number {i}" for i in range(6)]
+    embedder.encode(texts, role="document")
+    calls = []
+    original = embedder.tokenizer.encode
+    embedder.tokenizer.encode = lambda text: calls.append(text) or original(text)
+    try:
+        other = embedder.with_prompt(document_system="Describe the text in one word.")
+        a = embedder.encode(texts, role="document")
+        b = other.encode(texts, role="document")
+    finally:
+        del embedder.tokenizer.encode
+    assert calls == [other.prompt.system_segment("document")]
+    assert not np.allclose(a, b)
+
+
+def test_truncation_keeps_the_template_tail_and_the_image(embedder):
+    long_text = "<|image_1|> " + "many words here " * 200
+    image = random_image(56, 56, 5)
+    with pytest.warns(UserWarning, match=r"1 of 2 query rows exceeded max_len=256 and were truncated"):
+        rows = embedder.prepare([long_text, "short"], [image, None], role="query")
+    row = rows[0]
+    total = len(embedder._system_ids("query")) + len(row.user_ids) + len(embedder.header_ids)
+    assert total <= 256 and row.truncated_from > 256
+    suffix = embedder.tokenizer.encode("\nRepresent the given text/image in one word.")
+    assert (row.user_ids[-len(suffix) :] == suffix).all()
+    assert (row.user_ids == embedder.image_pad_id).sum() == 4  # 56x56 -> 2x2 merged tokens
+    with pytest.warns(UserWarning, match="1 of 1 query rows"):
+        emb = embedder.encode([long_text], [image], role="query")
+    assert np.isfinite(emb).all()
+
+
+def test_image_that_cannot_fit_is_a_clear_error(tiny_dir):
+    small = Embedder.from_pretrained(tiny_dir, max_len=60, progress=False)
+    with pytest.raises(InputError, match=r"row 0, field 'image': .*does not fit in max_len=60"):
+        small.encode(["<|image_1|>"], [random_image(224, 224, 0)])
+
+
+def test_bad_rows_name_row_and_field(embedder):
+    with pytest.raises(InputError, match=r"row 1, field 'text': empty text and no image"):
+        embedder.encode(["fine", "   "])
+    with pytest.raises(InputError, match=r"row 0, field 'text': expected a string, got int"):
+        embedder.encode([3])
+    with pytest.raises(InputError, match=r"row 0, field 'text': .*marker but no image"):
+        embedder.encode(["<|image_1|> what?"])
+    with pytest.raises(InputError, match=r"row 1, field 'image': .*"):
+        embedder.encode(["a", "b"], [None, "/nonexistent/image.png"])
+    rows = embedder.prepare(["ok", ""], errors="collect")
+    assert isinstance(rows[1], InputError) and rows[1].row == 1
+    with pytest.raises(ValueError, match="unknown role"):
+        embedder.encode(["a"], role="candidate")
