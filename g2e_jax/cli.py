@@ -6,12 +6,27 @@ import argparse
 import sys
 
 
-def _make_tiny(args) -> int:
+def _make_tiny(args, overrides) -> int:
     from g2e_jax.models.qwen2_vl.tiny import make_tiny
 
     path = make_tiny(args.output, seed=args.seed)
     print(f"wrote a tiny random Qwen2-VL to {path}")
     return 0
+
+
+def _embed(args, overrides) -> int:
+    from g2e_jax.config_utils import load_config
+    from g2e_jax.export import run_embed
+
+    cfg = load_config(args.config, overrides)
+    meta = run_embed(cfg, args.input, args.output, role=args.role, resume=args.resume, skip_bad=args.skip_bad)
+    print(
+        f"wrote {meta['rows']} embeddings of dim {meta['dim']} to {args.output} ({meta['skipped']} rows skipped)"
+    )
+    return 0
+
+
+CONFIG_COMMANDS = ("embed",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,13 +36,37 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--output", required=True, help="directory to write (created if missing)")
     tiny.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     tiny.set_defaults(run=_make_tiny)
+
+    embed = sub.add_parser(
+        "embed", help="embed a JSONL file of rows ({id, text, image}) to embeddings.npy + ids.txt",
+        epilog="Config fields can be overridden as --config.a.b=value (e.g. --config.model.path=DIR).",
+    )  # fmt: skip
+    embed.add_argument(
+        "--config", default="configs/embed.py", help="ml-collections config file (default: %(default)s)"
+    )
+    embed.add_argument(
+        "--input", required=True, help='JSONL rows: {"id": ..., "text": ..., "image": path-or-null}'
+    )
+    embed.add_argument("--output", required=True, help="output directory")
+    embed.add_argument("--role", required=True, choices=("query", "document"))
+    embed.add_argument("--resume", action="store_true", help="continue an interrupted export in --output")
+    embed.add_argument(
+        "--skip-bad", action="store_true", help="write bad rows to skipped.jsonl instead of failing"
+    )
+    embed.set_defaults(run=_embed)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from g2e_jax.config_utils import split_config_overrides
+
+    overrides, rest = split_config_overrides(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(rest)
+    if overrides and args.command not in CONFIG_COMMANDS:
+        print(f"g2e-jax {args.command}: error: takes no --config.* overrides", file=sys.stderr)
+        return 2
     try:
-        return args.run(args)
+        return args.run(args, overrides)
     except (ValueError, OSError) as e:
         print(f"g2e-jax {args.command}: error: {e}", file=sys.stderr)
         return 2

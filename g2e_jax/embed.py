@@ -270,7 +270,7 @@ class Embedder:
         patches = grid = None
         if image is not None:
             try:
-                patches, grid = preprocess(image, self.image_config, source=f"row {i}, field 'image'")
+                patches, grid = preprocess(image, self.image_config, source="image")
             except ImageError as e:
                 raise InputError(i, "image", str(e)) from None
         elif not text.strip():

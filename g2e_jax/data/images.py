@@ -189,6 +189,8 @@ def load_image(image: Image.Image | str | os.PathLike, *, source: str) -> Image.
             raise ImageError(f"{where}: image file not found")
         if not path.is_file():
             raise ImageError(f"{where}: image path is not a file")
+        if path.stat().st_size == 0:
+            raise ImageError(f"{where}: zero-size image file (0 bytes)")
         try:
             with _strict_decoding(), Image.open(path) as opened:
                 opened.load()

@@ -1,0 +1,204 @@
+"""``g2e-jax embed``: a JSONL file of rows -> ``embeddings.npy`` + ``ids.txt`` + ``meta.json``.
+
+Work is cut into shards of ``shard_size`` rows, each written atomically under ``DIR/shards/``; an
+interrupted run restarted with ``--resume`` keeps the finished shards (after checking that the
+input and the settings are the same) and recomputes nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from g2e_jax.config_utils import config_to_json
+from g2e_jax.data.jsonl import BadRow, read_embed_rows
+from g2e_jax.embed import Embedder, InputError
+
+PACKAGES = ("g2e_jax", "jax", "jaxlib", "flax", "numpy", "transformers", "tokenizers", "pillow")
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write under a temporary name in the same folder, then rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_fingerprint(model_dir: Path) -> str:
+    """Hash of the weights' index: tensor names, shapes, dtypes and offsets, plus file sizes
+    (cheap for a 7B checkpoint, and changes whenever the weight files do)."""
+    digest = hashlib.sha256()
+    index = model_dir / "model.safetensors.index.json"
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if index.is_file()
+        else ["model.safetensors"]
+    )
+    for name in files:
+        file = model_dir / name
+        with open(file, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            digest.update(name.encode() + f.read(header_len) + str(file.stat().st_size).encode())
+    return digest.hexdigest()
+
+
+def _versions() -> dict:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def run_embed(cfg, input_path: str | Path, output_dir: str | Path, *, role: str, resume: bool = False,
+              skip_bad: bool = False) -> dict:  # fmt: skip
+    """Runs the export; returns the meta dict also written to ``meta.json``."""
+    if cfg.model.path is None:
+        raise ValueError("no model: set --config.model.path=/path/to/hf_model_dir")
+    if role not in ("query", "document"):
+        raise ValueError(f"--role must be query or document, got {role!r}")
+    input_path, out = Path(input_path), Path(output_dir)
+    rows, bad = read_embed_rows(input_path, skip_bad=skip_bad)
+    job = {
+        "input": str(input_path.resolve()),
+        "input_sha256": sha256_file(input_path),
+        "role": role,
+        "skip_bad": skip_bad,
+        "config": json.loads(config_to_json(cfg)),
+    }
+    shard_dir = out / "shards"
+    job_file = out / "job.json"
+    if job_file.exists():
+        if not resume:
+            raise ValueError(
+                f"{out} already holds an export; pass --resume to continue it or pick a new --output"
+            )
+        previous = json.loads(job_file.read_text())
+        if previous != job:
+            changed = sorted(k for k in job if previous.get(k) != job[k])
+            raise ValueError(f"{out}: cannot resume, the run differs from the interrupted one in: {changed}")
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(job_file, json.dumps(job, indent=2, sort_keys=True))
+
+    model_path = Path(cfg.model.path)
+    prompt = {"preset": cfg.prompt.preset, "scheme": cfg.prompt.scheme}
+    prompt.update(
+        {k: cfg.prompt[k] for k in ("query_system", "document_system") if cfg.prompt[k] is not None}
+    )
+    embedder = Embedder.from_pretrained(
+        model_path, dtype=cfg.model.dtype, prompt=prompt, scheme=cfg.prompt.scheme, max_len=cfg.max_len,
+        image_resolution=cfg.image_resolution, batch_size=cfg.batch_size, progress=False,
+    )  # fmt: skip
+    shard_size = int(cfg.shard_size)
+    starts = range(0, len(rows), shard_size)
+    embeddings, ids, skipped = [], [], list(bad)
+    reused = 0
+    bar = tqdm(total=len(rows), desc=f"embedding {role}s", unit="row", dynamic_ncols=True)
+    started = time.perf_counter()
+    for k, start in enumerate(starts):
+        chunk = rows[start : start + shard_size]
+        shard_npy, shard_json = shard_dir / f"{k:05d}.npy", shard_dir / f"{k:05d}.json"
+        if shard_npy.exists() and shard_json.exists():
+            info = json.loads(shard_json.read_text())
+            if info["lines"] == [r.line for r in chunk]:
+                emb = np.load(shard_npy)
+                reused += len(chunk)
+                embeddings.append(emb)
+                ids += info["ids"]
+                skipped += [BadRow(**b) for b in info["skipped"]]
+                bar.update(len(chunk))
+                continue
+        emb, shard_ids, shard_bad = _embed_chunk(embedder, chunk, role, cfg, skip_bad, input_path)
+        save_npy_atomic(shard_npy, emb)
+        shard_info = {
+            "lines": [r.line for r in chunk],
+            "ids": shard_ids,
+            "skipped": [b.to_json() for b in shard_bad],
+        }
+        write_atomic(shard_json, json.dumps(shard_info))
+        embeddings.append(emb)
+        ids += shard_ids
+        skipped += shard_bad
+        bar.update(len(chunk))
+    bar.close()
+    elapsed = time.perf_counter() - started
+
+    matrix = np.concatenate(embeddings) if embeddings else np.zeros((0, embedder.dim), np.float32)
+    assert matrix.shape[0] == len(ids)
+    save_npy_atomic(out / "embeddings.npy", matrix.astype(np.float32))
+    write_atomic(out / "ids.txt", "".join(f"{i}\n" for i in ids))
+    skipped.sort(key=lambda b: b.line)
+    write_atomic(out / "skipped.jsonl", "".join(json.dumps(b.to_json()) + "\n" for b in skipped))
+    meta = {
+        "model_path": str(model_path.resolve()),
+        "weights_sha256": weights_fingerprint(model_path),
+        "dtype": cfg.model.dtype,
+        "prompt": dataclasses.asdict(embedder.prompt),
+        "scheme": embedder.prompt.scheme,
+        "role": role,
+        "max_len": cfg.max_len,
+        "image_resolution": cfg.image_resolution,
+        "instruction": cfg.instruction,
+        "subset": cfg.subset,
+        "input": job["input"],
+        "input_sha256": job["input_sha256"],
+        "rows": len(ids),
+        "skipped": len(skipped),
+        "resumed_rows": reused,
+        "dim": int(matrix.shape[1]),
+        "seconds": round(elapsed, 3),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+    }
+    write_atomic(out / "meta.json", json.dumps(meta, indent=2))
+    return meta
+
+
+def _embed_chunk(embedder: Embedder, chunk, role, cfg, skip_bad, input_path):
+    prepared = embedder.prepare(
+        [r.text for r in chunk], [r.image for r in chunk], role=role, instruction=cfg.instruction,
+        subset=cfg.subset, errors="collect", progress=False,
+    )  # fmt: skip
+    good, ids, bad = [], [], []
+    for row, item in zip(chunk, prepared):
+        if isinstance(item, InputError):
+            failure = BadRow(row.line, row.id, item.field, item.reason)
+            if not skip_bad:
+                raise ValueError(failure.message(input_path))
+            bad.append(failure)
+        else:
+            good.append(item)
+            ids.append(row.id)
+    emb = embedder.encode_prepared(good, role=embedder.prompt.template_role(role, cfg.subset), progress=False)
+    return emb, ids, bad
