@@ -26,7 +26,19 @@ def _embed(args, overrides) -> int:
     return 0
 
 
-CONFIG_COMMANDS = ("embed",)
+CONFIG_COMMANDS = ("embed", "eval")
+
+
+def _eval(args, overrides) -> int:
+    from g2e_jax.config_utils import load_config
+    from g2e_jax.eval.mmeb import run_eval
+
+    cfg = load_config(args.config, overrides)
+    results = run_eval(cfg)
+    summary = results["summary"]
+    print(f"MMEB Precision@1 over {summary['count']} subsets: overall {100 * summary['overall']:.1f}"
+          f" -> {cfg.output_dir}/results.md")  # fmt: skip
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-bad", action="store_true", help="write bad rows to skipped.jsonl instead of failing"
     )
     embed.set_defaults(run=_embed)
+
+    evaluate = sub.add_parser(
+        "eval", help="zero-shot MMEB evaluation (Precision@1 per subset, category, IND/OOD, overall)",
+        epilog="Config fields can be overridden as --config.a.b=value (e.g. --config.data.root=DIR).",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--config", default="configs/mmeb_eval.py", help="config file (default: %(default)s)"
+    )
+    evaluate.set_defaults(run=_eval)
     return parser
 
 

@@ -73,6 +73,8 @@ class Embedder:
     ):
         self.config = model.config
         self.graphdef, self.state = nnx.split(model)
+        self.dtype = str(jax.tree.leaves(self.state)[0].dtype)
+        self.model_path: Path | None = None  # set by from_pretrained; keys on-disk caches
         self.tokenizer = tokenizer
         self.image_config = image_config
         self.prompt = get_prompt(prompt, **({"scheme": scheme} if scheme else {}))
@@ -121,6 +123,21 @@ class Embedder:
             max_len=max_len,
             batch_size=batch_size,
         )
+
+    @classmethod
+    def from_config(cls, cfg) -> "Embedder":
+        """From the ``model`` / ``prompt`` / ``max_len`` / ``image_resolution`` / ``batch_size`` fields
+        that every config of an embedding job shares (see configs/embed.py)."""
+        if cfg.model.path is None:
+            raise ValueError("no model: set --config.model.path=/path/to/hf_model_dir")
+        prompt = {"preset": cfg.prompt.preset, "scheme": cfg.prompt.scheme}
+        prompt.update(
+            {k: cfg.prompt[k] for k in ("query_system", "document_system") if cfg.prompt[k] is not None}
+        )
+        return cls.from_pretrained(
+            cfg.model.path, dtype=cfg.model.dtype, prompt=prompt, scheme=cfg.prompt.scheme, max_len=cfg.max_len,
+            image_resolution=cfg.image_resolution, batch_size=cfg.batch_size, progress=False,
+        )  # fmt: skip
 
     def with_prompt(self, prompt: str | PromptConfig | None = None, **changes) -> "Embedder":
         """The same weights and tokenisation cache under another prompt (no copy, no re-load)."""

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
-import os
 import time
 from importlib import metadata
 from pathlib import Path
@@ -22,53 +20,9 @@ from tqdm.auto import tqdm
 from g2e_jax.config_utils import config_to_json
 from g2e_jax.data.jsonl import BadRow, read_embed_rows
 from g2e_jax.embed import Embedder, InputError
+from g2e_jax.io import save_npy_atomic, sha256_file, weights_fingerprint, write_atomic
 
 PACKAGES = ("g2e_jax", "jax", "jaxlib", "flax", "numpy", "transformers", "tokenizers", "pillow")
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write under a temporary name in the same folder, then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def weights_fingerprint(model_dir: Path) -> str:
-    """Hash of the weights' index: tensor names, shapes, dtypes and offsets, plus file sizes
-    (cheap for a 7B checkpoint, and changes whenever the weight files do)."""
-    digest = hashlib.sha256()
-    index = model_dir / "model.safetensors.index.json"
-    files = (
-        sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        if index.is_file()
-        else ["model.safetensors"]
-    )
-    for name in files:
-        file = model_dir / name
-        with open(file, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            digest.update(name.encode() + f.read(header_len) + str(file.stat().st_size).encode())
-    return digest.hexdigest()
 
 
 def _versions() -> dict:
@@ -84,12 +38,12 @@ def _versions() -> dict:
 def run_embed(cfg, input_path: str | Path, output_dir: str | Path, *, role: str, resume: bool = False,
               skip_bad: bool = False) -> dict:  # fmt: skip
     """Runs the export; returns the meta dict also written to ``meta.json``."""
-    if cfg.model.path is None:
-        raise ValueError("no model: set --config.model.path=/path/to/hf_model_dir")
     if role not in ("query", "document"):
         raise ValueError(f"--role must be query or document, got {role!r}")
     input_path, out = Path(input_path), Path(output_dir)
     rows, bad = read_embed_rows(input_path, skip_bad=skip_bad)
+    embedder = Embedder.from_config(cfg)
+    model_path = embedder.model_path
     job = {
         "input": str(input_path.resolve()),
         "input_sha256": sha256_file(input_path),
@@ -111,15 +65,6 @@ def run_embed(cfg, input_path: str | Path, output_dir: str | Path, *, role: str,
     shard_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(job_file, json.dumps(job, indent=2, sort_keys=True))
 
-    model_path = Path(cfg.model.path)
-    prompt = {"preset": cfg.prompt.preset, "scheme": cfg.prompt.scheme}
-    prompt.update(
-        {k: cfg.prompt[k] for k in ("query_system", "document_system") if cfg.prompt[k] is not None}
-    )
-    embedder = Embedder.from_pretrained(
-        model_path, dtype=cfg.model.dtype, prompt=prompt, scheme=cfg.prompt.scheme, max_len=cfg.max_len,
-        image_resolution=cfg.image_resolution, batch_size=cfg.batch_size, progress=False,
-    )  # fmt: skip
     shard_size = int(cfg.shard_size)
     starts = range(0, len(rows), shard_size)
     embeddings, ids, skipped = [], [], list(bad)

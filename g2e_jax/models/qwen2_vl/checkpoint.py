@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import jax
@@ -12,6 +11,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from g2e_jax.io import write_atomic
 from g2e_jax.models.name_map import FLATTEN_CONV, TRANSPOSE, NameMap, Rule
 from g2e_jax.models.qwen2_vl.config import Qwen2VLConfig
 from g2e_jax.models.qwen2_vl.model import Qwen2VL
@@ -197,16 +197,10 @@ def save(
             },
             "weight_map": {s[0]: f for f, shard in zip(files, shards) for s in shard},
         }
-        _write_json_atomic(stale_index, index)
+        write_atomic(stale_index, json.dumps(index, indent=2) + "\n")
     elif stale_index.exists():
         stale_index.unlink()
     param_dtype = specs[0][2]
     config = cfg.to_hf_dict()
     config["dtype"] = "bfloat16" if param_dtype == np.dtype(jnp.bfloat16) else str(param_dtype)
-    _write_json_atomic(path / "config.json", config)
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path / "config.json", json.dumps(config, indent=2) + "\n")

@@ -1,0 +1,157 @@
+"""MMEB train and eval readers over local files, through `datasets`.
+
+A subset lives under ``root/<subset>/`` as parquet or jsonl files named after the split
+(``original-00000-of-00001.parquet``, ``test.jsonl``, ...) or as a ``save_to_disk`` folder; images
+are paths relative to ``image_dir`` ("" means no image). Rows come back with absolute image paths
+(or None), and every problem names the subset, the row and the file or path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import datasets
+
+TRAIN_SPLITS = ("original", "diverse_instruction")
+TRAIN_COLUMNS = ("qry", "qry_image_path", "pos_text", "pos_image_path")
+TRAIN_OPTIONAL = ("neg_text", "neg_image_path")
+EVAL_COLUMNS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainRow:
+    qry: str
+    qry_image: str | None
+    pos_text: str
+    pos_image: str | None
+    neg_text: str = ""
+    neg_image: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalRow:
+    qry_text: str
+    qry_image: str | None
+    tgt_texts: tuple[str, ...]  # index 0 is the correct candidate
+    tgt_images: tuple[str | None, ...]
+
+
+class DataError(ValueError):
+    pass
+
+
+def available_subsets(root: str | Path) -> list[str]:
+    root = Path(root)
+    return (
+        sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if root.is_dir()
+        else []
+    )
+
+
+def load_split(root: str | Path, subset: str, split: str) -> tuple[datasets.Dataset, str]:
+    """The split as a `datasets.Dataset`, and a description of where it came from (for errors)."""
+    root = Path(root)
+    folder = root / subset
+    if not folder.is_dir():
+        raise DataError(
+            f"{root}: no subset {subset!r}; available: {', '.join(available_subsets(root)) or 'none'}"
+        )
+    for pattern, builder in (("parquet", "parquet"), ("jsonl", "json"), ("json", "json")):
+        files = sorted(folder.glob(f"{split}.{pattern}")) + sorted(folder.glob(f"{split}-*.{pattern}"))
+        if files:
+            ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+            return ds, ", ".join(str(f) for f in files)
+    disk = folder / split
+    if (disk / "dataset_info.json").is_file():
+        return datasets.load_from_disk(str(disk)), str(disk)
+    if (folder / "dataset_dict.json").is_file():
+        dd = datasets.load_from_disk(str(folder))
+        if split in dd:
+            return dd[split], f"{folder}[{split}]"
+    present = sorted(p.name for p in folder.iterdir())
+    raise DataError(f"{folder}: no split {split!r} (looked for {split}.parquet|jsonl, {split}-*.parquet|jsonl, "
+                    f"or a save_to_disk folder); found: {', '.join(present) or 'nothing'}")  # fmt: skip
+
+
+def _check_columns(ds: datasets.Dataset, required, subset: str, where: str) -> None:
+    missing = [c for c in required if c not in ds.column_names]
+    if missing:
+        raise DataError(f"subset {subset!r} ({where}): missing column(s) {missing}; has {ds.column_names}")
+
+
+def _image(image_dir: Path | None, value, subset: str, row: int, column: str, where: str) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise DataError(
+            f"subset {subset!r} row {row} ({where}), column {column!r}: expected a path, got {value!r}"
+        )
+    path = Path(value) if image_dir is None or Path(value).is_absolute() else image_dir / value
+    if not _is_file(str(path)):
+        raise DataError(f"subset {subset!r} row {row}, column {column!r}: image not found: {path}")
+    return str(path)
+
+
+_KNOWN_FILES: set[str] = set()
+
+
+def _is_file(path: str) -> bool:
+    # MMEB-eval repeats each candidate image across many rows: stat each existing path once.
+    if path in _KNOWN_FILES:
+        return True
+    if Path(path).is_file():
+        _KNOWN_FILES.add(path)
+        return True
+    return False
+
+
+def _text(value, subset: str, row: int, column: str, where: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(
+            f"subset {subset!r} row {row} ({where}), column {column!r}: expected text, got {value!r}"
+        )
+    return value
+
+
+def read_train(root, subset: str, split: str = "original", *, image_dir=None) -> list[TrainRow]:
+    if split not in TRAIN_SPLITS:
+        raise DataError(f"unknown MMEB-train split {split!r}; expected one of {TRAIN_SPLITS}")
+    ds, where = load_split(root, subset, split)
+    _check_columns(ds, TRAIN_COLUMNS, subset, where)
+    image_dir = None if image_dir is None else Path(image_dir)
+    rows = []
+    for i, r in enumerate(ds):
+        rows.append(TrainRow(
+            qry=_text(r["qry"], subset, i, "qry", where),
+            qry_image=_image(image_dir, r["qry_image_path"], subset, i, "qry_image_path", where),
+            pos_text=_text(r["pos_text"], subset, i, "pos_text", where),
+            pos_image=_image(image_dir, r["pos_image_path"], subset, i, "pos_image_path", where),
+            neg_text=_text(r.get("neg_text"), subset, i, "neg_text", where),
+            neg_image=_image(image_dir, r.get("neg_image_path"), subset, i, "neg_image_path", where),
+        ))  # fmt: skip
+    return rows
+
+
+def read_eval(root, subset: str, *, image_dir=None, split: str = "test") -> list[EvalRow]:
+    ds, where = load_split(root, subset, split)
+    _check_columns(ds, EVAL_COLUMNS, subset, where)
+    image_dir = None if image_dir is None else Path(image_dir)
+    rows = []
+    for i, r in enumerate(ds):
+        texts, images = r["tgt_text"], r["tgt_img_path"]
+        if not isinstance(texts, list) or not isinstance(images, list):
+            raise DataError(f"subset {subset!r} row {i} ({where}): tgt_text and tgt_img_path must be lists")
+        if len(texts) != len(images) or not texts:
+            raise DataError(f"subset {subset!r} row {i} ({where}): {len(texts)} tgt_text but {len(images)} "
+                            "tgt_img_path (need the same, non-zero number)")  # fmt: skip
+        rows.append(EvalRow(
+            qry_text=_text(r["qry_text"], subset, i, "qry_text", where),
+            qry_image=_image(image_dir, r["qry_img_path"], subset, i, "qry_img_path", where),
+            tgt_texts=tuple(_text(t, subset, i, "tgt_text", where) for t in texts),
+            tgt_images=tuple(_image(image_dir, p, subset, i, "tgt_img_path", where) for p in images),
+        ))  # fmt: skip
+    return rows
