@@ -14,11 +14,22 @@ def _make_tiny(args, overrides) -> int:
     return 0
 
 
-def _embed(args, overrides) -> int:
-    from g2e_jax.config_utils import load_config
-    from g2e_jax.export import run_embed
+def _config(args, overrides, defaults):
+    """The --config file with overrides, or the built-in defaults when no file is given."""
+    from g2e_jax.config_utils import apply_override, load_config
 
-    cfg = load_config(args.config, overrides)
+    if args.config is not None:
+        return load_config(args.config, overrides)
+    cfg = defaults()
+    for override in overrides:
+        apply_override(cfg, override)
+    return cfg.lock()
+
+
+def _embed(args, overrides) -> int:
+    from g2e_jax.export import embed_config, run_embed
+
+    cfg = _config(args, overrides, embed_config)
     meta = run_embed(cfg, args.input, args.output, role=args.role, resume=args.resume, skip_bad=args.skip_bad)
     print(
         f"wrote {meta['rows']} embeddings of dim {meta['dim']} to {args.output} ({meta['skipped']} rows skipped)"
@@ -30,10 +41,9 @@ CONFIG_COMMANDS = ("embed", "eval")
 
 
 def _eval(args, overrides) -> int:
-    from g2e_jax.config_utils import load_config
-    from g2e_jax.eval.mmeb import run_eval
+    from g2e_jax.eval.mmeb import eval_config, run_eval
 
-    cfg = load_config(args.config, overrides)
+    cfg = _config(args, overrides, eval_config)
     results = run_eval(cfg)
     summary = results["summary"]
     print(f"MMEB Precision@1 over {summary['count']} subsets: overall {100 * summary['overall']:.1f}"
@@ -53,9 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         "embed", help="embed a JSONL file of rows ({id, text, image}) to embeddings.npy + ids.txt",
         epilog="Config fields can be overridden as --config.a.b=value (e.g. --config.model.path=DIR).",
     )  # fmt: skip
-    embed.add_argument(
-        "--config", default="configs/embed.py", help="ml-collections config file (default: %(default)s)"
-    )
+    embed.add_argument("--config", help="ml-collections config file (default: built-in, as configs/embed.py)")
     embed.add_argument(
         "--input", required=True, help='JSONL rows: {"id": ..., "text": ..., "image": path-or-null}'
     )
@@ -72,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Config fields can be overridden as --config.a.b=value (e.g. --config.data.root=DIR).",
     )  # fmt: skip
     evaluate.add_argument(
-        "--config", default="configs/mmeb_eval.py", help="config file (default: %(default)s)"
+        "--config", help="ml-collections config file (default: built-in, as configs/mmeb_eval.py)"
     )
     evaluate.set_defaults(run=_eval)
     return parser

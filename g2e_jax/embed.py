@@ -114,7 +114,7 @@ class Embedder:
         image_config = dataclasses.replace(
             ImageConfig.from_preprocessor_config(path), resolution=image_resolution
         )
-        return cls(
+        embedder = cls(
             model,
             Tokenizer(path),
             image_config,
@@ -123,6 +123,8 @@ class Embedder:
             max_len=max_len,
             batch_size=batch_size,
         )
+        embedder.model_path = path
+        return embedder
 
     @classmethod
     def from_config(cls, cfg) -> "Embedder":

@@ -14,13 +14,38 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+import ml_collections
 import numpy as np
+from ml_collections import config_dict
 from tqdm.auto import tqdm
 
 from g2e_jax.config_utils import config_to_json
 from g2e_jax.data.jsonl import BadRow, read_embed_rows
 from g2e_jax.embed import Embedder, InputError
 from g2e_jax.io import save_npy_atomic, sha256_file, weights_fingerprint, write_atomic
+
+
+def embed_config() -> ml_collections.ConfigDict:
+    """Defaults of `g2e-jax embed` (configs/embed.py returns these; override with --config.a.b=v)."""
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict()
+    c.model.path = config_dict.placeholder(str)  # local Hugging Face directory (required)
+    c.model.dtype = "float32"  # or "bfloat16"
+
+    c.prompt = ml_collections.ConfigDict()
+    c.prompt.preset = "hierarchical"  # or "plain"
+    c.prompt.scheme = "gen2embed"  # or "mrope"
+    c.prompt.query_system = config_dict.placeholder(str)  # None: the preset's
+    c.prompt.document_system = config_dict.placeholder(str)
+
+    c.instruction = config_dict.placeholder(str)  # task instruction joined before each row's text
+    c.subset = config_dict.placeholder(str)  # e.g. "RefCOCO-Matching": applies the Matching rule
+    c.max_len = 1024
+    c.image_resolution = config_dict.placeholder(str)  # low | clip | mid_low | mid | mid_high | high | random
+    c.batch_size = 8
+    c.shard_size = 512  # rows per checkpointed shard (unit of --resume)
+    return c
+
 
 PACKAGES = ("g2e_jax", "jax", "jaxlib", "flax", "numpy", "transformers", "tokenizers", "pillow")
 

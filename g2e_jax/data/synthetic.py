@@ -224,7 +224,7 @@ def render(scene: Scene) -> Image.Image:
 
 def crop_box(s: Shape, size: int) -> tuple[int, int, int, int]:
     """A square around the object with a margin, shifted (not cut) to stay inside the image."""
-    half = int(round(1.25 * s.r)) + 2
+    half = round(1.25 * s.r) + 2
     side = min(2 * half, size)
     x0 = min(max(s.cx - half, 0), size - side)
     y0 = min(max(s.cy - half, 0), size - side)
@@ -246,7 +246,7 @@ def _png(img: Image.Image) -> bytes:
 
 def _radius_range(size: int, n: int) -> tuple[int, int]:
     frac = {1: (0.13, 0.32), 2: (0.1, 0.2)}.get(n, (0.09, 0.155))
-    return max(3, int(round(frac[0] * size))), max(4, int(round(frac[1] * size)))
+    return max(3, round(frac[0] * size)), max(4, round(frac[1] * size))
 
 
 def _place(rng: np.random.Generator, size: int, n: int, gap: int = 3) -> list[tuple[int, int, int]]:
@@ -279,7 +279,7 @@ def _scene(rng: np.random.Generator, size: int, attrs: list[tuple[str, str]]) ->
     return Scene(size, background, tuple(shapes))
 
 
-def _pick(rng: np.random.Generator, options, exclude=()) -> str:
+def _pick(rng: np.random.Generator, options, exclude=()):
     options = [o for o in options if o not in exclude]
     return options[int(rng.integers(len(options)))]
 
@@ -318,9 +318,13 @@ def _grounding_attrs(rng: np.random.Generator, n: int) -> list[tuple[str, str]]:
 
 
 def caption(scene: Scene) -> str:
-    """Objects named left to right: "a red circle and a blue star"."""
-    parts = [f"a {s.color} {s.kind}" for s in sorted(scene.shapes, key=lambda s: (s.cx, s.cy))]
+    """Objects named left to right: "a red circle and an orange star"."""
+    parts = [_article(s.label) for s in sorted(scene.shapes, key=lambda s: (s.cx, s.cy))]
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _article(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
 def _caption_key(scene: Scene) -> frozenset:
@@ -591,7 +595,12 @@ def _check_int(name: str, value, minimum: int) -> int:
 
 
 def generate_synthetic(
-    *, seed: int = 0, train_rows: int = 64, eval_queries: int = 24, num_candidates: int = 8, image_size: int = 84
+    *,
+    seed: int = 0,
+    train_rows: int = 64,
+    eval_queries: int = 24,
+    num_candidates: int = 8,
+    image_size: int = 84,
 ) -> SyntheticData:
     """Builds every file in memory (see the module docstring); ``make_synthetic`` writes them."""
     seed = _check_int("seed", seed, 0)

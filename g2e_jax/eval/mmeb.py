@@ -14,7 +14,9 @@ import hashlib
 import json
 from pathlib import Path
 
+import ml_collections
 import numpy as np
+from ml_collections import config_dict
 
 from g2e_jax.data.mmeb import EvalRow, read_eval
 from g2e_jax.io import save_npy_atomic, weights_fingerprint, write_atomic
@@ -33,6 +35,33 @@ MMEB_GROUPS: dict[str, tuple[str, str]] = {
     "MSCOCO": ("Grounding", "IND"),
     **{s: ("Grounding", "OOD") for s in ("RefCOCO", "RefCOCO-Matching", "Visual7W-Pointing")},
 }  # fmt: skip
+
+
+def eval_config(preset: str = "hierarchical") -> ml_collections.ConfigDict:
+    """Defaults of `g2e-jax eval` (configs/mmeb_eval.py returns these)."""
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict()
+    c.model.path = config_dict.placeholder(str)  # local Hugging Face directory (required)
+    c.model.dtype = "float32"  # or "bfloat16"
+
+    c.prompt = ml_collections.ConfigDict()
+    c.prompt.preset = preset  # "hierarchical" or "plain"
+    c.prompt.scheme = "gen2embed"  # or "mrope"
+    c.prompt.query_system = config_dict.placeholder(str)
+    c.prompt.document_system = config_dict.placeholder(str)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.root = config_dict.placeholder(str)  # folder with one sub-folder per subset (test split)
+    c.data.image_dir = config_dict.placeholder(str)  # image paths in the rows are relative to it
+    c.data.groups_file = config_dict.placeholder(str)  # JSON {subset: {category, split}}; None: MMEB's table
+    c.subsets = tuple(MMEB_GROUPS)  # all 36 MMEB subsets
+
+    c.output_dir = config_dict.placeholder(str)  # results.json / results.md / results.png
+    c.cache_dir = config_dict.placeholder(str)  # candidate-embedding cache; None: <output_dir>/cache
+    c.max_len = 1024
+    c.image_resolution = config_dict.placeholder(str)
+    c.batch_size = 8
+    return c
 
 
 def candidate_union(rows: list[EvalRow]) -> tuple[list[tuple[str, str | None]], np.ndarray]:
