@@ -37,7 +37,7 @@ def _embed(args, overrides) -> int:
     return 0
 
 
-CONFIG_COMMANDS = ("embed", "eval")
+CONFIG_COMMANDS = ("embed", "eval", "demo")
 
 
 def _eval(args, overrides) -> int:
@@ -48,6 +48,23 @@ def _eval(args, overrides) -> int:
     summary = results["summary"]
     print(f"MMEB Precision@1 over {summary['count']} subsets: overall {100 * summary['overall']:.1f}"
           f" -> {cfg.output_dir}/results.md")  # fmt: skip
+    return 0
+
+
+def _make_synthetic(args, overrides) -> int:
+    from g2e_jax.data.synthetic import make_synthetic
+
+    path = make_synthetic(args.output, seed=args.seed)
+    print(f"wrote a synthetic MMEB-format dataset to {path}")
+    return 0
+
+
+def _demo(args, overrides) -> int:
+    from g2e_jax.demo import demo_config, run_demo
+
+    cfg = _config(args, overrides, demo_config)
+    run = run_demo(args.workdir, cfg)
+    print(f"demo finished: {run.workdir / 'report.md'}")
     return 0
 
 
@@ -83,6 +100,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", help="ml-collections config file (default: built-in, as configs/mmeb_eval.py)"
     )
     evaluate.set_defaults(run=_eval)
+
+    synthetic = sub.add_parser(
+        "make-synthetic", help="write the synthetic MMEB-format dataset (PIL-drawn shapes)"
+    )
+    synthetic.add_argument("--output", required=True, help="directory to write")
+    synthetic.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    synthetic.set_defaults(run=_make_synthetic)
+
+    demo = sub.add_parser(
+        "demo", help="the whole pipeline offline on the tiny model and synthetic data (the README's main job)",
+        epilog="Sizes can be overridden, e.g. --config.synthetic.eval_queries=8.",
+    )  # fmt: skip
+    demo.add_argument(
+        "--workdir", default="g2e_demo", help="where everything is written (default: %(default)s)"
+    )
+    demo.add_argument("--config", help="config file (default: built-in, as configs/demo.py)")
+    demo.set_defaults(run=_demo)
     return parser
 
 
