@@ -1,18 +1,14 @@
 """``Embedder``: rows of text and/or image in, L2-normalised embeddings out.
 
-Host side, once per row: the user segment is tokenised (cached by its text), the image is resized
-and patchified in numpy, over-long content is truncated, and M-RoPE offsets are computed. Device
-side, one jitted program per (role, shape bucket): the constant system segment and assistant
-header are placed around the user tokens, mask and positions are derived, the backbone runs, and
-the last real token (the ``\\n`` after ``assistant``) is pooled and normalised.
+Host side (``g2e_jax.preprocess``), once per row: tokenised user segment, patchified image, M-RoPE
+offsets. Device side, one jitted program per (role, shape bucket): the constant system segment and
+assistant header are placed around the user tokens, mask and positions are derived, the backbone
+runs, and the last real token (the ``\\n`` after ``assistant``) is pooled and normalised.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import warnings
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,30 +18,12 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from g2e_jax.data.images import ImageConfig, ImageError, num_image_tokens, preprocess
-from g2e_jax.models.qwen2_vl import load, rope_index
-from g2e_jax.prompts import ASSISTANT_HEADER, IMAGE_PAD, PromptConfig, check_role, get_prompt
-from g2e_jax.tokenization import Tokenizer
+from g2e_jax.data.images import ImageConfig
+from g2e_jax.models.qwen2_vl import load
+from g2e_jax.preprocess import InputError, PreparedRow, Preprocessor
+from g2e_jax.prompts import PromptConfig, check_role, plural
 
-
-class InputError(ValueError):
-    """A bad input row; ``row`` and ``field`` say where, so callers can name the file line or id."""
-
-    def __init__(self, row: int, field: str, reason: str):
-        super().__init__(f"row {row}, field {field!r}: {reason}")
-        self.row, self.field, self.reason = row, field, reason
-
-
-@dataclasses.dataclass
-class PreparedRow:
-    """One row, ready for batching: everything the jitted encode needs from the host."""
-
-    user_ids: np.ndarray  # [U] int32, image pads expanded
-    user_pos: np.ndarray | None  # [3, U] M-RoPE positions relative to the segment start (mrope only)
-    next_pos: int  # first position after the user segment, relative to its start
-    patches: np.ndarray | None  # [P, C*T*p*p] float32
-    grid_thw: np.ndarray | None  # [3]
-    truncated_from: int = 0  # original user-segment length when truncated, else 0
+__all__ = ["Embedder", "InputError", "PreparedRow"]
 
 
 def _bucket(n: int, base: int) -> int:
@@ -58,38 +36,25 @@ def _bucket(n: int, base: int) -> int:
 
 
 class Embedder:
+    """A backbone and its Preprocessor; ``encode`` runs one jitted program per (role, shape bucket)."""
+
     def __init__(
         self,
         model,
-        tokenizer: Tokenizer,
-        image_config: ImageConfig,
+        preprocessor: Preprocessor,
         *,
-        prompt: str | PromptConfig = "hierarchical",
-        scheme: str | None = None,
-        max_len: int = 1024,
         batch_size: int = 8,
         seq_bucket_base: int = 32,
         patch_bucket_base: int = 64,
+        model_path: str | Path | None = None,
     ):
         self.config = model.config
         self.graphdef, self.state = nnx.split(model)
         self.dtype = str(jax.tree.leaves(self.state)[0].dtype)
-        self.model_path: Path | None = None  # set by from_pretrained; keys on-disk caches
-        self.tokenizer = tokenizer
-        self.image_config = image_config
-        self.prompt = get_prompt(prompt, **({"scheme": scheme} if scheme else {}))
-        self.max_len, self.batch_size = max_len, batch_size
+        self.model_path = None if model_path is None else Path(model_path)  # keys on-disk caches
+        self.preprocessor = preprocessor
+        self.batch_size = batch_size
         self.seq_bucket_base, self.patch_bucket_base = seq_bucket_base, patch_bucket_base
-        self.image_pad_id = tokenizer.token_id(IMAGE_PAD)
-        if self.image_pad_id != self.config.image_token_id:
-            raise ValueError(
-                f"{tokenizer.path}: <|image_pad|> is id {self.image_pad_id}, but config.json says "
-                f"image_token_id {self.config.image_token_id}"
-            )
-        self.pad_id = tokenizer.token_id("<|endoftext|>")
-        self.header_ids = tokenizer.encode(ASSISTANT_HEADER)
-        self._user_cache: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._user_cache_size = 200_000
         self.traces: list[tuple] = []  # one entry per compiled program (appended while tracing)
         self._encode = jax.jit(
             functools.partial(_encode_batch, self.graphdef, self.traces),
@@ -109,22 +74,11 @@ class Embedder:
         batch_size: int = 8,
         progress: bool = True,
     ) -> "Embedder":
-        path = Path(path)
+        preprocessor = Preprocessor.from_pretrained(
+            path, prompt=prompt, scheme=scheme, max_len=max_len, image_resolution=image_resolution
+        )
         model = load(path, dtype=dtype, progress=progress)
-        image_config = dataclasses.replace(
-            ImageConfig.from_preprocessor_config(path), resolution=image_resolution
-        )
-        embedder = cls(
-            model,
-            Tokenizer(path),
-            image_config,
-            prompt=prompt,
-            scheme=scheme,
-            max_len=max_len,
-            batch_size=batch_size,
-        )
-        embedder.model_path = path
-        return embedder
+        return cls(model, preprocessor, batch_size=batch_size, model_path=path)
 
     @classmethod
     def from_config(cls, cfg) -> "Embedder":
@@ -145,8 +99,20 @@ class Embedder:
         """The same weights and tokenisation cache under another prompt (no copy, no re-load)."""
         other = object.__new__(Embedder)
         other.__dict__.update(self.__dict__)
-        other.prompt = get_prompt(prompt if prompt is not None else self.prompt, **changes)
+        other.preprocessor = self.preprocessor.with_prompt(prompt, **changes)
         return other
+
+    @property
+    def prompt(self) -> PromptConfig:
+        return self.preprocessor.prompt
+
+    @property
+    def max_len(self) -> int:
+        return self.preprocessor.max_len
+
+    @property
+    def image_config(self) -> ImageConfig:
+        return self.preprocessor.image_config
 
     @property
     def dim(self) -> int:
@@ -170,65 +136,10 @@ class Embedder:
         where its image goes (otherwise the image goes first). ``subset`` applies the prompt's
         Matching rule (candidates of such subsets use the query template).
         """
-        rows = self.prepare(
+        rows = self.preprocessor.prepare(
             texts, images, role=role, instruction=instruction, subset=subset, progress=progress
         )
         return self.encode_prepared(rows, role=self.prompt.template_role(role, subset), progress=progress)
-
-    def prepare(
-        self,
-        texts,
-        images=None,
-        *,
-        role: str = "query",
-        instruction=None,
-        subset: str | None = None,
-        errors: str = "raise",
-        progress: bool | None = None,
-    ) -> list[PreparedRow | InputError]:
-        """Host preprocessing of every row. ``errors="collect"`` returns an InputError in place of
-        each bad row instead of raising, so a caller can skip it and keep ids aligned."""
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = list(texts)
-        images = [None] * len(texts) if images is None else list(images)
-        if len(images) != len(texts):
-            raise ValueError(f"got {len(texts)} texts but {len(images)} images")
-        if instruction is None or isinstance(instruction, str):
-            instructions = [instruction] * len(texts)
-        else:
-            instructions = list(instruction)
-            if len(instructions) != len(texts):
-                raise ValueError(f"got {len(texts)} texts but {len(instructions)} instructions")
-        role = self.prompt.template_role(role, subset)
-        system_len = len(self._system_ids(role))
-        rows: list[PreparedRow | InputError] = []
-        truncated = []
-        bar = tqdm(
-            total=len(texts),
-            desc=f"preparing {role}s",
-            unit="row",
-            disable=not self._progress(progress, texts),
-        )
-        for i, (text, image, inst) in enumerate(zip(texts, images, instructions)):
-            try:
-                row = self._prepare_row(i, text, image, role, inst, system_len)
-            except InputError as e:
-                if errors == "raise":
-                    raise
-                row = e
-            if isinstance(row, PreparedRow) and row.truncated_from:
-                truncated.append(row.truncated_from)
-            rows.append(row)
-            bar.update()
-        bar.close()
-        if truncated:
-            warnings.warn(
-                f"{len(truncated)} of {len(texts)} {role} rows exceeded max_len={self.max_len} and were truncated "
-                f"inside their content (longest user segment: {max(truncated)} tokens)",
-                stacklevel=2,
-            )
-        return rows
 
     def encode_prepared(
         self, rows: Sequence[PreparedRow], *, role: str, progress: bool | None = None
@@ -237,8 +148,8 @@ class Embedder:
         out = np.zeros((len(rows), self.dim), np.float32)
         if not rows:
             return out
-        sys_ids = jnp.asarray(self._system_ids(role))
-        header_ids = jnp.asarray(self.header_ids)
+        sys_ids = jnp.asarray(self.preprocessor.system_ids(role))
+        header_ids = jnp.asarray(self.preprocessor.header_ids)
         max_user = self.max_len - len(sys_ids) - len(header_ids)
         # Similar shapes together: text-only rows first, then by image size, then by length.
         order = sorted(
@@ -246,13 +157,16 @@ class Embedder:
             key=lambda i: (0 if rows[i].patches is None else len(rows[i].patches), len(rows[i].user_ids)),
         )
         bar = tqdm(
-            total=len(rows), desc=f"encoding {role}s", unit="row", disable=not self._progress(progress, rows)
+            total=len(rows),
+            desc=f"encoding {plural(role)}",
+            unit="row",
+            disable=not (len(rows) > self.batch_size if progress is None else progress),
         )
         for start in range(0, len(order), self.batch_size):
             index = order[start : start + self.batch_size]
             batch = self._collate([rows[i] for i in index], max_user)
             emb = self._encode(
-                self.state, sys_ids, header_ids, **batch["arrays"], scheme=self.prompt.scheme, pad_id=self.pad_id,
+                self.state, sys_ids, header_ids, **batch["arrays"], scheme=self.prompt.scheme, pad_id=self.preprocessor.pad_id,
                 max_patches_per_image=batch["max_patches_per_image"],
             )  # fmt: skip
             out[index] = np.asarray(emb)[: len(index)]
@@ -260,102 +174,11 @@ class Embedder:
         bar.close()
         return out
 
-    # --- host preprocessing ------------------------------------------------------------------------
-
-    def _progress(self, progress, items) -> bool:
-        return len(items) > self.batch_size if progress is None else progress
-
-    def _system_ids(self, role: str) -> np.ndarray:
-        return self._tokenize(self.prompt.system_segment(role))
-
-    def _tokenize(self, text: str) -> np.ndarray:
-        ids = self._user_cache.get(text)
-        if ids is None:
-            ids = self.tokenizer.encode(text)
-            self._user_cache[text] = ids
-            if len(self._user_cache) > self._user_cache_size:
-                self._user_cache.popitem(last=False)
-        else:
-            self._user_cache.move_to_end(text)
-        return ids
-
-    def _prepare_row(self, i, text, image, role, instruction, system_len) -> PreparedRow:
-        if text is None:
-            text = ""
-        if not isinstance(text, str):
-            raise InputError(i, "text", f"expected a string, got {type(text).__name__}")
-        if instruction is not None and not isinstance(instruction, str):
-            raise InputError(i, "instruction", f"expected a string, got {type(instruction).__name__}")
-        patches = grid = None
-        if image is not None:
-            try:
-                patches, grid = preprocess(image, self.image_config, source="image")
-            except ImageError as e:
-                raise InputError(i, "image", str(e)) from None
-        elif not text.strip():
-            raise InputError(i, "text", "empty text and no image: nothing to embed")
-        n_image = 0 if grid is None else num_image_tokens(grid, self.image_config.merge_size)
-        budget = self.max_len - system_len - len(self.header_ids)
-
-        def user_ids_for(content: str) -> np.ndarray:
-            try:
-                user = self.prompt.user_text(
-                    role, content, has_image=grid is not None, instruction=instruction
-                )
-            except ValueError as e:
-                raise InputError(i, "text", str(e)) from None
-            ids = self._tokenize("\n" + user)
-            if n_image:
-                (at,) = np.flatnonzero(ids == self.image_pad_id)
-                ids = np.concatenate([ids[:at], np.full(n_image, self.image_pad_id, np.int32), ids[at + 1 :]])
-            return ids
-
-        ids = user_ids_for(text)
-        truncated_from = 0
-        if len(ids) > budget:
-            truncated_from = len(ids)
-            ids = self._truncate(i, text, user_ids_for, budget, n_image)
-        user_pos, next_pos = None, len(ids)
-        if self.prompt.scheme == "mrope":
-            user_pos = rope_index(
-                ids[None], None, None if grid is None else grid[None], self.config, "mrope"
-            )[:, 0]
-            next_pos = int(user_pos.max()) + 1 if len(ids) else 0
-        return PreparedRow(ids, user_pos, next_pos, patches, grid, truncated_from)
-
-    def _truncate(self, i, text, user_ids_for, budget, n_image) -> np.ndarray:
-        """Longest cut of the content's text (the image marker is kept) whose segment fits."""
-        marker = "<|image_1|>"
-        head, sep, tail = text.partition(marker) if marker in text else (text, "", "")
-        pieces = len(head) + len(tail)
-
-        def cut(keep: int) -> str:  # keep the first `keep` characters of head + tail
-            return (
-                head[:keep] + sep + tail[: max(0, keep - len(head))]
-                if keep < len(head)
-                else (head + sep + tail[: keep - len(head)])
-            )
-
-        if len(user_ids_for(cut(0))) > budget:
-            raise InputError(
-                i, "image" if n_image else "text",
-                f"does not fit in max_len={self.max_len} even with its content removed "
-                f"({n_image} image tokens); lower the image resolution (max_pixels) or raise max_len",
-            )  # fmt: skip
-        lo, hi = 0, pieces  # invariant: cut(lo) fits, cut(hi + 1..) may not
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if len(user_ids_for(cut(mid))) <= budget:
-                lo = mid
-            else:
-                hi = mid - 1
-        return user_ids_for(cut(lo))
-
     def _collate(self, rows: Sequence[PreparedRow], max_user: int) -> dict:
         b = self.batch_size
         users = _bucket(max(len(r.user_ids) for r in rows), self.seq_bucket_base)
         users = min(users, max(max_user, max(len(r.user_ids) for r in rows)))
-        user_ids = np.full((b, users), self.pad_id, np.int32)
+        user_ids = np.full((b, users), self.preprocessor.pad_id, np.int32)
         user_len = np.zeros((b,), np.int32)
         user_pos = np.zeros((3, b, users), np.int32)
         next_pos = np.zeros((b,), np.int32)

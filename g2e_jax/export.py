@@ -23,6 +23,7 @@ from g2e_jax.config_utils import config_to_json
 from g2e_jax.data.jsonl import BadRow, read_embed_rows
 from g2e_jax.embed import Embedder, InputError
 from g2e_jax.io import save_npy_atomic, sha256_file, weights_fingerprint, write_atomic
+from g2e_jax.prompts import plural
 
 
 def embed_config() -> ml_collections.ConfigDict:
@@ -94,7 +95,7 @@ def run_embed(cfg, input_path: str | Path, output_dir: str | Path, *, role: str,
     starts = range(0, len(rows), shard_size)
     embeddings, ids, skipped = [], [], list(bad)
     reused = 0
-    bar = tqdm(total=len(rows), desc=f"embedding {role}s", unit="row", dynamic_ncols=True)
+    bar = tqdm(total=len(rows), desc=f"embedding {plural(role)}", unit="row", dynamic_ncols=True)
     started = time.perf_counter()
     for k, start in enumerate(starts):
         chunk = rows[start : start + shard_size]
@@ -156,7 +157,7 @@ def run_embed(cfg, input_path: str | Path, output_dir: str | Path, *, role: str,
 
 
 def _embed_chunk(embedder: Embedder, chunk, role, cfg, skip_bad, input_path):
-    prepared = embedder.prepare(
+    prepared = embedder.preprocessor.prepare(
         [r.text for r in chunk], [r.image for r in chunk], role=role, instruction=cfg.instruction,
         subset=cfg.subset, errors="collect", progress=False,
     )  # fmt: skip

@@ -104,6 +104,10 @@ class PromptConfig:
         return self.system_segment(role) + "\n" + user + ASSISTANT_HEADER
 
 
+def plural(role: str) -> str:
+    return {"query": "queries", "document": "documents"}.get(role, role + "s")
+
+
 def check_role(role: str) -> str:
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")

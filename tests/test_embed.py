@@ -68,8 +68,8 @@ def test_segments_equal_whole_string_tokenisation(tiny_dir, embedder, role, sche
     images = IMAGES + [random_image(28, 28, 3), random_image(28, 56, 4), None, None, None]
     instructions = [None, "Retrieve the news photo", "", None, "Instruction: ", None, None, None, None, "Q"]
     for text, image, inst in zip(cases, images, instructions):
-        (row,) = emb.prepare([text], [image], role=role, instruction=inst)
-        ids = np.concatenate([emb._system_ids(role), row.user_ids, emb.header_ids])
+        (row,) = emb.preprocessor.prepare([text], [image], role=role, instruction=inst)
+        ids = np.concatenate([emb.preprocessor.system_ids(role), row.user_ids, emb.preprocessor.header_ids])
         user = emb.prompt.user_text(role, text, has_image=image is not None, instruction=inst)
         whole = processor(
             text=[emb.prompt.render(role, user)], images=[image] if image else None, return_tensors="np"
@@ -119,14 +119,14 @@ def test_changing_the_system_prompt_does_not_retokenise(embedder):
     texts = [f"document number {i}" for i in range(6)]
     embedder.encode(texts, role="document")
     calls = []
-    original = embedder.tokenizer.encode
-    embedder.tokenizer.encode = lambda text: calls.append(text) or original(text)
+    original = embedder.preprocessor.tokenizer.encode
+    embedder.preprocessor.tokenizer.encode = lambda text: calls.append(text) or original(text)
     try:
         other = embedder.with_prompt(document_system="Describe the text in one word.")
         a = embedder.encode(texts, role="document")
         b = other.encode(texts, role="document")
     finally:
-        del embedder.tokenizer.encode
+        del embedder.preprocessor.tokenizer.encode
     assert calls == [other.prompt.system_segment("document")]
     assert not np.allclose(a, b)
 
@@ -135,13 +135,13 @@ def test_truncation_keeps_the_template_tail_and_the_image(embedder):
     long_text = "<|image_1|> " + "many words here " * 200
     image = random_image(56, 56, 5)
     with pytest.warns(UserWarning, match=r"1 of 2 query rows exceeded max_len=256 and were truncated"):
-        rows = embedder.prepare([long_text, "short"], [image, None], role="query")
+        rows = embedder.preprocessor.prepare([long_text, "short"], [image, None], role="query")
     row = rows[0]
-    total = len(embedder._system_ids("query")) + len(row.user_ids) + len(embedder.header_ids)
+    total = len(embedder.preprocessor.system_ids("query")) + len(row.user_ids) + len(embedder.preprocessor.header_ids)
     assert total <= 256 and row.truncated_from > 256
-    suffix = embedder.tokenizer.encode("\nRepresent the given text/image in one word.")
+    suffix = embedder.preprocessor.tokenizer.encode("\nRepresent the given text/image in one word.")
     assert (row.user_ids[-len(suffix) :] == suffix).all()
-    assert (row.user_ids == embedder.image_pad_id).sum() == 4  # 56x56 -> 2x2 merged tokens
+    assert (row.user_ids == embedder.preprocessor.image_pad_id).sum() == 4  # 56x56 -> 2x2 merged tokens
     with pytest.warns(UserWarning, match="1 of 1 query rows"):
         emb = embedder.encode([long_text], [image], role="query")
     assert np.isfinite(emb).all()
@@ -162,7 +162,7 @@ def test_bad_rows_name_row_and_field(embedder):
         embedder.encode(["<|image_1|> what?"])
     with pytest.raises(InputError, match=r"row 1, field 'image': .*"):
         embedder.encode(["a", "b"], [None, "/nonexistent/image.png"])
-    rows = embedder.prepare(["ok", ""], errors="collect")
+    rows = embedder.preprocessor.prepare(["ok", ""], errors="collect")
     assert isinstance(rows[1], InputError) and rows[1].row == 1
     with pytest.raises(ValueError, match="unknown role"):
         embedder.encode(["a"], role="candidate")

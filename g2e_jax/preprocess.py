@@ -1,0 +1,238 @@
+"""Host-side preprocessing of rows for the embedder and for training: no model needed.
+
+Once per row: the user segment (instruction + content + role suffix, see ``g2e_jax.prompts``) is
+tokenised (cached by its text, so another system prompt re-tokenises nothing), the image is resized
+and patchified in numpy, its ``<|image_pad|>`` placeholder is expanded to the image's token count,
+over-long content is truncated inside the content, and M-RoPE offsets are computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from g2e_jax.data.images import ImageConfig, ImageError, num_image_tokens, preprocess
+from g2e_jax.models.qwen2_vl import Qwen2VLConfig, rope_index
+from g2e_jax.prompts import ASSISTANT_HEADER, IMAGE_MARKER, IMAGE_PAD, PromptConfig, get_prompt, plural
+from g2e_jax.tokenization import Tokenizer
+
+
+class InputError(ValueError):
+    """A bad input row; ``row`` and ``field`` say where, so callers can name the file line or id."""
+
+    def __init__(self, row: int, field: str, reason: str):
+        super().__init__(f"row {row}, field {field!r}: {reason}")
+        self.row, self.field, self.reason = row, field, reason
+
+
+@dataclasses.dataclass
+class PreparedRow:
+    """One row, ready for batching: everything the jitted encode needs from the host."""
+
+    user_ids: np.ndarray  # [U] int32, image pads expanded
+    user_pos: np.ndarray | None  # [3, U] M-RoPE positions relative to the segment start (mrope only)
+    next_pos: int  # first position after the user segment, relative to its start
+    patches: np.ndarray | None  # [P, C*T*p*p] float32
+    grid_thw: np.ndarray | None  # [3]
+    truncated_from: int = 0  # original user-segment length when truncated, else 0
+
+
+class Preprocessor:
+    """Tokenizer + image processor + prompt + length budget of one backbone."""
+
+    def __init__(
+        self,
+        config: Qwen2VLConfig,
+        tokenizer: Tokenizer,
+        image_config: ImageConfig,
+        *,
+        prompt: str | PromptConfig = "hierarchical",
+        scheme: str | None = None,
+        max_len: int = 1024,
+    ):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.image_config = image_config
+        self.prompt = get_prompt(prompt, **({"scheme": scheme} if scheme else {}))
+        self.max_len = max_len
+        self.image_pad_id = tokenizer.token_id(IMAGE_PAD)
+        if self.image_pad_id != config.image_token_id:
+            raise ValueError(
+                f"{tokenizer.path}: <|image_pad|> is id {self.image_pad_id}, but config.json says "
+                f"image_token_id {config.image_token_id}"
+            )
+        self.pad_id = tokenizer.token_id("<|endoftext|>")
+        self.header_ids = tokenizer.encode(ASSISTANT_HEADER)
+        self._user_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._user_cache_size = 200_000
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        prompt: str | PromptConfig = "hierarchical",
+        scheme: str | None = None,
+        max_len: int = 1024,
+        image_resolution: str | None = None,
+    ) -> "Preprocessor":
+        """From a local Hugging Face directory: config.json, tokenizer.json, preprocessor_config.json."""
+        path = Path(path)
+        image_config = dataclasses.replace(
+            ImageConfig.from_preprocessor_config(path), resolution=image_resolution
+        )
+        return cls(Qwen2VLConfig.from_json(path), Tokenizer(path), image_config, prompt=prompt, scheme=scheme,
+                   max_len=max_len)  # fmt: skip
+
+    def with_prompt(self, prompt: str | PromptConfig | None = None, **changes) -> "Preprocessor":
+        """The same tokenizer and tokenisation cache under another prompt."""
+        other = object.__new__(Preprocessor)
+        other.__dict__.update(self.__dict__)
+        other.prompt = get_prompt(prompt if prompt is not None else self.prompt, **changes)
+        return other
+
+    def prepare(
+        self,
+        texts,
+        images=None,
+        *,
+        role: str = "query",
+        instruction=None,
+        subset: str | None = None,
+        errors: str = "raise",
+        progress: bool | None = None,
+    ) -> list[PreparedRow | InputError]:
+        """Host preprocessing of every row. ``errors="collect"`` returns an InputError in place of
+        each bad row instead of raising, so a caller can skip it and keep ids aligned."""
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        images = [None] * len(texts) if images is None else list(images)
+        if len(images) != len(texts):
+            raise ValueError(f"got {len(texts)} texts but {len(images)} images")
+        if instruction is None or isinstance(instruction, str):
+            instructions = [instruction] * len(texts)
+        else:
+            instructions = list(instruction)
+            if len(instructions) != len(texts):
+                raise ValueError(f"got {len(texts)} texts but {len(instructions)} instructions")
+        role = self.prompt.template_role(role, subset)
+        system_len = len(self.system_ids(role))
+        rows: list[PreparedRow | InputError] = []
+        truncated = []
+        bar = tqdm(
+            total=len(texts),
+            desc=f"preparing {plural(role)}",
+            unit="row",
+            disable=not (len(texts) > 64 if progress is None else progress),
+        )
+        for i, (text, image, inst) in enumerate(zip(texts, images, instructions)):
+            try:
+                row = self._prepare_row(i, text, image, role, inst, system_len)
+            except InputError as e:
+                if errors == "raise":
+                    raise
+                row = e
+            if isinstance(row, PreparedRow) and row.truncated_from:
+                truncated.append(row.truncated_from)
+            rows.append(row)
+            bar.update()
+        bar.close()
+        if truncated:
+            warnings.warn(
+                f"{len(truncated)} of {len(texts)} {role} rows exceeded max_len={self.max_len} and were truncated "
+                f"inside their content (longest user segment: {max(truncated)} tokens)",
+                stacklevel=2,
+            )
+        return rows
+
+    def system_ids(self, role: str) -> np.ndarray:
+        return self._tokenize(self.prompt.system_segment(role))
+
+    def _tokenize(self, text: str) -> np.ndarray:
+        ids = self._user_cache.get(text)
+        if ids is None:
+            ids = self.tokenizer.encode(text)
+            self._user_cache[text] = ids
+            if len(self._user_cache) > self._user_cache_size:
+                self._user_cache.popitem(last=False)
+        else:
+            self._user_cache.move_to_end(text)
+        return ids
+
+    def _prepare_row(self, i, text, image, role, instruction, system_len) -> PreparedRow:
+        if text is None:
+            text = ""
+        if not isinstance(text, str):
+            raise InputError(i, "text", f"expected a string, got {type(text).__name__}")
+        if instruction is not None and not isinstance(instruction, str):
+            raise InputError(i, "instruction", f"expected a string, got {type(instruction).__name__}")
+        patches = grid = None
+        if image is not None:
+            try:
+                patches, grid = preprocess(image, self.image_config, source="image")
+            except ImageError as e:
+                raise InputError(i, "image", str(e)) from None
+        elif not text.strip():
+            raise InputError(i, "text", "empty text and no image: nothing to embed")
+        n_image = 0 if grid is None else num_image_tokens(grid, self.image_config.merge_size)
+        budget = self.max_len - system_len - len(self.header_ids)
+
+        def user_ids_for(content: str) -> np.ndarray:
+            try:
+                user = self.prompt.user_text(
+                    role, content, has_image=grid is not None, instruction=instruction
+                )
+            except ValueError as e:
+                raise InputError(i, "text", str(e)) from None
+            ids = self._tokenize("\n" + user)
+            if n_image:
+                (at,) = np.flatnonzero(ids == self.image_pad_id)
+                ids = np.concatenate([ids[:at], np.full(n_image, self.image_pad_id, np.int32), ids[at + 1 :]])
+            return ids
+
+        ids = user_ids_for(text)
+        truncated_from = 0
+        if len(ids) > budget:
+            truncated_from = len(ids)
+            ids = self._truncate(i, text, user_ids_for, budget, n_image)
+        user_pos, next_pos = None, len(ids)
+        if self.prompt.scheme == "mrope":
+            user_pos = rope_index(
+                ids[None], None, None if grid is None else grid[None], self.config, "mrope"
+            )[:, 0]
+            next_pos = int(user_pos.max()) + 1 if len(ids) else 0
+        return PreparedRow(ids, user_pos, next_pos, patches, grid, truncated_from)
+
+    def _truncate(self, i, text, user_ids_for, budget, n_image) -> np.ndarray:
+        """Longest cut of the content's text (the image marker is kept) whose segment fits."""
+        marker = IMAGE_MARKER
+        head, sep, tail = text.partition(marker) if marker in text else (text, "", "")
+        pieces = len(head) + len(tail)
+
+        def cut(keep: int) -> str:  # keep the first `keep` characters of head + tail
+            return (
+                head[:keep] + sep + tail[: max(0, keep - len(head))]
+                if keep < len(head)
+                else (head + sep + tail[: keep - len(head)])
+            )
+
+        if len(user_ids_for(cut(0))) > budget:
+            raise InputError(
+                i, "image" if n_image else "text",
+                f"does not fit in max_len={self.max_len} even with its content removed "
+                f"({n_image} image tokens); lower the image resolution (max_pixels) or raise max_len",
+            )  # fmt: skip
+        lo, hi = 0, pieces  # invariant: cut(lo) fits, cut(hi + 1..) may not
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(user_ids_for(cut(mid))) <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        return user_ids_for(cut(lo))
