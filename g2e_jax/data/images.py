@@ -9,6 +9,9 @@ neither torch nor transformers, and so that every step can fail with a message t
 4. rescale by 1/255 (in float64, then float32, as HF), normalize with mean/std (float32).
 5. patchify: rows ordered by (merge block row, merge block col, row in block, col in block), each row laid out
    as (C, T, P, P) with the single frame repeated ``temporal_patch_size`` times.
+
+``preprocess_uint8`` stops before step 4 (uint8, one frame: what prepared datasets store) and
+``expand_patches`` finishes steps 4-5 on its output; ``preprocess`` is the two together.
 """
 
 from __future__ import annotations
@@ -274,9 +277,11 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
 # ---- Pixels -> patches ----
 
 
-def _patchify(chw: np.ndarray, cfg: ImageConfig) -> tuple[np.ndarray, int, int]:
+def _patchify(chw: np.ndarray, cfg: ImageConfig, *, frames: int | None = None) -> tuple[np.ndarray, int, int]:
+    """``[C, H, W]`` -> ``[grid_h * grid_w, C * frames * P * P]``; ``frames`` defaults to the temporal patch."""
     channels, height, width = chw.shape
-    p, m, t = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
+    p, m = cfg.patch_size, cfg.merge_size
+    t = cfg.temporal_patch_size if frames is None else frames
     grid_h, grid_w = height // p, width // p
     x = chw.reshape(channels, grid_h // m, m, p, grid_w // m, m, p)
     x = x.transpose(1, 4, 2, 5, 0, 3, 6)  # (gh/m, gw/m, m, m, C, P, P)
@@ -285,10 +290,8 @@ def _patchify(chw: np.ndarray, cfg: ImageConfig) -> tuple[np.ndarray, int, int]:
     return np.ascontiguousarray(x.reshape(grid_h * grid_w, channels * t * p * p)), grid_h, grid_w
 
 
-def preprocess(
-    image: Image.Image | str | os.PathLike, cfg: ImageConfig, *, source: str = "image"
-) -> tuple[np.ndarray, np.ndarray]:
-    """One image -> (patches float32 ``[grid_t*grid_h*grid_w, C*T*P*P]``, grid_thw int64 ``[3]``)."""
+def _load_resized(image: Image.Image | str | os.PathLike, cfg: ImageConfig, *, source: str) -> Image.Image:
+    """Steps 1-3: the RGB image at the size the vision tower sees."""
     img = resize_for_resolution(load_image(image, source=source), cfg.resolution)
     height, width = img.height, img.width
     try:
@@ -297,15 +300,56 @@ def preprocess(
         raise ImageError(f"{source}: {err}") from err
     if new_h <= 0 or new_w <= 0:
         raise ImageError(f"{source}: {width}x{height} resizes to nothing with min_pixels={cfg.min_pixels}")
-    img = img.resize((new_w, new_h), resample=cfg.resample)
+    return img.resize((new_w, new_h), resample=cfg.resample)
 
-    # HF rescales in float64 then casts, and normalizes in float32; same order here for bit-exact output.
-    pixels = (np.asarray(img, dtype=np.uint8).astype(np.float64) * cfg.rescale_factor).astype(np.float32)
-    mean = np.asarray(cfg.image_mean, dtype=np.float32)
-    std = np.asarray(cfg.image_std, dtype=np.float32)
-    pixels = (pixels - mean) / std
-    patches, grid_h, grid_w = _patchify(pixels.transpose(2, 0, 1), cfg)
+
+def _uint8_patches(img: Image.Image, cfg: ImageConfig) -> tuple[np.ndarray, np.ndarray]:
+    pixels = np.asarray(img, dtype=np.uint8)
+    patches, grid_h, grid_w = _patchify(pixels.transpose(2, 0, 1), cfg, frames=1)
     return patches, np.array([1, grid_h, grid_w], dtype=np.int64)
+
+
+def preprocess_uint8(
+    image: Image.Image | str | os.PathLike, cfg: ImageConfig, *, source: str = "image"
+) -> tuple[np.ndarray, np.ndarray]:
+    """One image -> (patches uint8 ``[grid_h*grid_w, C*P*P]``, grid_thw int64 ``[3]``).
+
+    The resized pixels before rescale/normalize, in ``preprocess``' patch order and without the temporal
+    copies: a quarter of float32's bytes per frame, so prepared datasets can store them. ``expand_patches``
+    turns them into exactly ``preprocess``' output.
+    """
+    return _uint8_patches(_load_resized(image, cfg, source=source), cfg)
+
+
+def expand_patches(patches_u8: np.ndarray, cfg: ImageConfig) -> np.ndarray:
+    """``preprocess_uint8`` patches -> ``preprocess``' float32 ``[N, C*T*P*P]``, bit for bit.
+
+    The same elementwise float ops in the same order as transformers (rescale in float64, cast to float32,
+    normalize in float32), so the layout change does not change a single bit.
+    """
+    p, t = cfg.patch_size, cfg.temporal_patch_size
+    patches_u8 = np.asarray(patches_u8)
+    if patches_u8.dtype != np.uint8 or patches_u8.ndim != 2 or patches_u8.shape[1] != 3 * p * p:
+        raise ValueError(
+            f"expected uint8 patches [N, {3 * p * p}] (C*P*P for patch_size={p}), "
+            f"got {patches_u8.dtype} {patches_u8.shape}"
+        )
+    n = patches_u8.shape[0]
+    x = (patches_u8.reshape(n, 3, 1, p, p).astype(np.float64) * cfg.rescale_factor).astype(np.float32)
+    mean = np.asarray(cfg.image_mean, dtype=np.float32).reshape(3, 1, 1, 1)
+    std = np.asarray(cfg.image_std, dtype=np.float32).reshape(3, 1, 1, 1)
+    x = (x - mean) / std
+    return np.ascontiguousarray(np.broadcast_to(x, (n, 3, t, p, p)).reshape(n, 3 * t * p * p))
+
+
+def preprocess(
+    image: Image.Image | str | os.PathLike, cfg: ImageConfig, *, source: str = "image"
+) -> tuple[np.ndarray, np.ndarray]:
+    """One image -> (patches float32 ``[grid_t*grid_h*grid_w, C*T*P*P]``, grid_thw int64 ``[3]``)."""
+    # HF rescales in float64 then casts, and normalizes in float32; expand_patches does that in the same
+    # order (patchifying first is a permutation, so it changes no value).
+    patches_u8, grid = preprocess_uint8(image, cfg, source=source)
+    return expand_patches(patches_u8, cfg), grid
 
 
 def num_image_tokens(grid_thw: Sequence[int] | np.ndarray, merge_size: int) -> int:
