@@ -37,7 +37,7 @@ def _embed(args, overrides) -> int:
     return 0
 
 
-CONFIG_COMMANDS = ("embed", "eval", "demo")
+CONFIG_COMMANDS = ("embed", "eval", "demo", "mine")
 
 
 def _eval(args, overrides) -> int:
@@ -48,6 +48,17 @@ def _eval(args, overrides) -> int:
     summary = results["summary"]
     print(f"MMEB Precision@1 over {summary['count']} subsets: overall {100 * summary['overall']:.1f}"
           f" -> {cfg.output_dir}/results.md")  # fmt: skip
+    return 0
+
+
+def _mine(args, overrides) -> int:
+    from g2e_jax.config_utils import load_config
+    from g2e_jax.mine import run_mine
+
+    cfg = load_config(args.config, overrides)
+    summary = run_mine(cfg)
+    print(f"mined {sum(s['clusters'] for s in summary.values())} clusters over {len(summary)} subsets "
+          f"-> {cfg.mine.output_dir}")  # fmt: skip
     return 0
 
 
@@ -100,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", help="ml-collections config file (default: built-in, as configs/mmeb_eval.py)"
     )
     evaluate.set_defaults(run=_eval)
+
+    mine = sub.add_parser(
+        "mine", help="SaHa: mine mutually hard clusters per training subset with the zero-shot model",
+        epilog="Config fields can be overridden as --config.a.b=value (e.g. --config.mine.top_k=7).",
+    )  # fmt: skip
+    mine.add_argument("--config", required=True, help="SaHa config file, e.g. configs/qwen2vl_2b_saha.py")
+    mine.set_defaults(run=_mine)
 
     synthetic = sub.add_parser(
         "make-synthetic", help="write the synthetic MMEB-format dataset (PIL-drawn shapes)"

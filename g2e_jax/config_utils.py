@@ -76,7 +76,9 @@ def apply_override(cfg: ml_collections.ConfigDict, override: str) -> None:
         raise ValueError(f"config override {override!r} is not of the form a.b=value")
     parent, leaf = _resolve(cfg, key)
     field_type = parent.get_type(leaf)
-    value = _parse_value(key, field_type, raw)
+    nullable = isinstance(parent._fields.get(leaf), ml_collections.FieldReference)
+    # A field declared as a placeholder / FieldReference may be unset again with the literal None.
+    value = None if nullable and raw.strip() == "None" else _parse_value(key, field_type, raw)
     try:
         parent[leaf] = value
     except (TypeError, KeyError, AttributeError) as e:

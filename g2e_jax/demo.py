@@ -2,8 +2,8 @@
 
 Stages run in order and each is a function of the shared ``DemoRun`` (later work slots mining and
 fine-tuning in as more stages): make the tiny model, make the synthetic MMEB and SugarCrepe sets,
-zero-shot MMEB with the ``plain`` and ``hierarchical`` prompts, SugarCrepe, export the eval corpus
-embeddings to numpy, and write ``report.md``.
+zero-shot MMEB with the ``plain`` and ``hierarchical`` prompts, SugarCrepe, SaHa mining of the
+training subsets, export the eval corpus embeddings to numpy, and write ``report.md``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ def demo_config() -> ml_collections.ConfigDict:
         dict(train_rows=64, eval_queries=24, num_candidates=8, image_size=84)
     )  # fmt: skip
     c.sugarcrepe_items = 6
+    c.mine = ml_collections.ConfigDict(dict(top_k=3, pool_mult=2))
     c.presets = ("plain", "hierarchical")
     c.scheme = "gen2embed"
     c.dtype = "float32"
@@ -106,6 +107,28 @@ def sugarcrepe(run: DemoRun) -> str:
     return f"average accuracy {100 * results['average']:.1f}"
 
 
+def saha_mining(run: DemoRun) -> str:
+    """SaHa clusters for every synthetic training subset (the classification ones keep retrieval order)."""
+    from g2e_jax.data.mmeb import read_train
+    from g2e_jax.data.synthetic import SUBSETS
+    from g2e_jax.mine import mine_section, mine_subset
+
+    cfg = ml_collections.ConfigDict({"mine": mine_section()})
+    cfg.mine.update(top_k=run.cfg.mine.top_k, pool_mult=run.cfg.mine.pool_mult,
+                    output_dir=str(run.workdir / "saha"),
+                    classification_subsets=tuple(s for s, (cat, _) in SUBSETS.items() if cat == "Classification"))  # fmt: skip
+    embedder = run.embedder("hierarchical")
+    stats = {}
+    for subset in SUBSETS:
+        rows = read_train(run.data_dir / "train", subset, image_dir=run.data_dir / "images")
+        _, stats[subset] = mine_subset(
+            embedder, rows, subset, cfg, image_dir=run.data_dir / "images", progress=False
+        )
+    run.results["saha"] = stats
+    total = sum(s["clusters"] for s in stats.values())
+    return f"{total} clusters over {len(stats)} subsets in {run.workdir / 'saha'}"
+
+
 def export_embeddings(run: DemoRun) -> str:
     """The eval corpus (every distinct candidate of every subset) through `g2e-jax embed`."""
     import shutil
@@ -142,6 +165,17 @@ def write_demo_report(run: DemoRun) -> str:
     if "mmeb" in run.results:
         lines += ["## Zero-shot MMEB (synthetic subsets), Precision@1 %", "", markdown_table(run.results["mmeb"]),
                   "![MMEB](mmeb/results.png)", ""]  # fmt: skip
+    if "saha" in run.results:
+        lines += ["## SaHa mining (zero-shot embeddings, synthetic train subsets)", "",
+                  "| Subset | Rows | Clusters | Phase 2 | Sizes | Owners dropped | No owner | R@1 | R@5 | R@10 |",
+                  "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for subset, st in run.results["saha"].items():
+            sizes = ", ".join(f"{k}:{v}" for k, v in st["size_histogram"].items())
+            r = st["recall"]
+            lines.append(f"| {subset} | {st['rows']} | {st['clusters']} | {st['phase2_clusters']} | {sizes} | "
+                         f"{st['owners_dropped']} | {st['queries_without_owner']} | "
+                         + " | ".join(f"{100 * r.get(f'recall@{k}', float('nan')):.1f}" for k in (1, 5, 10)) + " |")  # fmt: skip
+        lines.append("")
     if "sugarcrepe" in run.results:
         sc = run.results["sugarcrepe"]
         lines += ["## SugarCrepe (synthetic), accuracy %", "", "| Subset | n | Accuracy |", "|---|---:|---:|"]
@@ -163,6 +197,7 @@ STAGES: list[tuple[str, Callable[[DemoRun], str]]] = [
     ("make-synthetic", make_synthetic_data),
     ("zero-shot MMEB", zero_shot_mmeb),
     ("SugarCrepe", sugarcrepe),
+    ("SaHa mining", saha_mining),
     ("export embeddings", export_embeddings),
     ("report", write_demo_report),
 ]

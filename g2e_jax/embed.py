@@ -8,7 +8,10 @@ runs, and the last real token (the ``\\n`` after ``assistant``) is pooled and no
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,6 +22,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from g2e_jax.data.images import ImageConfig
+from g2e_jax.io import save_npy_atomic, weights_fingerprint
 from g2e_jax.models.qwen2_vl import load
 from g2e_jax.preprocess import InputError, PreparedRow, Preprocessor
 from g2e_jax.prompts import PromptConfig, check_role, plural
@@ -140,6 +144,56 @@ class Embedder:
             texts, images, role=role, instruction=instruction, subset=subset, progress=progress
         )
         return self.encode_prepared(rows, role=self.prompt.template_role(role, subset), progress=progress)
+
+    def encode_cached(
+        self,
+        texts: Sequence[str],
+        images: Sequence[Any] | None,
+        *,
+        role: str,
+        cache_dir: str | Path | None,
+        name: str,
+        subset: str | None = None,
+        chunk: int = 4096,
+        progress: bool | None = None,
+    ) -> tuple[np.ndarray, bool]:
+        """``encode`` with an on-disk cache in chunks of ``chunk`` rows: an interrupted run resumes
+        at the first missing chunk, and a re-run with the same weights, prompt, settings and rows
+        encodes nothing. Returns (embeddings, whether everything came from the cache)."""
+        images = [None] * len(texts) if images is None else list(images)
+        if cache_dir is None or self.model_path is None:
+            return self.encode(texts, images, role=role, subset=subset, progress=progress), False
+        key = self._cache_key(texts, images, role, subset)
+        folder = Path(cache_dir) / f"{name}-{key}"
+        folder.mkdir(parents=True, exist_ok=True)
+        parts, all_cached = [], True
+        for k, start in enumerate(range(0, len(texts), chunk)):
+            file = folder / f"{k:05d}.npy"
+            if file.is_file():
+                parts.append(np.load(file))
+                continue
+            all_cached = False
+            emb = self.encode(texts[start : start + chunk], images[start : start + chunk], role=role, subset=subset,
+                              progress=progress)  # fmt: skip
+            save_npy_atomic(file, emb)
+            parts.append(emb)
+        out = np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
+        return out, all_cached
+
+    def _cache_key(self, texts, images, role, subset) -> str:
+        digest = hashlib.sha256()
+        settings = {
+            "weights": weights_fingerprint(self.model_path),
+            "prompt": dataclasses.asdict(self.prompt),
+            "dtype": self.dtype,
+            "max_len": self.max_len,
+            "image": dataclasses.asdict(self.image_config),
+            "role": self.prompt.template_role(role, subset),
+        }
+        digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+        for text, image in zip(texts, images):
+            digest.update(str(text).encode() + b"\0" + str(image or "").encode() + b"\1")
+        return digest.hexdigest()[:24]
 
     def encode_prepared(
         self, rows: Sequence[PreparedRow], *, role: str, progress: bool | None = None

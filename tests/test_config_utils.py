@@ -223,3 +223,16 @@ def test_config_to_json_is_sorted_and_stable(cfg_file):
 
     odd = ml_collections.ConfigDict({"fn": len, "kind": float})
     json.loads(config_to_json(odd))  # Best effort: never raises on non-JSON values.
+
+
+def test_nullable_fields_accept_none(tmp_path):
+    path = tmp_path / "c.py"
+    path.write_text(
+        "import ml_collections\nfrom ml_collections import config_dict\n"
+        "def get_config():\n    c = ml_collections.ConfigDict()\n"
+        "    c.res = config_dict.FieldReference('mid', field_type=str)\n    c.name = 'x'\n"
+        "    c.opt = config_dict.placeholder(str)\n    return c\n"
+    )
+    cfg = load_config(str(path), ["res=None", "name=None", "opt=abc"])
+    assert cfg.res is None and cfg.name == "None" and cfg.opt == "abc"
+    assert load_config(str(path), ["opt=abc", "opt=None"]).opt is None

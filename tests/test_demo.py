@@ -15,11 +15,11 @@ def test_demo_runs_end_to_end(tmp_path):
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    for k in range(1, 7):
-        assert f"[demo {k}/6]" in result.stdout
+    for k in range(1, 8):
+        assert f"[demo {k}/7]" in result.stdout
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "| plain | hierarchical |" in report and "| overall |" in report
-    assert "## SugarCrepe" in report and "## Exported embeddings" in report
+    assert "## SugarCrepe" in report and "## Exported embeddings" in report and "## SaHa mining" in report
     assert (tmp_path / "demo" / "mmeb" / "results.png").stat().st_size > 1000
     emb = np.load(tmp_path / "demo" / "corpus_embeddings" / "embeddings.npy")
     ids = (tmp_path / "demo" / "corpus_embeddings" / "ids.txt").read_text().split()

@@ -137,7 +137,11 @@ def test_truncation_keeps_the_template_tail_and_the_image(embedder):
     with pytest.warns(UserWarning, match=r"1 of 2 query rows exceeded max_len=256 and were truncated"):
         rows = embedder.preprocessor.prepare([long_text, "short"], [image, None], role="query")
     row = rows[0]
-    total = len(embedder.preprocessor.system_ids("query")) + len(row.user_ids) + len(embedder.preprocessor.header_ids)
+    total = (
+        len(embedder.preprocessor.system_ids("query"))
+        + len(row.user_ids)
+        + len(embedder.preprocessor.header_ids)
+    )
     assert total <= 256 and row.truncated_from > 256
     suffix = embedder.preprocessor.tokenizer.encode("\nRepresent the given text/image in one word.")
     assert (row.user_ids[-len(suffix) :] == suffix).all()

@@ -10,7 +10,6 @@ per (weights, prompt, settings, candidate list), so re-running an evaluation is 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import numpy as np
 from ml_collections import config_dict
 
 from g2e_jax.data.mmeb import EvalRow, read_eval
-from g2e_jax.io import save_npy_atomic, weights_fingerprint, write_atomic
+from g2e_jax.io import write_atomic
 
 CATEGORIES = ("Classification", "VQA", "Retrieval", "Grounding")
 
@@ -110,39 +109,19 @@ def summarize(scores: dict[str, float], groups: dict[str, tuple[str, str]]) -> d
     return out
 
 
-def _cache_key(embedder, subset: str, candidates) -> str:
-    digest = hashlib.sha256()
-    settings = {
-        "weights": weights_fingerprint(embedder.model_path),
-        "prompt": dataclasses.asdict(embedder.prompt),
-        "dtype": embedder.dtype,
-        "max_len": embedder.max_len,
-        "image": dataclasses.asdict(embedder.image_config),
-        "subset": subset,
-    }
-    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    for text, image in candidates:
-        digest.update(text.encode() + b"\0" + (image or "").encode() + b"\1")
-    return digest.hexdigest()[:32]
-
-
 def evaluate_subset(embedder, rows: list[EvalRow], subset: str, *, cache_dir=None, progress=True) -> dict:
     candidates, table = candidate_union(rows)
-    cand_emb = None
-    cache_file = None
-    if cache_dir is not None and embedder.model_path is not None:
-        cache_file = Path(cache_dir) / f"{subset}-{_cache_key(embedder, subset, candidates)}.npy"
-        if cache_file.is_file():
-            cand_emb = np.load(cache_file)
-    cached = cand_emb is not None
-    if cand_emb is None:
-        cand_emb = embedder.encode(
-            [t for t, _ in candidates], [im for _, im in candidates], role="document", subset=subset,
-            progress=progress,
+    texts, images = [t for t, _ in candidates], [im for _, im in candidates]
+    if cache_dir is None:
+        cand_emb, cached = (
+            embedder.encode(texts, images, role="document", subset=subset, progress=progress),
+            False,
+        )
+    else:
+        cand_emb, cached = embedder.encode_cached(
+            texts, images, role="document", subset=subset, cache_dir=cache_dir, name=f"{subset}-candidates",
+            chunk=max(1, len(candidates)), progress=progress,
         )  # fmt: skip
-        if cache_file is not None:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            save_npy_atomic(cache_file, cand_emb)
     query_emb = embedder.encode(
         [r.qry_text for r in rows], [r.qry_image for r in rows], role="query", progress=progress
     )

@@ -1,0 +1,286 @@
+"""Prepared (TFDS array_record) datasets: every record equals on-the-fly preprocessing, read without TF."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from g2e_jax.data.images import (
+    ImageConfig,
+    expand_patches,
+    load_image,
+    preprocess,
+    preprocess_uint8,
+    resize_for_resolution,
+    smart_resize,
+)
+from g2e_jax.data.mmeb import read_train
+from g2e_jax.data.prepared import META_FILE, SIDES, PreparedDataset, content_id, prepare_config, run_prepare
+from g2e_jax.data.synthetic import make_synthetic
+from g2e_jax.preprocess import Preprocessor
+
+# Image queries with repeated labels (SynShape: 6 rows, 5 shapes), text queries with image positives (SynT2I),
+# and a Matching subset, whose positives use the query template.
+SUBSETS = ("SynShape", "SynT2I", "SynGround-Matching")
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return make_synthetic(tmp_path_factory.mktemp("syn"), train_rows=6, eval_queries=2)
+
+
+def _cfg(tiny_dir, synthetic, out, **changes):
+    cfg = prepare_config()
+    cfg.model.path = str(tiny_dir)
+    cfg.data.root = str(synthetic / "train")
+    cfg.data.image_dir = str(synthetic / "images")
+    cfg.subsets = SUBSETS
+    cfg.output_dir = str(out)
+    cfg.shard_records = 7  # several shards, the last one short
+    cfg.workers = 2
+    for key, value in changes.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny_dir, synthetic, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prep") / "dataset"
+    return run_prepare(_cfg(tiny_dir, synthetic, out))
+
+
+def _assert_same(got, want, where):
+    np.testing.assert_array_equal(got.user_ids, want.user_ids, err_msg=where)
+    assert got.user_ids.dtype == want.user_ids.dtype, where
+    assert got.next_pos == want.next_pos and got.truncated_from == want.truncated_from, where
+    if want.user_pos is None:
+        assert got.user_pos is None, where
+    else:
+        np.testing.assert_array_equal(got.user_pos, want.user_pos, err_msg=where)
+    if want.grid_thw is None:
+        assert got.grid_thw is None and got.patches is None, where
+    else:
+        np.testing.assert_array_equal(got.grid_thw, want.grid_thw, err_msg=where)
+        assert got.patches.dtype == np.float32 and got.grid_thw.dtype == want.grid_thw.dtype, where
+        np.testing.assert_array_equal(got.patches, want.patches, err_msg=where)  # bit for bit
+
+
+def _check_against_fly(ds: PreparedDataset, pp: Preprocessor, synthetic):
+    image_dir = synthetic / "images"
+    assert len(ds) == len(SUBSETS) * 6
+    for subset in SUBSETS:
+        rows = read_train(synthetic / "train", subset, image_dir=image_dir)
+        want = {
+            "qry": pp.prepare(
+                [r.qry for r in rows], [r.qry_image for r in rows], role="query", subset=subset
+            ),
+            "pos": pp.prepare(
+                [r.pos_text for r in rows], [r.pos_image for r in rows], role="document", subset=subset
+            ),
+        }
+        for k in range(len(rows)):
+            i = ds.index(subset, k)
+            assert ds.locate(i) == (subset, k)
+            rec = ds[i]
+            assert rec["subset"] == subset and rec["row"] == k
+            for side in SIDES:
+                where = f"{subset} row {k} {side}"
+                _assert_same(ds.prepared_row(rec, side), want[side][k], where)
+                assert rec[f"{side}_patches"].dtype == np.uint8
+                assert rec[f"{side}_pos"].shape == (3, len(rec[f"{side}_ids"]))
+                if want[side][k].grid_thw is None:
+                    assert rec[f"{side}_patches"].shape == (0, ds.meta["patch_dim_uint8"])
+                    assert not rec[f"{side}_grid"].any()
+        assert ds.role(subset, "qry") == "query"
+        assert ds.role(subset, "pos") == ("query" if "Matching" in subset else "document")
+
+
+def test_records_match_on_the_fly(prepared, tiny_dir, synthetic):
+    ds = PreparedDataset(prepared)
+    pp = Preprocessor.from_pretrained(tiny_dir)
+    _check_against_fly(ds, pp, synthetic)
+    # gen2embed stores zero positions; prepared_row gives None like the Preprocessor.
+    assert not ds[0]["qry_pos"].any() and ds.prepared_row(0, "qry").user_pos is None
+    meta = ds.meta
+    assert (
+        meta["scheme"] == "gen2embed" and meta["max_len"] == 1024 and meta["model"]["path"] == str(tiny_dir)
+    )
+    assert [s["offset"] for s in meta["subsets"]] == [0, 6, 12]
+    assert meta["shard_lengths"] == [7, 7, 4] and ds.builder.info.splits["train"].shard_lengths == [7, 7, 4]
+    assert sorted(p.name for p in prepared.iterdir() if "array_record" in p.name) == [
+        f"g2e_jax_prepared-train.array_record-0000{k}" for k in range(3)
+    ]
+    batch = ds.__getitems__([5, 0, 17])
+    assert [b["row"] for b in batch] == [5, 0, 5] and batch[2]["subset"] == SUBSETS[2]
+
+
+def test_mrope_and_resolution(tiny_dir, synthetic, tmp_path):
+    cfg = _cfg(tiny_dir, synthetic, tmp_path / "mrope", **{"prompt.scheme": "mrope"}, image_resolution="low")
+    ds = PreparedDataset(run_prepare(cfg))
+    pp = Preprocessor.from_pretrained(tiny_dir, scheme="mrope", image_resolution="low")
+    _check_against_fly(ds, pp, synthetic)
+    assert ds.meta["image_config"]["resolution"] == "low" and ds[0]["qry_pos"].any()
+
+
+def test_embeddings_equal_on_the_fly(prepared, tiny_dir, synthetic):
+    """prepared_row plugs into Embedder.encode_prepared and gives Embedder.encode's embeddings exactly."""
+    from g2e_jax.embed import Embedder
+
+    ds = PreparedDataset(prepared)
+    embedder = Embedder.from_pretrained(tiny_dir, progress=False)
+    for subset in ("SynT2I", "SynGround-Matching"):
+        rows = read_train(synthetic / "train", subset, image_dir=synthetic / "images")
+        for side, role, texts, images in (
+            ("qry", "query", [r.qry for r in rows], [r.qry_image for r in rows]),
+            ("pos", "document", [r.pos_text for r in rows], [r.pos_image for r in rows]),
+        ):
+            want = embedder.encode(texts, images, role=role, subset=subset, progress=False)
+            got = embedder.encode_prepared(
+                [ds.prepared_row(ds.index(subset, k), side) for k in range(len(rows))],
+                role=ds.role(subset, side),
+                progress=False,
+            )
+            np.testing.assert_array_equal(got, want, err_msg=f"{subset} {side}")
+
+
+def test_content_ids(prepared, synthetic):
+    ds = PreparedDataset(prepared)
+    image_dir = synthetic / "images"
+    seen: dict[int, tuple] = {}
+    by_content: dict[tuple, int] = {}
+    for subset in SUBSETS:
+        rows = read_train(synthetic / "train", subset, image_dir=image_dir)
+        for k, r in enumerate(rows):
+            rec = ds[ds.index(subset, k)]
+            for side, text, image in (("qry", r.qry, r.qry_image), ("pos", r.pos_text, r.pos_image)):
+                key = (text, None if image is None else str(image).removeprefix(str(image_dir) + "/"))
+                cid = int(rec[f"{side}_content_id"])
+                assert 0 <= cid < 2**63 and cid == content_id(*key)
+                assert by_content.setdefault(key, cid) == cid  # equal content -> equal id
+                assert seen.setdefault(cid, key) == key  # different content -> different id
+    # SynShape's 6 positives name 5 shapes: some repeat, so the equal-content branch was exercised.
+    shape_pos = [int(ds[ds.index("SynShape", k)]["pos_content_id"]) for k in range(6)]
+    assert len(set(shape_pos)) < 6
+
+
+def test_process_indices(prepared):
+    ds = PreparedDataset(prepared)
+    n = len(ds)
+    for count in (1, 2, 3, 4, 5, n + 2):
+        shares = [ds.process_indices(p, count) for p in range(count)]
+        np.testing.assert_array_equal(np.concatenate(shares), np.arange(n))
+        sizes = [len(s) for s in shares]
+        assert max(sizes) - min(sizes) <= 1
+        assert all(np.all(np.diff(s) == 1) for s in shares if len(s))
+    with pytest.raises(ValueError):
+        ds.process_indices(2, 2)
+
+
+def test_no_tensorflow(prepared, tiny_dir, synthetic, tmp_path):
+    """Reading (and writing) go through TFDS' numpy paths: TensorFlow is never imported."""
+    cfg = _cfg(tiny_dir, synthetic, tmp_path / "again", subsets=("SynT2I",))
+    code = textwrap.dedent(f"""
+        import sys
+        from g2e_jax.data.prepared import PreparedDataset, run_prepare
+        ds = PreparedDataset({str(prepared)!r})
+        for i in range(len(ds)):
+            ds.prepared_row(i, "qry"), ds.prepared_row(i, "pos")
+        print("tensorflow" in sys.modules)
+        run_prepare(__import__("ml_collections").ConfigDict({cfg.to_dict()!r}))
+        print("tensorflow" in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-2:] == ["False", "False"], out.stdout + out.stderr[-3000:]
+
+
+def test_rerun_replaces_and_refuses_foreign(tiny_dir, synthetic, tmp_path):
+    out = tmp_path / "ds"
+    cfg = _cfg(tiny_dir, synthetic, out, subsets=("SynT2I",), shard_records=100)
+    run_prepare(cfg)
+    run_prepare(_cfg(tiny_dir, synthetic, out, subsets=("SynShape",), shard_records=100))
+    ds = PreparedDataset(out)
+    assert ds.subsets == ["SynShape"] and len(ds) == 6
+    assert json.loads((out / META_FILE).read_text())["num_shards"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # no temporary folder left behind
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "x.txt").write_text("keep")
+    with pytest.raises(FileExistsError):
+        run_prepare(_cfg(tiny_dir, synthetic, foreign))
+
+
+def test_bad_row_names_subset_and_row(tiny_dir, synthetic, tmp_path):
+    root = tmp_path / "train"
+    (root / "Bad").mkdir(parents=True)
+    rows = [{"qry": "fine", "qry_image_path": "", "pos_text": "ok", "pos_image_path": ""}] * 2
+    rows.append({"qry": "", "qry_image_path": "", "pos_text": "ok", "pos_image_path": ""})
+    (root / "Bad" / "original.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _cfg(tiny_dir, synthetic, tmp_path / "out", subsets=("Bad",))
+    cfg.data.root = str(root)
+    with pytest.raises(ValueError, match=r"subset 'Bad' row 2, qry text"):
+        run_prepare(cfg)
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["train"]
+    # An image that exists but does not decode: named with its subset, row, side and path.
+    good = next((synthetic / "images" / "SynShape").glob("*.png")).read_bytes()
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "cut.png").write_bytes(good[: len(good) // 2])
+    rows[2] = {"qry": "fine", "qry_image_path": "", "pos_text": "<|image_1|>", "pos_image_path": "cut.png"}
+    (root / "Bad" / "original.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg.data.image_dir = str(tmp_path / "img")
+    with pytest.raises(ValueError, match=r"subset 'Bad' row 2, pos image \('.*cut.png'\): cannot read"):
+        run_prepare(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def _float_reference(img, cfg: ImageConfig):
+    """The original one-pass float pipeline (normalize the image, then patchify with T copies), written
+    independently of expand_patches so that the round trip is not checked against itself."""
+    img = resize_for_resolution(load_image(img, source="test"), cfg.resolution)
+    h, w = smart_resize(img.height, img.width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
+    img = img.resize((w, h), resample=cfg.resample)
+    pixels = (np.asarray(img, dtype=np.uint8).astype(np.float64) * cfg.rescale_factor).astype(np.float32)
+    pixels = (pixels - np.asarray(cfg.image_mean, np.float32)) / np.asarray(cfg.image_std, np.float32)
+    p, m, t = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
+    gh, gw = h // p, w // p
+    x = pixels.transpose(2, 0, 1).reshape(3, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
+    x = np.repeat(x[:, :, :, :, :, None], t, axis=5)
+    return x.reshape(gh * gw, 3 * t * p * p), np.array([1, gh, gw])
+
+
+@pytest.mark.parametrize("size", [(57, 91), (200, 33), (1, 1), (29, 301), (333, 444)])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        ImageConfig(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64),
+        ImageConfig(),
+        ImageConfig(resolution="random"),
+    ],
+    ids=["small", "qwen2vl", "random"],
+)
+def test_uint8_round_trip(size, cfg):
+    rng = np.random.default_rng(size[0] * 1000 + size[1])
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    u8, grid = preprocess_uint8(img, cfg)
+    ref, ref_grid = _float_reference(img, cfg)
+    assert u8.dtype == np.uint8 and u8.shape == (int(np.prod(grid)), 3 * 14 * 14)
+    assert grid.dtype == np.int64
+    np.testing.assert_array_equal(grid, ref_grid)
+    expanded = expand_patches(u8, cfg)
+    assert expanded.dtype == np.float32
+    np.testing.assert_array_equal(expanded, ref)  # bit for bit
+    want, want_grid = preprocess(img, cfg)
+    np.testing.assert_array_equal(expanded, want)
+    np.testing.assert_array_equal(grid, want_grid)
+    with pytest.raises(ValueError, match="uint8 patches"):
+        expand_patches(u8.astype(np.int16), cfg)
