@@ -37,7 +37,7 @@ def _embed(args, overrides) -> int:
     return 0
 
 
-CONFIG_COMMANDS = ("embed", "eval", "demo", "mine")
+CONFIG_COMMANDS = ("embed", "eval", "demo", "mine", "prepare")
 
 
 def _eval(args, overrides) -> int:
@@ -59,6 +59,15 @@ def _mine(args, overrides) -> int:
     summary = run_mine(cfg)
     print(f"mined {sum(s['clusters'] for s in summary.values())} clusters over {len(summary)} subsets "
           f"-> {cfg.mine.output_dir}")  # fmt: skip
+    return 0
+
+
+def _prepare(args, overrides) -> int:
+    from g2e_jax.data.prepared import prepare_config, run_prepare
+
+    cfg = _config(args, overrides, prepare_config)
+    path = run_prepare(cfg)
+    print(f"wrote a prepared (array_record) training set to {path}")
     return 0
 
 
@@ -118,6 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     mine.add_argument("--config", required=True, help="SaHa config file, e.g. configs/qwen2vl_2b_saha.py")
     mine.set_defaults(run=_mine)
+
+    prepare = sub.add_parser(
+        "prepare", help="MMEB-format train set -> TFDS array_record records (tokenised, patchified)",
+        epilog="Config fields can be overridden as --config.a.b=value (e.g. --config.data.root=DIR).",
+    )  # fmt: skip
+    prepare.add_argument(
+        "--config", help="config file (default: built-in, see g2e_jax.data.prepared.prepare_config)"
+    )
+    prepare.set_defaults(run=_prepare)
 
     synthetic = sub.add_parser(
         "make-synthetic", help="write the synthetic MMEB-format dataset (PIL-drawn shapes)"

@@ -55,3 +55,20 @@ def test_bad_input_is_a_clear_error(tmp_path):
 def test_help_lists_commands():
     result = _cli("--help")
     assert result.returncode == 0 and "make-tiny" in result.stdout
+
+
+def test_prepare_command(tiny_dir, tmp_path):
+    from g2e_jax.data.prepared import PreparedDataset
+    from g2e_jax.data.synthetic import make_synthetic
+
+    data = make_synthetic(tmp_path / "syn", train_rows=4, eval_queries=1)
+    result = _cli(
+        "prepare", f"--config.model.path={tiny_dir}", f"--config.data.root={data / 'train'}",
+        f"--config.data.image_dir={data / 'images'}", "--config.subsets=('SynShape', 'SynT2I')",
+        f"--config.output_dir={tmp_path / 'prepared'}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    dataset = PreparedDataset(tmp_path / "prepared")
+    assert len(dataset) == 8 and dataset.subsets == ["SynShape", "SynT2I"]
+    missing = _cli("prepare", f"--config.model.path={tiny_dir}", f"--config.output_dir={tmp_path / 'x'}")
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
