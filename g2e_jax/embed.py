@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 from g2e_jax.data.images import ImageConfig
 from g2e_jax.io import save_npy_atomic, weights_fingerprint
 from g2e_jax.models.qwen2_vl import load
-from g2e_jax.preprocess import InputError, PreparedRow, Preprocessor
+from g2e_jax.preprocess import InputError, PreparedRow, Preprocessor, collate
 from g2e_jax.prompts import PromptConfig, check_role, plural
 
-__all__ = ["Embedder", "InputError", "PreparedRow"]
+__all__ = ["Embedder", "InputError", "PreparedRow", "embed_batch"]
 
 
 def _bucket(n: int, base: int) -> int:
@@ -229,46 +229,33 @@ class Embedder:
         return out
 
     def _collate(self, rows: Sequence[PreparedRow], max_user: int) -> dict:
-        b = self.batch_size
-        users = _bucket(max(len(r.user_ids) for r in rows), self.seq_bucket_base)
-        users = min(users, max(max_user, max(len(r.user_ids) for r in rows)))
-        user_ids = np.full((b, users), self.preprocessor.pad_id, np.int32)
-        user_len = np.zeros((b,), np.int32)
-        user_pos = np.zeros((3, b, users), np.int32)
-        next_pos = np.zeros((b,), np.int32)
-        for j, r in enumerate(rows):
-            user_ids[j, : len(r.user_ids)] = r.user_ids
-            user_len[j] = len(r.user_ids)
-            next_pos[j] = r.next_pos
-            if r.user_pos is not None:
-                user_pos[:, j, : len(r.user_ids)] = r.user_pos
-        arrays = dict(user_ids=user_ids, user_len=user_len, user_pos=user_pos, next_pos=next_pos)
-        with_image = [r for r in rows if r.patches is not None]
-        max_per_image = None
-        if with_image:
-            sizes = [len(r.patches) for r in with_image]
-            max_per_image = _bucket(max(sizes), self.patch_bucket_base)
-            total = _bucket(sum(sizes), self.patch_bucket_base)
-            pixels = np.zeros((total, with_image[0].patches.shape[1]), np.float32)
-            grid = np.zeros((b, 3), np.int32)
-            offset = 0
-            for k, r in enumerate(with_image):
-                pixels[offset : offset + len(r.patches)] = r.patches
-                grid[k] = r.grid_thw
-                offset += len(r.patches)
-            arrays.update(pixel_values=pixels, image_grid_thw=grid)
-        else:
-            arrays.update(pixel_values=None, image_grid_thw=None)
+        """Buckets for this batch's shapes, then the fixed-shape arrays."""
+        longest = max(len(r.user_ids) for r in rows)
+        users = min(_bucket(longest, self.seq_bucket_base), max(max_user, longest))
+        sizes = [len(r.patches) for r in rows if r.patches is not None]
+        patches = _bucket(sum(sizes), self.patch_bucket_base) if sizes else None
+        arrays = collate(rows, batch_size=self.batch_size, users=users, patches=patches,
+                         pad_id=self.preprocessor.pad_id, patch_dim=self.config.vision.patch_dim)  # fmt: skip
+        max_per_image = _bucket(max(sizes), self.patch_bucket_base) if sizes else None
         return {"arrays": arrays, "max_patches_per_image": max_per_image}
 
 
-def _encode_batch(
-    graphdef, traces, state, sys_ids, header_ids, user_ids, user_len, user_pos, next_pos, pixel_values,
-    image_grid_thw, *, scheme, pad_id, max_patches_per_image,
+def _encode_batch(graphdef, traces, state, sys_ids, header_ids, **arrays):
+    """The Embedder's jitted program: weights as an argument (not constants), traces counted."""
+    pixels = arrays["pixel_values"]
+    traces.append((sys_ids.shape, arrays["user_ids"].shape, None if pixels is None else pixels.shape))
+    return embed_batch(nnx.merge(graphdef, state), sys_ids, header_ids, **arrays)
+
+
+def embed_batch(
+    model, sys_ids, header_ids, user_ids, user_len, user_pos, next_pos, pixel_values, image_grid_thw, *,
+    scheme, pad_id, max_patches_per_image,
 ):  # fmt: skip
-    """Template placement, mask, positions, backbone, last-token pooling and normalisation."""
-    traces.append((sys_ids.shape, user_ids.shape, None if pixel_values is None else pixel_values.shape))
-    model = nnx.merge(graphdef, state)
+    """Template placement, mask, positions, backbone, last-token pooling and normalisation.
+
+    Pure and differentiable: the forward of both ``Embedder.encode`` and training. Arrays are those
+    of ``g2e_jax.preprocess.collate``; the system segment and header are the role's constants.
+    """
     batch, users = user_ids.shape
     n_sys, n_head = sys_ids.shape[0], header_ids.shape[0]
     i = jnp.arange(n_sys + users + n_head)[None, :]

@@ -236,3 +236,42 @@ class Preprocessor:
             else:
                 hi = mid - 1
         return user_ids_for(cut(lo))
+
+
+def collate(rows, *, batch_size: int, users: int, patches: int | None, pad_id: int, patch_dim: int) -> dict:
+    """Fixed-shape arrays for ``embed_batch``: ``batch_size`` rows (the rest padding), user segments
+    padded to ``users`` tokens, images packed into ``patches`` patch rows (``None``: no images in
+    these rows, so no vision arrays at all)."""
+    if len(rows) > batch_size:
+        raise ValueError(f"{len(rows)} rows do not fit a batch of {batch_size}")
+    user_ids = np.full((batch_size, users), pad_id, np.int32)
+    user_len = np.zeros((batch_size,), np.int32)
+    user_pos = np.zeros((3, batch_size, users), np.int32)
+    next_pos = np.zeros((batch_size,), np.int32)
+    for j, r in enumerate(rows):
+        n = len(r.user_ids)
+        if n > users:
+            raise ValueError(f"row {j}: {n} user tokens do not fit {users}")
+        user_ids[j, :n] = r.user_ids
+        user_len[j] = n
+        next_pos[j] = r.next_pos
+        if r.user_pos is not None:
+            user_pos[:, j, :n] = r.user_pos
+    arrays = dict(user_ids=user_ids, user_len=user_len, user_pos=user_pos, next_pos=next_pos,
+                  pixel_values=None, image_grid_thw=None)  # fmt: skip
+    with_image = [r for r in rows if r.patches is not None]
+    if patches is None:
+        if with_image:
+            raise ValueError("rows with images need a patch budget")
+        return arrays
+    pixels = np.zeros((patches, patch_dim), np.float32)
+    grid = np.zeros((batch_size, 3), np.int32)  # padding images have grid [0, 0, 0]
+    offset = 0
+    for k, r in enumerate(with_image):
+        if offset + len(r.patches) > patches:
+            raise ValueError(f"images need more than {patches} patches")
+        pixels[offset : offset + len(r.patches)] = r.patches
+        grid[k] = r.grid_thw
+        offset += len(r.patches)
+    arrays.update(pixel_values=pixels, image_grid_thw=grid)
+    return arrays

@@ -1,0 +1,1 @@
+"""Contrastive fine-tuning: mesh and sharding, loss, adapters, GradCache, optimizer, step."""
