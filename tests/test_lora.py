@@ -430,3 +430,28 @@ def test_save_requires_merge_and_round_trips(tiny_cfg, kind, tmp_path):
     diff = float(np.abs(forward(loaded, batch) - adapted_out).max())
     report(f"{kind} saved+loaded merged model vs adapted", max_abs_diff=diff)
     assert diff <= ATOL
+
+
+def test_jitted_train_step_advances_dropout(tiny_cfg):
+    """Under ``nnx.jit`` the dropout streams are model state: each step draws a new mask."""
+    cfg = AdapterConfig(kind="dora")
+    model = adapted(tiny_cfg, "dora")
+    randomise_b(model)
+    optimizer = nnx.Optimizer(model, optax.sgd(0.0), wrt=trainable_filter(cfg))
+    ids, mask, pos = text_batch(tiny_cfg)
+
+    @nnx.jit
+    def step(model, optimizer):
+        loss, grads = nnx.value_and_grad(
+            lambda m: jnp.mean(m(ids, mask, position_ids=pos)[:, -1] ** 2),
+            argnums=nnx.DiffState(0, trainable_filter(cfg)),
+        )(model)
+        optimizer.update(model, grads)
+        return loss
+
+    model.train()
+    train_losses = [float(step(model, optimizer)) for _ in range(2)]
+    model.eval()
+    eval_losses = [float(step(model, optimizer)) for _ in range(2)]
+    assert train_losses[0] != train_losses[1]
+    assert eval_losses[0] == eval_losses[1]

@@ -1,0 +1,145 @@
+"""The training step as one pure, shardable function, with or without GradCache.
+
+Forward: ``embed_batch`` (the Embedder's own program) over every cell of the batch, then the
+contrastive loss over the global batch. GradCache (Gao et al. 2021) makes the step two-pass: embed
+every chunk without keeping activations, take the loss and its gradient with respect to the
+embeddings, then re-run each chunk and back-propagate its cached embedding gradient; the parameter
+gradient is the same as the full-batch one, but only one chunk's activations live at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from g2e_jax.embed import embed_batch
+from g2e_jax.train.loss import contrastive_loss
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    temperature: float = 0.02
+    grad_cache: bool = False
+    remat: str = "none"  # rematerialisation inside a chunk's forward: none | full | dots
+    mask_same_target: bool = True  # target_ids filter
+    mask_same_query: bool = True  # query_ids filter
+    fn_query_threshold: float | None = None
+    fn_margin: float | None = None
+    hard_k: int | None = None
+    scheme: str = "gen2embed"
+    pad_id: int = 0
+    max_patches_per_image: int | None = None
+
+    def __post_init__(self):
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {self.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+
+
+def _embed_chunk(model, side: dict, consts, cfg: StepConfig):
+    """One chunk ``[G, c, ...]`` -> embeddings ``[G * c, D]`` (cells vmapped: sharded over devices)."""
+    sys_ids, header_ids = consts
+
+    def cell(arrays):
+        return embed_batch(model, sys_ids, header_ids, **arrays, scheme=cfg.scheme, pad_id=cfg.pad_id,
+                           max_patches_per_image=cfg.max_patches_per_image)  # fmt: skip
+
+    emb = jax.vmap(cell)(side)
+    return emb.reshape(-1, emb.shape[-1])
+
+
+def _loss(q, t, batch, cfg: StepConfig):
+    return contrastive_loss(
+        q, t, temperature=cfg.temperature, valid=batch["valid"],
+        query_ids=batch["query_ids"] if cfg.mask_same_query else None,
+        target_ids=batch["target_ids"] if cfg.mask_same_target else None,
+        fn_query_threshold=cfg.fn_query_threshold, fn_margin=cfg.fn_margin, hard_k=cfg.hard_k,
+    )  # fmt: skip
+
+
+def _chunk(side: dict, k):
+    return jax.tree.map(lambda x: x[k], side)
+
+
+def loss_and_grads(graphdef, params, rest, batch, consts, cfg: StepConfig):
+    """(loss, metrics), d loss / d params — plain or GradCache, by ``cfg.grad_cache``."""
+    chunks = batch["query"]["user_ids"].shape[0]
+    policy = REMAT_POLICIES[cfg.remat]
+
+    def embed(p, side, side_consts):
+        fn = functools.partial(_embed_chunk, cfg=cfg)
+        if cfg.remat != "none":
+            fn = jax.checkpoint(fn, policy=policy, static_argnums=())
+        return fn(nnx.merge(graphdef, p, rest), side, side_consts)
+
+    if not cfg.grad_cache:
+
+        def full_loss(p):
+            q = jnp.concatenate([embed(p, _chunk(batch["query"], k), consts["query"]) for k in range(chunks)])
+            t = jnp.concatenate(
+                [embed(p, _chunk(batch["target"], k), consts["target"]) for k in range(chunks)]
+            )
+            return _loss(q, t, batch, cfg)
+
+        (loss, metrics), grads = jax.value_and_grad(full_loss, has_aux=True)(params)
+        return (loss, metrics), grads
+
+    # Pass 1: embeddings of every chunk, no activations kept.
+    def embed_all(side, side_consts):
+        return jax.lax.map(lambda s: embed(params, s, side_consts), side)  # [K, G*c, D]
+
+    q_all = jax.lax.stop_gradient(embed_all(batch["query"], consts["query"]))
+    t_all = jax.lax.stop_gradient(embed_all(batch["target"], consts["target"]))
+    shape = q_all.shape
+    (loss, metrics), (dq, dt) = jax.value_and_grad(
+        lambda q, t: _loss(q.reshape(-1, shape[-1]), t.reshape(-1, shape[-1]), batch, cfg), argnums=(0, 1),
+        has_aux=True,
+    )(q_all, t_all)  # fmt: skip
+
+    # Pass 2: each chunk again, back-propagating its cached embedding gradient.
+    def body(acc, xs):
+        side_q, side_t, g_q, g_t = xs
+
+        def surrogate(p):
+            return jnp.vdot(embed(p, side_q, consts["query"]), g_q) + jnp.vdot(
+                embed(p, side_t, consts["target"]), g_t
+            )
+
+        grads = jax.grad(surrogate)(params)
+        return jax.tree.map(jnp.add, acc, grads), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, _ = jax.lax.scan(body, zeros, (batch["query"], batch["target"], dq, dt))
+    return (loss, metrics), grads
+
+
+def make_optimizer(*, learning_rate: float, total_steps: int, warmup_steps: int = 0, weight_decay: float = 0.0,
+                   max_grad_norm: float | None = 1.0) -> optax.GradientTransformation:  # fmt: skip
+    """AdamW with a linear warm-up then linear decay to zero (the reference's schedule), clipped."""
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)),
+         optax.linear_schedule(learning_rate, 0.0, max(total_steps - warmup_steps, 1))],
+        [max(warmup_steps, 1)],
+    )  # fmt: skip
+    parts = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm else []
+    parts.append(optax.adamw(schedule, weight_decay=weight_decay))
+    return optax.chain(*parts)
+
+
+def train_step(graphdef, params, rest, opt_state, batch, consts, *, tx, cfg: StepConfig):
+    """One optimisation step; returns (params, opt_state, metrics). Pure: jit and shard it."""
+    (_, metrics), grads = loss_and_grads(graphdef, params, rest, batch, consts, cfg)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    return params, opt_state, metrics
