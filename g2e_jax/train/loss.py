@@ -97,12 +97,15 @@ def contrastive_loss(q, t, *, temperature: float = 0.02, query_ids=None, target_
     return _finish(_sums(q, t, keep, rows, valid, temperature), masked)
 
 
-def sharded_contrastive_loss(mesh, batch_axes=("data", "fsdp"), *, temperature: float = 0.02, **filters):
+def sharded_contrastive_loss(mesh, batch_axes=("data", "fsdp"), *, temperature: float = 0.02,
+                             fn_query_threshold: float | None = None, fn_margin: float | None = None,
+                             hard_k: int | None = None):  # fmt: skip
     """``contrastive_loss`` as an explicit ``shard_map`` over the batch axes: each device all-gathers
     the pool (``t``; ``q`` and the ids for the filters), scores its own rows, and the sums are
     ``psum``-ed. The all-gather's transpose returns every row's gradient to the device owning it."""
     axes = tuple(a for a in batch_axes if a in mesh.axis_names)
     spec = P(axes)
+    filters = dict(fn_query_threshold=fn_query_threshold, fn_margin=fn_margin, hard_k=hard_k)
 
     def local(q, t, valid, query_ids, target_ids):
         def gather(x):
