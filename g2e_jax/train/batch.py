@@ -52,6 +52,7 @@ def build_batch(
     for i, p in enumerate(pairs):
         ids[:, i] = p[2], p[3]
         valid[i] = True
-    out["query_ids"], out["target_ids"] = ids[0], ids[1]
-    out["valid"] = valid
+    # Same [K, G, c] layout as the rows, so every array shards along its cell axis (1).
+    out["query_ids"], out["target_ids"] = ids[0].reshape(k, g, c), ids[1].reshape(k, g, c)
+    out["valid"] = valid.reshape(k, g, c)
     return out

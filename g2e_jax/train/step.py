@@ -10,8 +10,6 @@ gradient is the same as the full-batch one, but only one chunk's activations liv
 from __future__ import annotations
 
 import dataclasses
-import functools
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -59,10 +57,11 @@ def _embed_chunk(model, side: dict, consts, cfg: StepConfig):
 
 
 def _loss(q, t, batch, cfg: StepConfig):
+    """Rows in (chunk, cell, row) order, the order the embeddings are concatenated in."""
     return contrastive_loss(
-        q, t, temperature=cfg.temperature, valid=batch["valid"],
-        query_ids=batch["query_ids"] if cfg.mask_same_query else None,
-        target_ids=batch["target_ids"] if cfg.mask_same_target else None,
+        q, t, temperature=cfg.temperature, valid=batch["valid"].reshape(-1),
+        query_ids=batch["query_ids"].reshape(-1) if cfg.mask_same_query else None,
+        target_ids=batch["target_ids"].reshape(-1) if cfg.mask_same_target else None,
         fn_query_threshold=cfg.fn_query_threshold, fn_margin=cfg.fn_margin, hard_k=cfg.hard_k,
     )  # fmt: skip
 
@@ -71,55 +70,61 @@ def _chunk(side: dict, k):
     return jax.tree.map(lambda x: x[k], side)
 
 
-def loss_and_grads(graphdef, params, rest, batch, consts, cfg: StepConfig):
-    """(loss, metrics), d loss / d params — plain or GradCache, by ``cfg.grad_cache``."""
+def loss_and_grads(graphdef, params, rest, batch, consts, cfg: StepConfig, rng=None):
+    """(loss, metrics), d loss / d params — plain or GradCache, by ``cfg.grad_cache``.
+
+    ``rng`` seeds dropout (adapters): each (chunk, side) gets ``fold_in(rng, 2 * chunk + side)``, so
+    GradCache's second pass sees the same masks as its first, and a resumed run the same as an
+    uninterrupted one.
+    """
     chunks = batch["query"]["user_ids"].shape[0]
     policy = REMAT_POLICIES[cfg.remat]
 
-    def embed(p, side, side_consts):
-        fn = functools.partial(_embed_chunk, cfg=cfg)
+    def embed(p, side, side_consts, index):
+        def forward(p, side):
+            model = nnx.merge(graphdef, p, rest)
+            if rng is not None:
+                nnx.reseed(model, dropout=jax.random.fold_in(rng, index))
+            return _embed_chunk(model, side, side_consts, cfg)
+
         if cfg.remat != "none":
-            fn = jax.checkpoint(fn, policy=policy, static_argnums=())
-        return fn(nnx.merge(graphdef, p, rest), side, side_consts)
+            forward = jax.checkpoint(forward, policy=policy)
+        return forward(p, side)
 
     if not cfg.grad_cache:
 
         def full_loss(p):
-            q = jnp.concatenate([embed(p, _chunk(batch["query"], k), consts["query"]) for k in range(chunks)])
-            t = jnp.concatenate(
-                [embed(p, _chunk(batch["target"], k), consts["target"]) for k in range(chunks)]
-            )
-            return _loss(q, t, batch, cfg)
+            q = [embed(p, _chunk(batch["query"], k), consts["query"], 2 * k) for k in range(chunks)]
+            t = [embed(p, _chunk(batch["target"], k), consts["target"], 2 * k + 1) for k in range(chunks)]
+            return _loss(jnp.concatenate(q), jnp.concatenate(t), batch, cfg)
 
-        (loss, metrics), grads = jax.value_and_grad(full_loss, has_aux=True)(params)
-        return (loss, metrics), grads
+        return jax.value_and_grad(full_loss, has_aux=True)(params)
 
     # Pass 1: embeddings of every chunk, no activations kept.
-    def embed_all(side, side_consts):
-        return jax.lax.map(lambda s: embed(params, s, side_consts), side)  # [K, G*c, D]
+    ks = jnp.arange(chunks)
 
-    q_all = jax.lax.stop_gradient(embed_all(batch["query"], consts["query"]))
-    t_all = jax.lax.stop_gradient(embed_all(batch["target"], consts["target"]))
-    shape = q_all.shape
+    def embed_all(side, side_consts, which):
+        return jax.lax.map(lambda xs: embed(params, xs[1], side_consts, 2 * xs[0] + which), (ks, side))
+
+    q_all = jax.lax.stop_gradient(embed_all(batch["query"], consts["query"], 0))  # [K, G*c, D]
+    t_all = jax.lax.stop_gradient(embed_all(batch["target"], consts["target"], 1))
+    dim = q_all.shape[-1]
     (loss, metrics), (dq, dt) = jax.value_and_grad(
-        lambda q, t: _loss(q.reshape(-1, shape[-1]), t.reshape(-1, shape[-1]), batch, cfg), argnums=(0, 1),
-        has_aux=True,
-    )(q_all, t_all)  # fmt: skip
+        lambda q, t: _loss(q.reshape(-1, dim), t.reshape(-1, dim), batch, cfg), argnums=(0, 1), has_aux=True
+    )(q_all, t_all)
 
     # Pass 2: each chunk again, back-propagating its cached embedding gradient.
     def body(acc, xs):
-        side_q, side_t, g_q, g_t = xs
+        k, side_q, side_t, g_q, g_t = xs
 
         def surrogate(p):
-            return jnp.vdot(embed(p, side_q, consts["query"]), g_q) + jnp.vdot(
-                embed(p, side_t, consts["target"]), g_t
-            )
+            q = embed(p, side_q, consts["query"], 2 * k)
+            return jnp.vdot(q, g_q) + jnp.vdot(embed(p, side_t, consts["target"], 2 * k + 1), g_t)
 
-        grads = jax.grad(surrogate)(params)
-        return jax.tree.map(jnp.add, acc, grads), None
+        return jax.tree.map(jnp.add, acc, jax.grad(surrogate)(params)), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, _ = jax.lax.scan(body, zeros, (batch["query"], batch["target"], dq, dt))
+    grads, _ = jax.lax.scan(body, zeros, (ks, batch["query"], batch["target"], dq, dt))
     return (loss, metrics), grads
 
 
@@ -136,9 +141,9 @@ def make_optimizer(*, learning_rate: float, total_steps: int, warmup_steps: int 
     return optax.chain(*parts)
 
 
-def train_step(graphdef, params, rest, opt_state, batch, consts, *, tx, cfg: StepConfig):
+def train_step(graphdef, params, rest, opt_state, batch, consts, rng=None, *, tx, cfg: StepConfig):
     """One optimisation step; returns (params, opt_state, metrics). Pure: jit and shard it."""
-    (_, metrics), grads = loss_and_grads(graphdef, params, rest, batch, consts, cfg)
+    (_, metrics), grads = loss_and_grads(graphdef, params, rest, batch, consts, cfg, rng)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     metrics = dict(metrics, grad_norm=optax.global_norm(grads))
