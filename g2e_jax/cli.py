@@ -37,7 +37,7 @@ def _embed(args, overrides) -> int:
     return 0
 
 
-CONFIG_COMMANDS = ("embed", "eval", "demo", "mine", "prepare")
+CONFIG_COMMANDS = ("embed", "eval", "demo", "mine", "prepare", "train")
 
 
 def _eval(args, overrides) -> int:
@@ -59,6 +59,17 @@ def _mine(args, overrides) -> int:
     summary = run_mine(cfg)
     print(f"mined {sum(s['clusters'] for s in summary.values())} clusters over {len(summary)} subsets "
           f"-> {cfg.mine.output_dir}")  # fmt: skip
+    return 0
+
+
+def _train(args, overrides) -> int:
+    from g2e_jax.config_utils import load_config
+    from g2e_jax.train.trainer import train
+
+    cfg = load_config(args.config, overrides)
+    last = train(cfg, args.workdir)
+    if last:
+        print(f"trained to step {last['step']}: loss {last['loss']:.4f} -> {args.workdir}")
     return 0
 
 
@@ -127,6 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     mine.add_argument("--config", required=True, help="SaHa config file, e.g. configs/qwen2vl_2b_saha.py")
     mine.set_defaults(run=_mine)
+
+    train = sub.add_parser(
+        "train", help="contrastive fine-tuning (LoRA/DoRA/full) from mined clusters or MMEB rows",
+        epilog="Config fields can be overridden as --config.a.b=value (e.g. --config.train.steps=100).",
+    )  # fmt: skip
+    train.add_argument("--config", required=True, help="training config, e.g. configs/qwen2vl_2b_saha.py")
+    train.add_argument(
+        "--workdir", required=True, help="checkpoints, metrics.jsonl, loss.png (resumed if present)"
+    )
+    train.set_defaults(run=_train)
 
     prepare = sub.add_parser(
         "prepare", help="MMEB-format train set -> TFDS array_record records (tokenised, patchified)",

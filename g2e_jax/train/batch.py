@@ -32,27 +32,40 @@ class BatchShape:
         return self.chunks * self.cells * self.rows_per_cell
 
 
-def build_batch(
-    pairs: Sequence[tuple[PreparedRow, PreparedRow, int, int]], shape: BatchShape, pad_id: int
-) -> dict:
-    """``pairs``: (query row, target row, query content id, target content id); fewer than
-    ``shape.pairs`` leaves padding rows (``valid`` False). Returns numpy arrays ``[K, G, ...]``."""
+def build_batch(pairs: Sequence[tuple[PreparedRow, PreparedRow, int, int] | None], shape: BatchShape,
+                pad_id: int, cells: range | None = None) -> dict:  # fmt: skip
+    """Numpy arrays ``[K, len(cells), ...]`` for the given cells (default: all G).
+
+    ``pairs[i]`` is (query row, target row, query content id, target content id) for global pair
+    ``i = (k * G + cell) * c + r``, or None (padding, ``valid`` False). Only the pairs of the
+    requested cells are touched, so each process can build just its own share of the batch.
+    """
+    k_count, g, c = shape.chunks, shape.cells, shape.rows_per_cell
     if len(pairs) > shape.pairs:
         raise ValueError(f"{len(pairs)} pairs do not fit a batch of {shape.pairs}")
-    k, g, c = shape.chunks, shape.cells, shape.rows_per_cell
-    cells = [pairs[i * c : (i + 1) * c] for i in range(k * g)]
+    cells = range(g) if cells is None else cells
+
+    def pair(k, cell, r):
+        i = (k * g + cell) * c + r
+        return pairs[i] if i < len(pairs) else None
+
+    grid = [[[pair(k, cell, r) for r in range(c)] for cell in cells] for k in range(k_count)]
     out = {}
     for s, side in enumerate(SIDES):
-        arrays = [collate([p[s] for p in cell], batch_size=c, users=shape.users, patches=shape.patches_per_cell,
-                          pad_id=pad_id, patch_dim=shape.patch_dim) for cell in cells]  # fmt: skip
-        out[side] = {key: np.stack([a[key] for a in arrays]).reshape((k, g) + arrays[0][key].shape)
-                     for key in arrays[0]}  # fmt: skip
-    ids = np.zeros((2, k * g * c), np.int64)
-    valid = np.zeros((k * g * c,), bool)
-    for i, p in enumerate(pairs):
-        ids[:, i] = p[2], p[3]
-        valid[i] = True
-    # Same [K, G, c] layout as the rows, so every array shards along its cell axis (1).
-    out["query_ids"], out["target_ids"] = ids[0].reshape(k, g, c), ids[1].reshape(k, g, c)
-    out["valid"] = valid.reshape(k, g, c)
+        arrays = [[collate([p[s] for p in rows if p is not None], batch_size=c, users=shape.users,
+                           patches=shape.patches_per_cell, pad_id=pad_id, patch_dim=shape.patch_dim)
+                   for rows in chunk] for chunk in grid]  # fmt: skip
+        out[side] = {key: np.stack([np.stack([a[key] for a in chunk]) for chunk in arrays])
+                     for key in arrays[0][0] if arrays[0][0][key] is not None}  # fmt: skip
+        if shape.patches_per_cell is None:
+            out[side].update(pixel_values=None, image_grid_thw=None)
+    ids = np.zeros((2, k_count, len(cells), c), np.int64)
+    valid = np.zeros((k_count, len(cells), c), bool)
+    for k, chunk in enumerate(grid):
+        for j, rows in enumerate(chunk):
+            for r, p in enumerate(rows):
+                if p is not None:
+                    ids[:, k, j, r] = p[2], p[3]
+                    valid[k, j, r] = True
+    out["query_ids"], out["target_ids"], out["valid"] = ids[0], ids[1], valid
     return out

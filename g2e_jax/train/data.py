@@ -1,0 +1,87 @@
+"""Training data: clusters (SaHa output) or plain MMEB rows, preprocessed on demand per batch.
+
+Every source is a set of subsets, each a list of clusters, each a list of (query, positive) rows
+(a plain row is a cluster of one). A batch takes whole clusters of one subset (see
+``ClusterBatchSampler``); rows are preprocessed only when a batch needs them, by the process that
+needs them.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+from g2e_jax.data.clusters import read_clusters
+from g2e_jax.data.mmeb import read_train
+from g2e_jax.data.prepared import content_id
+
+
+def _resolve(image_dir: Path | None, value) -> str | None:
+    if value in (None, ""):
+        return None
+    path = Path(value)
+    return str(path if image_dir is None or path.is_absolute() else image_dir / path)
+
+
+class TrainData:
+    def __init__(
+        self, clusters: dict[str, list[list[dict]]], preprocessor, *, image_dir=None, cache_rows: int = 50_000
+    ):
+        self.clusters = clusters
+        self.preprocessor = preprocessor
+        self.image_dir = None if image_dir is None else Path(image_dir)
+        self._cache: OrderedDict = OrderedDict()
+        self._cache_rows = cache_rows
+
+    @classmethod
+    def from_config(cls, cfg, preprocessor) -> "TrainData":
+        """``cfg.data.source``: "clusters" (``clusters_dir/<subset>/original.jsonl`` from ``g2e-jax
+        mine``) or "mmeb" (plain rows of ``root/<subset>``, each its own cluster)."""
+        subsets = list(cfg.data.subsets)
+        if cfg.data.source == "clusters":
+            if cfg.data.clusters_dir is None:
+                raise ValueError("data.source=clusters needs --config.data.clusters_dir (the mine output)")
+            clusters = {s: read_clusters(Path(cfg.data.clusters_dir) / s / "original.jsonl") for s in subsets}
+        elif cfg.data.source == "mmeb":
+            if cfg.data.root is None:
+                raise ValueError("data.source=mmeb needs --config.data.root")
+            clusters = {}
+            for s in subsets:
+                rows = read_train(cfg.data.root, s, cfg.data.split)  # images resolved below, per row
+                clusters[s] = [[{"qry": r.qry, "qry_image_path": r.qry_image or "", "pos_text": r.pos_text,
+                                 "pos_image_path": r.pos_image or ""}] for r in rows]  # fmt: skip
+        else:
+            raise ValueError(f"unknown data.source {cfg.data.source!r}; expected clusters or mmeb")
+        return cls(clusters, preprocessor, image_dir=cfg.data.image_dir)
+
+    def cluster_sizes(self) -> dict[str, list[int]]:
+        return {s: [len(c) for c in cl] for s, cl in self.clusters.items()}
+
+    def pairs(self, subset: str, cluster_ids, wanted: set[int] | None = None) -> list:
+        """The batch's pairs in order (anchors first within each cluster); positions not in
+        ``wanted`` are returned as ``"skip"`` placeholders without preprocessing."""
+        rows = [row for i in cluster_ids for row in self.clusters[subset][int(i)]]
+        out = []
+        for position, row in enumerate(rows):
+            if wanted is not None and position not in wanted:
+                out.append("skip")
+                continue
+            query = self._prepared(
+                row["qry"], _resolve(self.image_dir, row["qry_image_path"]), "query", subset
+            )
+            target = self._prepared(
+                row["pos_text"], _resolve(self.image_dir, row["pos_image_path"]), "document", subset
+            )
+            out.append((query, target, content_id(row["qry"], row["qry_image_path"] or None),
+                        content_id(row["pos_text"], row["pos_image_path"] or None)))  # fmt: skip
+        return out
+
+    def _prepared(self, text, image, role, subset):
+        key = (text, image, role, subset)
+        row = self._cache.get(key)
+        if row is None:
+            (row,) = self.preprocessor.prepare([text], [image], role=role, subset=subset, progress=False)
+            self._cache[key] = row
+            if len(self._cache) > self._cache_rows:
+                self._cache.popitem(last=False)
+        return row

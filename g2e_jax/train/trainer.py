@@ -1,0 +1,412 @@
+"""``g2e-jax train``: the training program around ``train_step``.
+
+One process per host (``jax.distributed``), one mesh over all devices, parameters sharded by the
+rules table, each process building only its own cells of every global batch. Orbax checkpoints
+hold the trainable parameters, the optimizer state and the step; the data order (sampler) and the
+dropout keys are functions of (seed, step), so a resumed run is exactly an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from ml_collections import config_dict
+from tqdm.auto import tqdm
+
+from g2e_jax.config_utils import config_to_json
+from g2e_jax.data.clusters import ClusterBatchSampler
+from g2e_jax.io import write_atomic
+from g2e_jax.models.qwen2_vl import load
+from g2e_jax.preprocess import Preprocessor
+from g2e_jax.train.batch import BatchShape, build_batch
+from g2e_jax.train.data import TrainData
+from g2e_jax.train.lora import AdapterConfig, apply_adapters, trainable_filter
+from g2e_jax.train.mesh import BATCH_AXES, make_mesh, shard_model
+from g2e_jax.train.step import StepConfig, make_optimizer, train_step
+
+
+def train_section() -> ml_collections.ConfigDict:
+    """Training hyper-parameters (defaults: the reference run, DESIGN.md §1)."""
+    t = ml_collections.ConfigDict()
+    t.steps = 1500
+    t.seed = 0
+    t.clusters_per_batch = 128  # global: 16 clusters per device on 8 devices
+    t.learning_rate = 5e-5
+    t.warmup_steps = 100
+    t.weight_decay = 0.0
+    t.max_grad_norm = 1.0
+    t.temperature = 0.02
+    t.grad_cache = True
+    t.rows_per_cell = 4  # GradCache chunk size per device (reference: 4)
+    t.remat = "none"
+    t.users = 960  # user-segment tokens per row (max_len minus the template)
+    t.patches_per_cell = 4096  # packed image patches per cell and side
+    t.max_patches_per_image = 1024  # 448 x 448 images
+    t.mask_same_target = True
+    t.mask_same_query = True
+    t.fn_query_threshold = config_dict.placeholder(float)
+    t.fn_margin = config_dict.placeholder(float)
+    t.hard_k = config_dict.placeholder(int)
+    t.log_every = 10
+    t.checkpoint_every = 100
+    t.keep_checkpoints = 3
+    t.async_checkpoint = True
+    return t
+
+
+def adapter_section() -> ml_collections.ConfigDict:
+    a = ml_collections.ConfigDict()
+    a.kind = "dora"  # lora | dora | full
+    a.rank = 8
+    a.alpha = 64.0
+    a.dropout = 0.1
+    a.targets = AdapterConfig().targets
+    a.init = "gaussian"
+    return a
+
+
+def mesh_section() -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict()
+    m.data = -1
+    m.fsdp = 1
+    m.tensor = 1
+    m.dcn_data = 1
+    m.dcn_fsdp = 1
+    return m
+
+
+def distributed_section() -> ml_collections.ConfigDict:
+    d = ml_collections.ConfigDict()
+    d.coordinator = config_dict.placeholder(
+        str
+    )  # "host:port"; None: auto-detect (TPU, SLURM) or single process
+    d.num_processes = config_dict.placeholder(int)
+    d.process_id = config_dict.placeholder(int)
+    return d
+
+
+def init_distributed(cfg) -> None:
+    """``jax.distributed.initialize``: explicit coordinator, or JAX's own detection on TPU / SLURM."""
+    d = cfg.distributed
+    if d.coordinator is not None:
+        jax.distributed.initialize(d.coordinator, d.num_processes, d.process_id)
+    elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        jax.distributed.initialize()
+    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID"):
+        jax.distributed.initialize()
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a training run holds between steps."""
+
+    cfg: ml_collections.ConfigDict
+    workdir: Path
+    mesh: object
+    graphdef: object
+    params: object
+    rest: object
+    opt_state: object
+    tx: object
+    step_cfg: StepConfig
+    consts: dict
+    shape: BatchShape
+    sampler: ClusterBatchSampler
+    data: TrainData
+    preprocessor: Preprocessor
+
+
+def _batch_spec(ndim: int) -> P:
+    return P(None, BATCH_AXES, *([None] * (ndim - 2))) if ndim >= 2 else P()
+
+
+def setup(cfg, workdir: str | Path) -> Run:
+    init_distributed(cfg)
+    workdir = Path(workdir)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, dcn_data=cfg.mesh.dcn_data,
+                     dcn_fsdp=cfg.mesh.dcn_fsdp)  # fmt: skip
+    prompt = {"preset": cfg.prompt.preset, "scheme": cfg.prompt.scheme}
+    prompt.update(
+        {k: cfg.prompt[k] for k in ("query_system", "document_system") if cfg.prompt[k] is not None}
+    )
+    preprocessor = Preprocessor.from_pretrained(cfg.model.path, prompt=prompt, scheme=cfg.prompt.scheme,
+                                                max_len=cfg.max_len, image_resolution=cfg.image_resolution)  # fmt: skip
+    model = load(cfg.model.path, dtype=cfg.model.dtype, progress=jax.process_index() == 0)
+    adapter = AdapterConfig(**cfg.adapter.to_dict())
+    apply_adapters(model, adapter, rngs=nnx.Rngs(params=cfg.train.seed, dropout=cfg.train.seed + 1))
+    shard_model(model, mesh)
+    graphdef, params, rest = nnx.split(model, trainable_filter(adapter), ...)
+    t = cfg.train
+    tx = make_optimizer(learning_rate=t.learning_rate, total_steps=t.steps, warmup_steps=t.warmup_steps,
+                        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm)  # fmt: skip
+    # Every leaf on the mesh (scalars like Adam's count replicated), so step 1 and step 2 see the
+    # same input shardings and share one program.
+    replicated = NamedSharding(mesh, P())
+    opt_state = jax.tree.map(
+        lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
+        jax.jit(tx.init)(params),
+    )
+    step_cfg = StepConfig(
+        temperature=t.temperature, grad_cache=t.grad_cache, remat=t.remat, mask_same_target=t.mask_same_target,
+        mask_same_query=t.mask_same_query, fn_query_threshold=t.fn_query_threshold, fn_margin=t.fn_margin,
+        hard_k=t.hard_k, scheme=preprocessor.prompt.scheme, pad_id=preprocessor.pad_id,
+        max_patches_per_image=t.max_patches_per_image,
+    )  # fmt: skip
+    consts = {side: (jnp.asarray(preprocessor.system_ids(role)), jnp.asarray(preprocessor.header_ids))
+              for side, role in (("query", "query"), ("target", "document"))}  # fmt: skip
+    data = TrainData.from_config(cfg, preprocessor)
+    sampler = ClusterBatchSampler(data.cluster_sizes(), t.clusters_per_batch, seed=t.seed)
+    batch_devices = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    c = t.rows_per_cell
+    cells = (
+        batch_devices
+        if t.grad_cache
+        else batch_devices * math.ceil(sampler.max_pairs() / (batch_devices * c))
+    )
+    chunks = math.ceil(sampler.max_pairs() / (cells * c))
+    users = min(t.users, cfg.max_len - len(consts["query"][0]) - len(consts["query"][1]))
+    shape = BatchShape(chunks=chunks, cells=cells, rows_per_cell=c, users=users,
+                       patches_per_cell=t.patches_per_cell or None, patch_dim=preprocessor.config.vision.patch_dim)  # fmt: skip
+    return Run(cfg, workdir, mesh, graphdef, params, rest, opt_state, tx, step_cfg, consts, shape, sampler, data,
+               preprocessor)  # fmt: skip
+
+
+def global_batch(run: Run, step: int):
+    """This process builds its cells of batch ``step``; the result is one global array per leaf."""
+    subset, ids = run.sampler.batch(step)
+    g, procs, me = run.shape.cells, jax.process_count(), jax.process_index()
+    cells = range(g * me // procs, g * (me + 1) // procs)
+    c, k = run.shape.rows_per_cell, run.shape.chunks
+    wanted = {(kk * g + cell) * c + r for kk in range(k) for cell in cells for r in range(c)}
+    pairs = run.data.pairs(subset, ids, wanted)
+    local = build_batch(pairs, run.shape, run.preprocessor.pad_id, cells=cells)
+
+    def to_global(x):
+        if x is None:
+            return None
+        sharding = NamedSharding(run.mesh, _batch_spec(x.ndim))
+        shape = (x.shape[0], g) + x.shape[2:]
+        return jax.make_array_from_process_local_data(sharding, x, shape)
+
+    return jax.tree.map(to_global, local), subset
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------
+
+
+def _manager(run: Run):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=run.cfg.train.keep_checkpoints, create=True,
+                                           enable_async_checkpointing=run.cfg.train.async_checkpoint)  # fmt: skip
+    return ocp.CheckpointManager((run.workdir / "checkpoints").absolute(), options=options)
+
+
+def save_checkpoint(run: Run, manager, step: int, *, wait: bool = False) -> None:
+    import orbax.checkpoint as ocp
+
+    meta = {"step": step, "seed": run.cfg.train.seed, "config": json.loads(config_to_json(run.cfg))}
+    manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(nnx.to_pure_dict(run.params)),
+        opt_state=ocp.args.StandardSave(run.opt_state),
+        meta=ocp.args.JsonSave(meta),
+    ))  # fmt: skip
+    if wait:
+        manager.wait_until_finished()
+
+
+def restore_latest(run: Run, manager) -> int:
+    """Restores the newest readable checkpoint into ``run`` (on the current mesh); returns its step
+    (0 when there is none). A corrupted or partial newest one falls back to the previous, with a warning."""
+    import orbax.checkpoint as ocp
+
+    abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                   nnx.to_pure_dict(run.params))  # fmt: skip
+    abstract_opt = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), run.opt_state
+    )
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_params),
+                opt_state=ocp.args.StandardRestore(abstract_opt),
+                meta=ocp.args.JsonRestore(),
+            ))  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: try the previous one
+            warnings.warn(f"checkpoint at step {step} is unreadable ({type(e).__name__}: {e}); trying an older one",
+                          stacklevel=2)  # fmt: skip
+            continue
+        nnx.replace_by_pure_dict(run.params, restored["params"])
+        run.opt_state = restored["opt_state"]
+        return int(restored["meta"]["step"])
+    return 0
+
+
+# --- the loop ---------------------------------------------------------------------------------------------
+
+
+class _Preempted:
+    """SIGTERM (preemption) sets a flag; the loop saves a checkpoint and stops after the current step."""
+
+    def __init__(self):
+        self.flag = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _write_metrics(path: Path, records: list[dict], keep_until: int | None = None) -> None:
+    """Appends records; on resume first drops the lines after the restored step."""
+    if keep_until is not None and path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= keep_until]
+        write_atomic(path, "".join(line + "\n" for line in kept))
+    if records:
+        with open(path, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
+    """Runs (or resumes) training; returns the last metrics."""
+    if cfg.model.path is None:
+        raise ValueError("no model: set --config.model.path=/path/to/hf_model_dir")
+    run = setup(cfg, workdir)
+    lead = jax.process_index() == 0
+    run.workdir.mkdir(parents=True, exist_ok=True)
+    manager = _manager(run)
+    start = restore_latest(run, manager)
+    metrics_file = run.workdir / "metrics.jsonl"
+    if lead:
+        write_atomic(run.workdir / "config.json", config_to_json(cfg))
+        _write_metrics(metrics_file, [], keep_until=start)
+    # Outputs keep the inputs' shardings, so step 2 reuses step 1's program.
+    shardings = jax.tree.map(lambda x: x.sharding, (run.params, run.opt_state))
+    fn = jax.jit(
+        lambda p, r, o, b, c, key: train_step(run.graphdef, p, r, o, b, c, key, tx=run.tx, cfg=run.step_cfg),
+        donate_argnums=(0, 2),
+        out_shardings=(*shardings, None),
+    )
+    base_key = jax.random.key(cfg.train.seed)
+    schedule_lr = _lr(cfg)
+    preempted = _Preempted()
+    bar = tqdm(total=cfg.train.steps, initial=start, desc="training", unit="step", disable=not (progress and lead),
+               dynamic_ncols=True)  # fmt: skip
+    pending, last = [], {}
+    started, pairs_done = time.perf_counter(), 0
+    try:
+        for step in range(start, cfg.train.steps):
+            batch, subset = global_batch(run, step)
+            run.params, run.opt_state, metrics = fn(run.params, run.rest, run.opt_state, batch, run.consts,
+                                                    jax.random.fold_in(base_key, step))  # fmt: skip
+            pairs_done += int(run.shape.pairs)
+            done = step + 1
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                last = {"step": done, "subset": subset, "lr": schedule_lr(step),
+                        **{k: round(float(v), 6) for k, v in metrics.items()}}  # fmt: skip
+                last["masked"] = int(metrics["masked"])
+                pending.append(last)
+                elapsed = time.perf_counter() - started
+                bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.3f}",
+                                pairs_s=f"{pairs_done / max(elapsed, 1e-9):.1f}")  # fmt: skip
+            bar.update()
+            if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or preempted.flag:
+                if lead:
+                    _write_metrics(metrics_file, pending)
+                pending = []
+                save_checkpoint(run, manager, done, wait=preempted.flag or done == cfg.train.steps)
+            if preempted.flag:
+                print(f"SIGTERM: saved a checkpoint at step {done}; stopping", flush=True)
+                break
+    finally:
+        bar.close()
+        manager.wait_until_finished()
+        manager.close()
+        preempted.restore()
+    if lead and metrics_file.exists():
+        plot_losses(metrics_file, run.workdir / "loss.png")
+    return last
+
+
+def _lr(cfg):
+    t = cfg.train
+
+    def lr(step: int) -> float:
+        if step < t.warmup_steps:
+            return t.learning_rate * step / max(t.warmup_steps, 1)
+        return t.learning_rate * max(0.0, (t.steps - step) / max(t.steps - t.warmup_steps, 1))
+
+    return lr
+
+
+def plot_losses(metrics_file: Path, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    if not records:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], marker=".")
+    ax.set_xlabel("step")
+    ax.set_ylabel("contrastive loss")
+    ax.set_title("training loss")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def data_section(subsets=()) -> ml_collections.ConfigDict:
+    d = ml_collections.ConfigDict()
+    d.source = "clusters"  # clusters (the `g2e-jax mine` output) | mmeb (plain rows)
+    d.clusters_dir = config_dict.placeholder(str)
+    d.root = config_dict.placeholder(str)  # MMEB-train: one folder per subset
+    d.image_dir = config_dict.placeholder(str)
+    d.split = "original"
+    d.subsets = tuple(subsets)
+    return d
+
+
+def training_config(subsets=()) -> ml_collections.ConfigDict:
+    """Every section a training config has; the config files change what differs."""
+    from g2e_jax.mine import mine_section
+
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict()
+    c.model.path = config_dict.placeholder(str)
+    c.model.dtype = "float32"
+    c.prompt = ml_collections.ConfigDict()
+    c.prompt.preset = "hierarchical"
+    c.prompt.scheme = "gen2embed"
+    c.prompt.query_system = config_dict.placeholder(str)
+    c.prompt.document_system = config_dict.placeholder(str)
+    c.data = data_section(subsets)
+    c.max_len = 1024
+    c.image_resolution = config_dict.FieldReference(None, field_type=str)
+    c.batch_size = 16  # encode batch (mining, eval)
+    c.mine = mine_section()
+    c.train = train_section()
+    c.adapter = adapter_section()
+    c.mesh = mesh_section()
+    c.distributed = distributed_section()
+    return c
