@@ -165,8 +165,9 @@ class JaxSide:
         return out
 
     def batch(self, prepared, rows_per_chunk: int) -> dict:
-        """``[K, 1, c]`` arrays (one cell: one CPU device). Each side is padded to its own longest
-        user segment and image-patch total, as the reference processor pads each call."""
+        """``[K, 1, c]`` arrays (one cell: one CPU device). Each side is padded to exactly its own
+        longest user segment and image-patch total, as the reference processor pads each call, so
+        both frameworks process the same number of (padded) tokens."""
         from g2e_jax.train.batch import BatchShape, build_batch
 
         n = len(prepared)
@@ -174,10 +175,10 @@ class JaxSide:
         out = {}
         for s, side in enumerate(("query", "target")):
             rows = [p[s] for p in prepared]
-            users = 8 * math.ceil(max(len(r.user_ids) for r in rows) / 8)
+            users = max(len(r.user_ids) for r in rows)
             per_chunk = [sum(len(r.patches) for r in rows[k * rows_per_chunk : (k + 1) * rows_per_chunk]
                              if r.patches is not None) for k in range(chunks)]  # fmt: skip
-            patches = 8 * math.ceil(max(per_chunk) / 8) if max(per_chunk) else None
+            patches = max(per_chunk) or None
             shape = BatchShape(chunks=chunks, cells=1, rows_per_cell=rows_per_chunk, users=users,
                                patches_per_cell=patches, patch_dim=self.pre.config.vision.patch_dim)  # fmt: skip
             # build_batch pads both sides alike: give it this side's rows on both.
@@ -366,12 +367,12 @@ def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def bench_case(name, path, workload, adapter, pairs, pairs_2n, args, log):
+def bench_case(name, path, workload, adapter, pairs, pairs_2n, repeats, args, log):
     """One (model, workload, adapter): the reference once, then g2e_jax with GradCache off and on."""
     results, memory = [], []
     ref = TorchSide(path, adapter, args)
     tb = ref.tokenise(pairs)
-    t_losses, t_times = ref.run(tb, 1 + args.repeats)
+    t_losses, t_times = ref.run(tb, 1 + repeats)
     lora_init, t_trainable, t_tokens = ref.lora_init, ref.trainable, (tb["query_tokens"], tb["target_tokens"])
     del ref, tb
     gc.collect()
@@ -388,7 +389,7 @@ def bench_case(name, path, workload, adapter, pairs, pairs_2n, args, log):
         cfg = side.step_config(prepared, grad_cache, args.remat)
         batch = side.batch(prepared, chunk)
         compiled, compile_s, mem = side.compile(cfg, batch)
-        j_losses, j_times = side.run(compiled, batch, 1 + args.repeats)
+        j_losses, j_times = side.run(compiled, batch, 1 + repeats)
         del compiled
         jax_s = statistics.median(j_times[1:])
         tokens = {s: (int(batch[s]["user_len"].sum()) + args.pairs * sum(len(c) for c in side.consts[s]),
@@ -396,10 +397,11 @@ def bench_case(name, path, workload, adapter, pairs, pairs_2n, args, log):
                   for s in ("query", "target")}  # fmt: skip
         row = {
             "model": name, "workload": workload, "adapter": adapter, "grad_cache": grad_cache,
-            "chunk": chunk, "remat": cfg.remat, "pairs": args.pairs, "repeats": args.repeats,
+            "chunk": chunk, "remat": cfg.remat, "pairs": args.pairs, "repeats": repeats,
             "jax_s_per_step": jax_s, "torch_s_per_step": torch_s, "ratio_torch_over_jax": torch_s / jax_s,
             "jax_pairs_per_s": args.pairs / jax_s, "torch_pairs_per_s": args.pairs / torch_s,
             "jax_compile_s": compile_s, "jax_step_times": j_times[1:], "torch_step_times": t_times[1:],
+            "jax_min_s": min(j_times[1:]), "torch_min_s": min(t_times[1:]),
             "jax_losses": j_losses, "torch_losses": t_losses,
             "first_loss_diff": abs(j_losses[0] - t_losses[0]), "last_loss_diff": abs(j_losses[-1] - t_losses[-1]),
             "trainable_params": side.trainable,
@@ -487,6 +489,9 @@ def main():
     parser.add_argument("--remat", default="none", help="rematerialisation inside each chunk's forward")
     parser.add_argument("--pairs", type=int, default=16, help="batch size N (pairs)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps after the warm-up step")
+    parser.add_argument(
+        "--repeats-2b", type=int, default=3, help="timed steps for the 2B-width model (~10 s each on 2 cores)"
+    )
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=64.0)
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -544,10 +549,13 @@ def main():
             else:
                 parser.error(f"unknown model {name!r}")
             label = name if name == "tiny" else f"2b-width-L{args.layers}V{args.vision_blocks}"
+            repeats = args.repeats if name == "tiny" else args.repeats_2b
             for workload, pairs in workloads.items():
                 for adapter in args.adapter:
-                    log(f"{label} / {workload} / {adapter}: {args.pairs} pairs, {args.repeats} timed steps")
-                    r, m = bench_case(label, path, workload, adapter, pairs[: args.pairs], pairs, args, log)
+                    log(f"{label} / {workload} / {adapter}: {args.pairs} pairs, {repeats} timed steps")
+                    r, m = bench_case(
+                        label, path, workload, adapter, pairs[: args.pairs], pairs, repeats, args, log
+                    )
                     results += r
                     memory += m
                     gc.collect()

@@ -73,6 +73,14 @@ def _train(args, overrides) -> int:
     return 0
 
 
+def _export_hf(args, overrides) -> int:
+    from g2e_jax.train.export_hf import export_hf
+
+    path = export_hf(args.checkpoint, args.output, step=args.step)
+    print(f"wrote the merged model in Hugging Face layout to {path}")
+    return 0
+
+
 def _prepare(args, overrides) -> int:
     from g2e_jax.data.prepared import prepare_config, run_prepare
 
@@ -148,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--workdir", required=True, help="checkpoints, metrics.jsonl, loss.png (resumed if present)"
     )
     train.set_defaults(run=_train)
+
+    export = sub.add_parser("export-hf", help="a training workdir -> merged model in Hugging Face layout")
+    export.add_argument("--checkpoint", required=True, help="the `g2e-jax train` workdir")
+    export.add_argument(
+        "--output", required=True, help="directory to write (weights, config, tokenizer, processor)"
+    )
+    export.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    export.set_defaults(run=_export_hf)
 
     prepare = sub.add_parser(
         "prepare", help="MMEB-format train set -> TFDS array_record records (tokenised, patchified)",

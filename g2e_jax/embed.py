@@ -51,11 +51,14 @@ class Embedder:
         seq_bucket_base: int = 32,
         patch_bucket_base: int = 64,
         model_path: str | Path | None = None,
+        weights_id: str | None = None,
     ):
         self.config = model.config
         self.graphdef, self.state = nnx.split(model)
         self.dtype = str(jax.tree.leaves(self.state)[0].dtype)
-        self.model_path = None if model_path is None else Path(model_path)  # keys on-disk caches
+        self.model_path = None if model_path is None else Path(model_path)
+        # Identifies the weights in on-disk caches and export metadata (None: no caching).
+        self.weights_id = weights_id
         self.preprocessor = preprocessor
         self.batch_size = batch_size
         self.seq_bucket_base, self.patch_bucket_base = seq_bucket_base, patch_bucket_base
@@ -78,11 +81,20 @@ class Embedder:
         batch_size: int = 8,
         progress: bool = True,
     ) -> "Embedder":
+        from g2e_jax.train.export_hf import is_run_dir, load_trained
+
+        if is_run_dir(path):  # a `g2e-jax train` workdir: base model + trained parameters, merged
+            model, base, weights_id = load_trained(path, dtype=dtype)
+        else:
+            model, base, weights_id = (
+                load(path, dtype=dtype, progress=progress),
+                Path(path),
+                weights_fingerprint(path),
+            )
         preprocessor = Preprocessor.from_pretrained(
-            path, prompt=prompt, scheme=scheme, max_len=max_len, image_resolution=image_resolution
+            base, prompt=prompt, scheme=scheme, max_len=max_len, image_resolution=image_resolution
         )
-        model = load(path, dtype=dtype, progress=progress)
-        return cls(model, preprocessor, batch_size=batch_size, model_path=path)
+        return cls(model, preprocessor, batch_size=batch_size, model_path=path, weights_id=weights_id)
 
     @classmethod
     def from_config(cls, cfg) -> "Embedder":
@@ -161,7 +173,7 @@ class Embedder:
         at the first missing chunk, and a re-run with the same weights, prompt, settings and rows
         encodes nothing. Returns (embeddings, whether everything came from the cache)."""
         images = [None] * len(texts) if images is None else list(images)
-        if cache_dir is None or self.model_path is None:
+        if cache_dir is None or self.weights_id is None:
             return self.encode(texts, images, role=role, subset=subset, progress=progress), False
         key = self._cache_key(texts, images, role, subset)
         folder = Path(cache_dir) / f"{name}-{key}"
@@ -183,7 +195,7 @@ class Embedder:
     def _cache_key(self, texts, images, role, subset) -> str:
         digest = hashlib.sha256()
         settings = {
-            "weights": weights_fingerprint(self.model_path),
+            "weights": self.weights_id,
             "prompt": dataclasses.asdict(self.prompt),
             "dtype": self.dtype,
             "max_len": self.max_len,

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from g2e_jax.config_utils import config_to_json
 from g2e_jax.data.jsonl import BadRow, read_embed_rows
 from g2e_jax.embed import Embedder, InputError
-from g2e_jax.io import save_npy_atomic, sha256_file, weights_fingerprint, write_atomic
+from g2e_jax.io import save_npy_atomic, sha256_file, write_atomic
 from g2e_jax.prompts import plural
 
 
@@ -133,7 +133,7 @@ def run_embed(cfg, input_path: str | Path, output_dir: str | Path, *, role: str,
     write_atomic(out / "skipped.jsonl", "".join(json.dumps(b.to_json()) + "\n" for b in skipped))
     meta = {
         "model_path": str(model_path.resolve()),
-        "weights_sha256": weights_fingerprint(model_path),
+        "weights_sha256": embedder.weights_id,
         "dtype": cfg.model.dtype,
         "prompt": dataclasses.asdict(embedder.prompt),
         "scheme": embedder.prompt.scheme,

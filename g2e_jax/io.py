@@ -39,9 +39,10 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def weights_fingerprint(model_dir: Path) -> str:
+def weights_fingerprint(model_dir: str | Path) -> str:
     """Hash of the weights' index: tensor names, shapes, dtypes and offsets, plus file sizes
     (cheap for a 7B checkpoint, and changes whenever the weight files do)."""
+    model_dir = Path(model_dir)
     digest = hashlib.sha256()
     index = model_dir / "model.safetensors.index.json"
     files = (
