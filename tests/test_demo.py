@@ -11,14 +11,16 @@ import numpy as np
 def test_demo_runs_end_to_end(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "g2e_jax.cli", "demo", "--workdir", str(tmp_path / "demo"),
-         "--config.synthetic.train_rows=8", "--config.synthetic.eval_queries=6", "--config.sugarcrepe_items=3"],
+         "--config.synthetic.train_rows=8", "--config.synthetic.eval_queries=6", "--config.sugarcrepe_items=3",
+         "--config.train_steps=4"],
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    for k in range(1, 8):
-        assert f"[demo {k}/7]" in result.stdout
+    for k in range(1, 10):
+        assert f"[demo {k}/9]" in result.stdout
     report = (tmp_path / "demo" / "report.md").read_text()
-    assert "| plain | hierarchical |" in report and "| overall |" in report
+    assert "| plain | hierarchical | fine-tuned (SaHa) |" in report and "| overall |" in report
+    assert "## Fine-tuning" in report and (tmp_path / "demo" / "train" / "loss.png").stat().st_size > 1000
     assert "## SugarCrepe" in report and "## Exported embeddings" in report and "## SaHa mining" in report
     assert (tmp_path / "demo" / "mmeb" / "results.png").stat().st_size > 1000
     emb = np.load(tmp_path / "demo" / "corpus_embeddings" / "embeddings.npy")

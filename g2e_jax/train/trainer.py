@@ -274,7 +274,8 @@ class _Preempted:
 
 
 def _write_metrics(path: Path, records: list[dict], keep_until: int | None = None) -> None:
-    """Appends records; on resume first drops the lines after the restored step."""
+    """Appends records; on resume first drops the lines after the restored step (they are
+    recomputed, identically, from the checkpoint)."""
     if keep_until is not None and path.exists():
         kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= keep_until]
         write_atomic(path, "".join(line + "\n" for line in kept))
@@ -308,7 +309,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
     preempted = _Preempted()
     bar = tqdm(total=cfg.train.steps, initial=start, desc="training", unit="step", disable=not (progress and lead),
                dynamic_ncols=True)  # fmt: skip
-    pending, last = [], {}
+    last = {}
     started, pairs_done = time.perf_counter(), 0
     try:
         for step in range(start, cfg.train.steps):
@@ -321,15 +322,13 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
                 last = {"step": done, "subset": subset, "lr": schedule_lr(step),
                         **{k: round(float(v), 6) for k, v in metrics.items()}}  # fmt: skip
                 last["masked"] = int(metrics["masked"])
-                pending.append(last)
+                if lead:
+                    _write_metrics(metrics_file, [last])
                 elapsed = time.perf_counter() - started
                 bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.3f}",
                                 pairs_s=f"{pairs_done / max(elapsed, 1e-9):.1f}")  # fmt: skip
             bar.update()
             if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or preempted.flag:
-                if lead:
-                    _write_metrics(metrics_file, pending)
-                pending = []
                 save_checkpoint(run, manager, done, wait=preempted.flag or done == cfg.train.steps)
             if preempted.flag:
                 print(f"SIGTERM: saved a checkpoint at step {done}; stopping", flush=True)

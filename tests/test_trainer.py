@@ -1,0 +1,231 @@
+"""``g2e-jax train`` as users run it: exact resume after SIGKILL, SIGTERM, checkpoint fallback,
+8-device <-> 1-device checkpoints, export to Hugging Face format."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_dir, tmp_path_factory):
+    """Synthetic data and SaHa clusters for the tiny model."""
+    from g2e_jax.config_utils import load_config
+    from g2e_jax.data.synthetic import make_synthetic
+    from g2e_jax.mine import run_mine
+
+    base = tmp_path_factory.mktemp("train")
+    data = make_synthetic(base / "data", train_rows=12, eval_queries=2)
+    mined = base / "mined"
+    subsets = "('SynShape', 'SynT2I', 'SynGround')"
+    run_mine(load_config(str(ROOT / "configs/tiny.py"), [
+        f"model.path={tiny_dir}", f"data.root={data / 'train'}", f"data.image_dir={data / 'images'}",
+        f"data.subsets={subsets}", f"mine.output_dir={mined}",
+    ]))  # fmt: skip
+    args = [f"--config.model.path={tiny_dir}", f"--config.data.clusters_dir={mined}",
+            f"--config.data.image_dir={data / 'images'}", f"--config.data.subsets={subsets}",
+            "--config.train.steps=12", "--config.train.log_every=2", "--config.train.checkpoint_every=4",
+            "--config.train.warmup_steps=2"]  # fmt: skip
+    return base, args
+
+
+def _train_cmd(workdir, args, *extra):
+    return [sys.executable, "-m", "g2e_jax.cli", "train", "--config", str(ROOT / "configs/tiny.py"),
+            "--workdir", str(workdir), *args, *extra]  # fmt: skip
+
+
+def _run(cmd, env=None, timeout=600):
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _params(workdir):
+    from flax import nnx
+
+    from g2e_jax.train.export_hf import load_trained
+
+    model, _, _ = load_trained(workdir)
+    return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
+
+
+def _wait_for_line(path: Path, step: int, proc, timeout=300):
+    start = time.time()
+    while time.time() - start < timeout:
+        if path.exists() and any(json.loads(x)["step"] >= step for x in path.read_text().splitlines()):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended early: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.2)
+    raise AssertionError("timed out waiting for metrics")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(setup):
+    base, args = setup
+    workdir = base / "straight"
+    _run(_train_cmd(workdir, args))
+    return workdir
+
+
+def test_resume_after_sigkill_is_exact(setup, uninterrupted):
+    base, args = setup
+    workdir = base / "killed"
+    proc = subprocess.Popen(
+        _train_cmd(workdir, args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    _wait_for_line(workdir / "metrics.jsonl", 6, proc)  # past the step-4 checkpoint
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    _run(_train_cmd(workdir, args))
+    a, b = _params(uninterrupted), _params(workdir)
+    diff = max(float(np.abs(a[k] - b[k]).max()) for k in a)
+    report("params after SIGKILL + resume vs uninterrupted (12 steps)", max_abs_diff=diff)
+    assert diff <= 1e-6
+    assert (workdir / "metrics.jsonl").read_text() == (uninterrupted / "metrics.jsonl").read_text()
+    assert (workdir / "loss.png").stat().st_size > 1000
+
+
+def test_sigterm_saves_a_checkpoint_before_exit(setup):
+    base, args = setup
+    workdir = base / "preempted"
+    proc = subprocess.Popen(_train_cmd(workdir, args, "--config.train.steps=200", "--config.train.checkpoint_every=1000"),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    _wait_for_line(workdir / "metrics.jsonl", 4, proc)  # a few steps have run
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert "SIGTERM: saved a checkpoint at step" in out
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and 0 < steps[-1] < 200
+
+
+def test_corrupted_latest_checkpoint_falls_back(setup, uninterrupted):
+    base, args = setup
+    workdir = base / "corrupted"
+    shutil.copytree(uninterrupted, workdir)
+    latest = workdir / "checkpoints" / "12"
+    for f in latest.rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "params" in str(f):
+            f.write_bytes(b"garbage")
+    proc = _run(_train_cmd(workdir, args))
+    assert "checkpoint at step 12 is unreadable" in proc.stderr
+    a, b = _params(uninterrupted), _params(workdir)
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-6
+
+
+def test_checkpoints_move_between_8_devices_and_1(setup, uninterrupted):
+    base, args = setup
+    workdir = base / "eight"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    _run(_train_cmd(workdir, args, "--config.train.steps=8"), env=env)  # saved on 8 devices
+    _run(_train_cmd(workdir, args))  # resumed on 1 device to step 12
+    a, b = _params(uninterrupted), _params(workdir)
+    diff = max(float(np.abs(a[k] - b[k]).max()) for k in a)
+    report("8 devices (steps 1-8) then 1 device (9-12) vs 1 device throughout", max_abs_diff=diff)
+    assert diff <= 1e-5
+    back = base / "one_then_eight"
+    _run(_train_cmd(back, args, "--config.train.steps=8"))
+    _run(_train_cmd(back, args), env=env)
+    b = _params(back)
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-5
+
+
+def test_export_hf_matches_the_official_pipeline(setup, uninterrupted, tiny_dir):
+    torch = pytest.importorskip("torch")
+    from hf_reference import load_hf_model, official_embeddings, official_template
+
+    from g2e_jax import Embedder
+    from g2e_jax.models.qwen2_vl.hf_files import load_hf_processor
+    from g2e_jax.prompts import PAPER_SYSTEM
+
+    base, _ = setup
+    out = base / "exported"
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "g2e_jax.cli",
+            "export-hf",
+            "--checkpoint",
+            str(uninterrupted),
+            "--output",
+            str(out),
+        ]
+    )
+    texts = ["a red circle", "Find me an everyday image that matches the given caption: a blue star"]
+    ours = Embedder.from_pretrained(out, progress=False).encode(texts, role="query")
+    from_run = Embedder.from_pretrained(uninterrupted, progress=False).encode(texts, role="query")
+    strings = [
+        official_template(t, has_image=False, role="query", system=PAPER_SYSTEM, scheme="gen2embed")
+        for t in texts
+    ]
+    ref = official_embeddings(
+        load_hf_model(out), load_hf_processor(out), strings, [None, None], scheme="gen2embed"
+    )
+    cosine = float((ref * ours).sum(-1).min())
+    report("exported fine-tuned model: transformers vs g2e_jax", one_minus_min_cosine=1 - cosine)
+    assert cosine >= 0.99999
+    np.testing.assert_allclose(ours, from_run, atol=1e-5)
+    base_emb = Embedder.from_pretrained(tiny_dir, progress=False).encode(texts, role="query")
+    assert not np.allclose(base_emb, ours, atol=1e-3)  # training changed the model
+    del torch
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(setup):
+    """2 processes x 4 CPU devices give the same first 3 losses as 1 process x 8 devices."""
+    base, args = setup
+    four = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    eight = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    short = ["--config.train.steps=3", "--config.train.log_every=1", "--config.train.checkpoint_every=100"]
+    _run(_train_cmd(base / "single", args, *short), env=eight)
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            _train_cmd(
+                base / "multi",
+                args,
+                *short,
+                f"--config.distributed.coordinator=127.0.0.1:{port}",
+                "--config.distributed.num_processes=2",
+                f"--config.distributed.process_id={i}",
+            ),
+            cwd=ROOT,
+            env=four,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    single = [json.loads(x) for x in (base / "single" / "metrics.jsonl").read_text().splitlines()]
+    multi = [json.loads(x) for x in (base / "multi" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in multi] == [1, 2, 3]
+    diffs = [abs(a["loss"] - b["loss"]) for a, b in zip(single, multi)]
+    report("2 processes x 4 devices vs 1 x 8: first 3 losses", max_abs_diff=max(diffs))
+    assert max(diffs) <= 1e-5
