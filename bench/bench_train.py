@@ -27,6 +27,7 @@ import gc
 import json
 import math
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -39,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 TEMPERATURE = 0.02
 # PEFT's spelling of g2e_jax.train.lora.DEFAULT_TARGETS (transformers 5 module names).
 HF_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.down_proj)"
+BUSY_CORES = 0.25  # background load above which the timings are flagged
 TOTAL_STEPS = 1000  # only shapes the linear-decay schedule; the same in both frameworks
 
 
@@ -232,22 +234,34 @@ class JaxSide:
             memory["peak_mib"] = memory["temp_mib"] + memory["argument_mib"]
         return compiled, seconds, memory
 
-    def run(self, compiled, batch, steps: int):
-        """Runs ``steps`` steps from the initial params; returns (losses, seconds per step)."""
+    def start(self, compiled, batch):
+        """A runner of ``compiled`` from the initial params (which stay un-donated)."""
+        return JaxRun(self, compiled, batch)
+
+
+class JaxRun:
+    """One compiled step and its own training state."""
+
+    def __init__(self, side: JaxSide, compiled, batch):
         import jax
         import jax.numpy as jnp
 
-        params = jax.tree.map(jnp.copy, self.init_params)  # the initial ones stay un-donated
-        opt_state = self.tx.init(params)
-        batch = jax.tree.map(jnp.asarray, batch)
-        losses, times = [], []
-        for _ in range(steps):
-            start = time.perf_counter()
-            params, opt_state, metrics = compiled(params, opt_state, self.rest, batch, self.consts)
-            jax.block_until_ready((params, opt_state, metrics))
-            times.append(time.perf_counter() - start)
-            losses.append(float(metrics["loss"]))
-        return losses, times
+        self.side, self.compiled = side, compiled
+        self.params = jax.tree.map(jnp.copy, side.init_params)
+        self.opt_state = side.tx.init(self.params)
+        self.batch = jax.tree.map(jnp.asarray, batch)
+
+    def step(self) -> tuple[float, float]:
+        """(loss, seconds) of one step."""
+        import jax
+
+        start = time.perf_counter()
+        self.params, self.opt_state, metrics = self.compiled(
+            self.params, self.opt_state, self.side.rest, self.batch, self.side.consts
+        )
+        jax.block_until_ready((self.params, self.opt_state, metrics))
+        seconds = time.perf_counter() - start
+        return float(metrics["loss"]), seconds
 
 
 # --------------------------------------------------------------------------------------------------
@@ -350,17 +364,46 @@ class TorchSide:
         self.sched.step()
         return float(loss.detach())
 
-    def run(self, batch, steps: int):
-        losses, times = [], []
-        for _ in range(steps):
-            start = time.perf_counter()
-            losses.append(self.step(batch))
-            times.append(time.perf_counter() - start)
-        return losses, times
+    def timed_step(self, batch) -> tuple[float, float]:
+        """(loss, seconds) of one step."""
+        start = time.perf_counter()
+        loss = self.step(batch)
+        return loss, time.perf_counter() - start
 
 
 # --------------------------------------------------------------------------------------------------
 # Driver
+
+
+class CpuMeter:
+    """Cores kept busy by other processes (and the hypervisor's steal) while it runs: the shared
+    machine's background load, which the timings are only comparable without."""
+
+    def __enter__(self):
+        self.start = (time.perf_counter(), _machine_busy(), _own_cpu())
+        return self
+
+    def __exit__(self, *exc):
+        wall, busy, own = (
+            b - a for a, b in zip(self.start, (time.perf_counter(), _machine_busy(), _own_cpu()))
+        )
+        self.background_cores = None if busy is None else max(0.0, (busy - own) / wall)
+
+
+def _machine_busy() -> float | None:
+    """Busy CPU seconds of the whole machine since boot (Linux /proc/stat), or None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _csv(value: str) -> list[str]:
@@ -368,64 +411,87 @@ def _csv(value: str) -> list[str]:
 
 
 def bench_case(name, path, workload, adapter, pairs, pairs_2n, repeats, args, log):
-    """One (model, workload, adapter): the reference once, then g2e_jax with GradCache off and on."""
-    results, memory = [], []
+    """One (model, workload, adapter): the reference and g2e_jax (GradCache off and on), step by step
+    in turn, so that a varying background load hits every variant alike."""
     ref = TorchSide(path, adapter, args)
     tb = ref.tokenise(pairs)
-    t_losses, t_times = ref.run(tb, 1 + repeats)
-    lora_init, t_trainable, t_tokens = ref.lora_init, ref.trainable, (tb["query_tokens"], tb["target_tokens"])
-    del ref, tb
-    gc.collect()
-    torch_s = statistics.median(t_times[1:])
-    log(f"  torch: {torch_s:.3f} s/step, first loss {t_losses[0]:.6f}, trainable {t_trainable:,}")
-
-    side = JaxSide(path, adapter, lora_init, args)
-    if side.trainable != t_trainable:
-        log(f"  WARNING: trainable parameters differ: g2e_jax {side.trainable:,} vs torch {t_trainable:,}")
+    side = JaxSide(path, adapter, ref.lora_init, args)
+    if side.trainable != ref.trainable:
+        log(f"  WARNING: trainable parameters differ: g2e_jax {side.trainable:,} vs torch {ref.trainable:,}")
     prepared = side.prepare(pairs)
-    prepared_2n = side.prepare(pairs_2n) if args.memory else None
+    variants = []
     for grad_cache in args.grad_cache:
         chunk = args.chunk if grad_cache else args.pairs
         cfg = side.step_config(prepared, grad_cache, args.remat)
         batch = side.batch(prepared, chunk)
         compiled, compile_s, mem = side.compile(cfg, batch)
-        j_losses, j_times = side.run(compiled, batch, 1 + repeats)
-        del compiled
+        log(f"  g2e_jax grad_cache={grad_cache}: compiled in {compile_s:.1f} s, {_mib(mem)}")
+        variants.append({"grad_cache": grad_cache, "chunk": chunk, "cfg": cfg, "batch": batch, "mem": mem,
+                         "compile_s": compile_s, "run": side.start(compiled, batch), "losses": [], "times": []})  # fmt: skip
+    t_losses, t_times, background = [], [], []
+    for i in range(1 + repeats):  # step 0: warm-up
+        with CpuMeter() as meter:
+            loss, seconds = ref.timed_step(tb)
+            t_losses.append(loss)
+            t_times.append(seconds)
+            for v in variants:
+                loss, seconds = v["run"].step()
+                v["losses"].append(loss)
+                v["times"].append(seconds)
+        background.append(meter.background_cores)
+        bg = "n/a" if meter.background_cores is None else f"{meter.background_cores:.2f}"
+        log(f"  step {i}: torch {t_times[-1]:.3f} s, "
+            + ", ".join(f"g2e_jax gc={'on' if v['grad_cache'] else 'off'} {v['times'][-1]:.3f} s" for v in variants)
+            + f"; other processes kept {bg} cores busy")  # fmt: skip
+    timed_bg = [b for b in background[1:] if b is not None]
+    t_tokens = {"query": tb["query_tokens"], "target": tb["target_tokens"]}
+    trainable = ref.trainable
+    del ref, tb
+    gc.collect()
+
+    results, memory = [], []
+    torch_s = statistics.median(t_times[1:])
+    for v in variants:
+        v["run"] = None
+        j_losses, j_times, batch = v["losses"], v["times"], v["batch"]
         jax_s = statistics.median(j_times[1:])
         tokens = {s: (int(batch[s]["user_len"].sum()) + args.pairs * sum(len(c) for c in side.consts[s]),
                       args.pairs * (batch[s]["user_ids"].shape[-1] + sum(len(c) for c in side.consts[s])))
                   for s in ("query", "target")}  # fmt: skip
         row = {
-            "model": name, "workload": workload, "adapter": adapter, "grad_cache": grad_cache,
-            "chunk": chunk, "remat": cfg.remat, "pairs": args.pairs, "repeats": repeats,
+            "model": name, "workload": workload, "adapter": adapter, "grad_cache": v["grad_cache"],
+            "chunk": v["chunk"], "remat": v["cfg"].remat, "pairs": args.pairs, "repeats": repeats,
             "jax_s_per_step": jax_s, "torch_s_per_step": torch_s, "ratio_torch_over_jax": torch_s / jax_s,
             "jax_pairs_per_s": args.pairs / jax_s, "torch_pairs_per_s": args.pairs / torch_s,
-            "jax_compile_s": compile_s, "jax_step_times": j_times[1:], "torch_step_times": t_times[1:],
             "jax_min_s": min(j_times[1:]), "torch_min_s": min(t_times[1:]),
+            "ratio_of_min": min(t_times[1:]) / min(j_times[1:]),
+            "jax_compile_s": v["compile_s"], "jax_step_times": j_times[1:], "torch_step_times": t_times[1:],
             "jax_losses": j_losses, "torch_losses": t_losses,
             "first_loss_diff": abs(j_losses[0] - t_losses[0]), "last_loss_diff": abs(j_losses[-1] - t_losses[-1]),
-            "trainable_params": side.trainable,
-            "jax_tokens_real_padded": tokens,
-            "torch_tokens_real_padded": {"query": t_tokens[0], "target": t_tokens[1]},
+            "trainable_params": trainable, "jax_tokens_real_padded": tokens, "torch_tokens_real_padded": t_tokens,
+            "background_cores": statistics.mean(timed_bg) if timed_bg else None,
         }  # fmt: skip
         results.append(row)
-        log(f"  g2e_jax grad_cache={grad_cache}: {jax_s:.3f} s/step (compile {compile_s:.1f} s), "
-            f"first loss {j_losses[0]:.6f} (diff {row['first_loss_diff']:.2e}), "
-            f"last loss diff {row['last_loss_diff']:.2e}")  # fmt: skip
         if args.memory:
-            memory.append(dict(model=name, workload=workload, adapter=adapter, grad_cache=grad_cache, chunk=chunk,
-                               pairs=args.pairs, **(mem or {})))  # fmt: skip
-            chunk_2n = args.chunk if grad_cache else 2 * args.pairs
-            cfg_2n = side.step_config(prepared_2n, grad_cache, args.remat)
+            memory.append(dict(model=name, workload=workload, adapter=adapter, grad_cache=v["grad_cache"],
+                               chunk=v["chunk"], pairs=args.pairs, **(v["mem"] or {})))  # fmt: skip
+    if args.memory:  # the same step at 2N pairs: compiled only, for its memory analysis
+        prepared_2n = side.prepare(pairs_2n)
+        for v in variants:
+            chunk_2n = args.chunk if v["grad_cache"] else 2 * args.pairs
+            cfg_2n = side.step_config(prepared_2n, v["grad_cache"], args.remat)
             _, compile_2n, mem_2n = side.compile(cfg_2n, side.batch(prepared_2n, chunk_2n))
-            memory.append(dict(model=name, workload=workload, adapter=adapter, grad_cache=grad_cache,
+            memory.append(dict(model=name, workload=workload, adapter=adapter, grad_cache=v["grad_cache"],
                                chunk=chunk_2n, pairs=2 * args.pairs, **(mem_2n or {})))  # fmt: skip
-            log(f"  memory grad_cache={grad_cache}: N={args.pairs} {_mib(mem)}, 2N={2 * args.pairs} {_mib(mem_2n)} "
-                f"(compile {compile_2n:.1f} s)")  # fmt: skip
-        gc.collect()
-    del side
+            log(f"  g2e_jax grad_cache={v['grad_cache']} at 2N={2 * args.pairs}: compiled in {compile_2n:.1f} s, "
+                f"{_mib(mem_2n)}")  # fmt: skip
+    del side, variants
     gc.collect()
     return results, memory
+
+
+def _num(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
 
 
 def _mib(mem) -> str:
@@ -436,7 +502,8 @@ def _mib(mem) -> str:
 
 def print_tables(results, memory, depth_note):
     head = (f"{'model':<24} {'workload':<8} {'adapter':<7} {'gc':<4} {'N':>4} {'jax s/step':>11} "
-            f"{'torch s/step':>12} {'torch/jax':>9} {'jax pairs/s':>11} {'torch pairs/s':>13} {'dloss@1':>9}")  # fmt: skip
+            f"{'torch s/step':>12} {'torch/jax':>9} {'jax pairs/s':>11} {'torch pairs/s':>13} {'min ratio':>9} "
+            f"{'dloss@1':>9} {'bg cores':>8}")  # fmt: skip
     print("\n" + depth_note)
     print(head)
     print("-" * len(head))
@@ -444,7 +511,13 @@ def print_tables(results, memory, depth_note):
         print(f"{r['model']:<24} {r['workload']:<8} {r['adapter']:<7} {'on' if r['grad_cache'] else 'off':<4} "
               f"{r['pairs']:>4} {r['jax_s_per_step']:>11.3f} {r['torch_s_per_step']:>12.3f} "
               f"{r['ratio_torch_over_jax']:>9.2f} {r['jax_pairs_per_s']:>11.1f} {r['torch_pairs_per_s']:>13.1f} "
-              f"{r['first_loss_diff']:>9.1e}")  # fmt: skip
+              f"{r['ratio_of_min']:>9.2f} {r['first_loss_diff']:>9.1e} {_num(r['background_cores']):>8}")  # fmt: skip
+    print("s/step: median of the timed steps; min ratio: torch/jax of the fastest steps; dloss@1: |loss difference| "
+          "at the first step; bg cores: cores other processes kept busy meanwhile (mean over the timed steps).")  # fmt: skip
+    busy = [r["background_cores"] for r in results if (r["background_cores"] or 0.0) > BUSY_CORES]
+    if busy:
+        print(f"WARNING: other processes kept up to {max(busy):.2f} cores busy during the timed steps: the times "
+              "(torch's above all: its OpenMP threads stall when a core is taken) are not those of an idle machine.")  # fmt: skip
     if memory:
         head = (f"{'model':<24} {'workload':<8} {'adapter':<7} {'gc':<4} {'N':>4} {'chunk':>5} "
                 f"{'temp MiB':>9} {'args MiB':>9} {'temp+args':>10}")  # fmt: skip
@@ -496,6 +569,7 @@ def main():
     parser.add_argument("--alpha", type=float, default=64.0)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--torch-threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
     parser.add_argument(
         "--no-memory", dest="memory", action="store_false", help="skip the N / 2N memory compiles"
     )
@@ -514,7 +588,7 @@ def main():
     import torch
 
     jax.config.update("jax_default_matmul_precision", "highest")  # float32 parity (as the tests)
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(args.torch_threads)
 
     from g2e_jax.data.synthetic import generate_synthetic, make_synthetic
     from g2e_jax.models.qwen2_vl.tiny import make_tiny

@@ -128,21 +128,34 @@ def test_corrupted_latest_checkpoint_falls_back(setup, uninterrupted):
     assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-6
 
 
-def test_checkpoints_move_between_8_devices_and_1(setup, uninterrupted):
+def _losses(workdir):
+    return {
+        r["step"]: r["loss"] for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
+    }
+
+
+@pytest.mark.parametrize("first,then", [(8, 1), (1, 8)])
+def test_checkpoints_move_between_8_devices_and_1(setup, first, then):
+    """A checkpoint saved on one device count restores on the other: the step after the resume point
+    has the same loss as continuing on the device count that saved it (the same parameters and
+    batch). Later steps may drift at float rounding level (different reduction orders)."""
     base, args = setup
-    workdir = base / "eight"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    _run(_train_cmd(workdir, args, "--config.train.steps=8"), env=env)  # saved on 8 devices
-    _run(_train_cmd(workdir, args))  # resumed on 1 device to step 12
-    a, b = _params(uninterrupted), _params(workdir)
-    diff = max(float(np.abs(a[k] - b[k]).max()) for k in a)
-    report("8 devices (steps 1-8) then 1 device (9-12) vs 1 device throughout", max_abs_diff=diff)
-    assert diff <= 1e-5
-    back = base / "one_then_eight"
-    _run(_train_cmd(back, args, "--config.train.steps=8"))
-    _run(_train_cmd(back, args), env=env)
-    b = _params(back)
-    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-5
+    env = {n: dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}") for n in (1, 8)}
+    every = ["--config.train.log_every=1"]
+    saved = base / f"saved_on_{first}"
+    _run(_train_cmd(saved, args, *every, "--config.train.steps=8"), env=env[first])
+    same, other = base / f"resumed_{first}_{first}", base / f"resumed_{first}_{then}"
+    shutil.copytree(saved, same)
+    shutil.copytree(saved, other)
+    _run(_train_cmd(same, args, *every, "--config.train.steps=10"), env=env[first])
+    _run(_train_cmd(other, args, *every, "--config.train.steps=10"), env=env[then])
+    a, b = _losses(same), _losses(other)
+    assert sorted(b) == list(range(1, 11))
+    report(
+        f"checkpoint saved on {first} device(s), resumed on {then}: loss at step 9", abs_diff=abs(a[9] - b[9])
+    )
+    assert abs(a[9] - b[9]) <= 1e-5
+    assert all(a[k] == b[k] for k in range(1, 9))  # the saved run's lines are kept as they were
 
 
 def test_export_hf_matches_the_official_pipeline(setup, uninterrupted, tiny_dir):

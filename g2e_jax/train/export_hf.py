@@ -40,14 +40,19 @@ def load_trained(workdir: str | Path, *, step: int | None = None, dtype: str | N
     apply_adapters(model, adapter, rngs=nnx.Rngs(params=0, dropout=1))
     trainable = nnx.state(model, trainable_filter(adapter))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(trainable))
+    from g2e_jax.train.trainer import restore_newest
+
+    args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract))
     with ocp.CheckpointManager((workdir / "checkpoints").absolute()) as manager:
         steps = sorted(manager.all_steps())
-        if not steps:
-            raise FileNotFoundError(f"{workdir}: no checkpoint saved yet")
-        step = steps[-1] if step is None else step
-        if step not in steps:
+        if step is None:
+            step, restored = restore_newest(manager, args)
+            if restored is None:
+                raise FileNotFoundError(f"{workdir}: no readable checkpoint")
+        elif step not in steps:
             raise ValueError(f"{workdir}: no checkpoint at step {step}; have {steps}")
-        restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
+        else:
+            restored = manager.restore(step, args=args)
     nnx.replace_by_pure_dict(trainable, restored["params"])
     nnx.update(model, trainable)
     merge_adapters(model)

@@ -229,31 +229,40 @@ def save_checkpoint(run: Run, manager, step: int, *, wait: bool = False) -> None
         manager.wait_until_finished()
 
 
-def restore_latest(run: Run, manager) -> int:
-    """Restores the newest readable checkpoint into ``run`` (on the current mesh); returns its step
-    (0 when there is none). A corrupted or partial newest one falls back to the previous, with a warning."""
-    import orbax.checkpoint as ocp
-
-    abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                   nnx.to_pure_dict(run.params))  # fmt: skip
-    abstract_opt = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), run.opt_state
-    )
+def restore_newest(manager, args, *, delete_unreadable: bool = False):
+    """(step, restored items) of the newest checkpoint that reads back, or (0, None). Unreadable
+    (corrupted, partial) ones are skipped with a warning, and deleted if asked so that a resumed
+    run can save that step again."""
     for step in sorted(manager.all_steps(), reverse=True):
         try:
-            restored = manager.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract_params),
-                opt_state=ocp.args.StandardRestore(abstract_opt),
-                meta=ocp.args.JsonRestore(),
-            ))  # fmt: skip
+            return step, manager.restore(step, args=args)
         except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: try the previous one
             warnings.warn(f"checkpoint at step {step} is unreadable ({type(e).__name__}: {e}); trying an older one",
                           stacklevel=2)  # fmt: skip
-            continue
-        nnx.replace_by_pure_dict(run.params, restored["params"])
-        run.opt_state = restored["opt_state"]
-        return int(restored["meta"]["step"])
-    return 0
+            if delete_unreadable:
+                manager.delete(step)
+    return 0, None
+
+
+def restore_latest(run: Run, manager) -> int:
+    """Restores the newest readable checkpoint into ``run`` (on the current mesh, whatever mesh saved
+    it); returns its step, 0 when there is none."""
+    import orbax.checkpoint as ocp
+
+    def abstract(tree):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+    args = ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract(nnx.to_pure_dict(run.params))),
+        opt_state=ocp.args.StandardRestore(abstract(run.opt_state)),
+        meta=ocp.args.JsonRestore(),
+    )
+    step, restored = restore_newest(manager, args, delete_unreadable=True)
+    if restored is None:
+        return 0
+    nnx.replace_by_pure_dict(run.params, restored["params"])
+    run.opt_state = restored["opt_state"]
+    return int(restored["meta"]["step"])
 
 
 # --- the loop ---------------------------------------------------------------------------------------------
