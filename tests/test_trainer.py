@@ -242,3 +242,34 @@ def test_two_processes_match_one(setup):
     diffs = [abs(a["loss"] - b["loss"]) for a, b in zip(single, multi)]
     report("2 processes x 4 devices vs 1 x 8: first 3 losses", max_abs_diff=max(diffs))
     assert max(diffs) <= 1e-5
+
+
+def test_training_reads_a_prepared_dataset(setup, tiny_dir):
+    """The same rows from a prepared (array_record) dataset and from MMEB files train alike."""
+    from g2e_jax.data.prepared import run_prepare
+
+    base, args = setup
+    data = base / "data"
+    prepared = base / "prepared"
+    from g2e_jax.data.prepared import prepare_config
+
+    cfg = prepare_config()
+    cfg.model.path, cfg.data.root, cfg.data.image_dir = (
+        str(tiny_dir),
+        str(data / "train"),
+        str(data / "images"),
+    )
+    cfg.subsets, cfg.output_dir, cfg.max_len = ("SynShape", "SynT2I"), str(prepared), 256
+    run_prepare(cfg)
+    common = [f"--config.model.path={tiny_dir}", "--config.data.subsets=('SynShape', 'SynT2I')",
+              "--config.train.steps=3", "--config.train.log_every=1", "--config.train.checkpoint_every=100"]  # fmt: skip
+    _run(_train_cmd(base / "from_prepared", common, "--config.data.source=prepared",
+                    f"--config.data.prepared_dir={prepared}"))  # fmt: skip
+    _run(_train_cmd(base / "from_files", common, "--config.data.source=mmeb", f"--config.data.root={data / 'train'}",
+                    f"--config.data.image_dir={data / 'images'}"))  # fmt: skip
+    a, b = _losses(base / "from_prepared"), _losses(base / "from_files")
+    report(
+        "training from a prepared dataset vs from MMEB files (3 steps)",
+        max_abs_diff=max(abs(a[k] - b[k]) for k in a),
+    )
+    assert max(abs(a[k] - b[k]) for k in a) <= 1e-5

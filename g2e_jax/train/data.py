@@ -24,11 +24,13 @@ def _resolve(image_dir: Path | None, value) -> str | None:
 
 
 class TrainData:
-    def __init__(
-        self, clusters: dict[str, list[list[dict]]], preprocessor, *, image_dir=None, cache_rows: int = 50_000
-    ):
+    def __init__(self, clusters: dict[str, list[list]], preprocessor, *, image_dir=None, cache_rows: int = 50_000,
+                 prepared=None):  # fmt: skip
+        """``clusters[subset]``: clusters, each a list of row dicts (MMEB fields) or, with a
+        ``prepared`` dataset, of its record indices (already tokenised and patchified)."""
         self.clusters = clusters
         self.preprocessor = preprocessor
+        self.prepared = prepared
         self.image_dir = None if image_dir is None else Path(image_dir)
         self._cache: OrderedDict = OrderedDict()
         self._cache_rows = cache_rows
@@ -47,11 +49,27 @@ class TrainData:
                 raise ValueError("data.source=mmeb needs --config.data.root")
             clusters = {}
             for s in subsets:
-                rows = read_train(cfg.data.root, s, cfg.data.split)  # images resolved below, per row
+                rows = read_train(
+                    cfg.data.root, s, cfg.data.split, image_dir=cfg.data.image_dir
+                )  # absolute paths
                 clusters[s] = [[{"qry": r.qry, "qry_image_path": r.qry_image or "", "pos_text": r.pos_text,
                                  "pos_image_path": r.pos_image or ""}] for r in rows]  # fmt: skip
+        elif cfg.data.source == "prepared":
+            from g2e_jax.data.prepared import PreparedDataset
+
+            if cfg.data.prepared_dir is None:
+                raise ValueError(
+                    "data.source=prepared needs --config.data.prepared_dir (the `g2e-jax prepare` output)"
+                )
+            prepared = PreparedDataset(cfg.data.prepared_dir)
+            missing = [s for s in subsets if s not in prepared.subsets]
+            if missing:
+                raise ValueError(f"{cfg.data.prepared_dir}: no subset(s) {missing}; has {prepared.subsets}")
+            clusters = {s: [[prepared.index(s, r)] for r in range(prepared._subsets[s]["rows"])]
+                        for s in subsets}  # fmt: skip
+            return cls(clusters, preprocessor, prepared=prepared)
         else:
-            raise ValueError(f"unknown data.source {cfg.data.source!r}; expected clusters or mmeb")
+            raise ValueError(f"unknown data.source {cfg.data.source!r}; expected clusters, mmeb or prepared")
         return cls(clusters, preprocessor, image_dir=cfg.data.image_dir)
 
     def cluster_sizes(self) -> dict[str, list[int]]:
@@ -65,6 +83,11 @@ class TrainData:
         for position, row in enumerate(rows):
             if wanted is not None and position not in wanted:
                 out.append("skip")
+                continue
+            if self.prepared is not None:
+                record = self.prepared[row]
+                out.append((self.prepared.prepared_row(record, "qry"), self.prepared.prepared_row(record, "pos"),
+                            int(record["qry_content_id"]), int(record["pos_content_id"])))  # fmt: skip
                 continue
             query = self._prepared(
                 row["qry"], _resolve(self.image_dir, row["qry_image_path"]), "query", subset

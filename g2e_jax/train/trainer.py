@@ -386,8 +386,9 @@ def plot_losses(metrics_file: Path, path: Path) -> None:
 
 def data_section(subsets=()) -> ml_collections.ConfigDict:
     d = ml_collections.ConfigDict()
-    d.source = "clusters"  # clusters (the `g2e-jax mine` output) | mmeb (plain rows)
+    d.source = "clusters"  # clusters (the `g2e-jax mine` output) | mmeb (plain rows) | prepared (TFDS)
     d.clusters_dir = config_dict.placeholder(str)
+    d.prepared_dir = config_dict.placeholder(str)  # `g2e-jax prepare` output
     d.root = config_dict.placeholder(str)  # MMEB-train: one folder per subset
     d.image_dir = config_dict.placeholder(str)
     d.split = "original"
