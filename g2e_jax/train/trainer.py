@@ -89,6 +89,17 @@ def mesh_section() -> ml_collections.ConfigDict:
     return m
 
 
+def eval_section() -> ml_collections.ConfigDict:
+    """Periodic evaluation on a held-out MMEB-format set (off unless ``every`` and ``root`` are set)."""
+    e = ml_collections.ConfigDict()
+    e.every = 0  # steps between evaluations (also at the last step); 0: never
+    e.root = config_dict.placeholder(str)  # MMEB-eval-format folder: one sub-folder per subset
+    e.image_dir = config_dict.placeholder(str)
+    e.subsets = ()
+    e.groups_file = config_dict.placeholder(str)  # None: the MMEB table
+    return e
+
+
 def distributed_section() -> ml_collections.ConfigDict:
     d = ml_collections.ConfigDict()
     d.coordinator = config_dict.placeholder(
@@ -145,7 +156,8 @@ def setup(cfg, workdir: str | Path) -> Run:
     )
     preprocessor = Preprocessor.from_pretrained(cfg.model.path, prompt=prompt, scheme=cfg.prompt.scheme,
                                                 max_len=cfg.max_len, image_resolution=cfg.image_resolution)  # fmt: skip
-    model = load(cfg.model.path, dtype=cfg.model.dtype, progress=jax.process_index() == 0)
+    model = load(cfg.model.path, dtype=cfg.model.dtype, compute_dtype=cfg.model.compute_dtype,
+                 progress=jax.process_index() == 0)  # fmt: skip
     adapter = AdapterConfig(**cfg.adapter.to_dict())
     apply_adapters(model, adapter, rngs=nnx.Rngs(params=cfg.train.seed, dropout=cfg.train.seed + 1))
     shard_model(model, mesh)
@@ -306,6 +318,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
     if lead:
         write_atomic(run.workdir / "config.json", config_to_json(cfg))
         _write_metrics(metrics_file, [], keep_until=start)
+        _write_metrics(run.workdir / "eval.jsonl", [], keep_until=start)
     # Outputs keep the inputs' shardings, so step 2 reuses step 1's program.
     shardings = jax.tree.map(lambda x: x.sharding, (run.params, run.opt_state))
     fn = jax.jit(
@@ -337,6 +350,9 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
                 bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.3f}",
                                 pairs_s=f"{pairs_done / max(elapsed, 1e-9):.1f}")  # fmt: skip
             bar.update()
+            if cfg.eval.every and cfg.eval.root and (done % cfg.eval.every == 0 or done == cfg.train.steps):
+                record = evaluate_now(run, done)
+                bar.write(f"step {done}: eval overall {100 * record['overall']:.1f}")
             if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or preempted.flag:
                 save_checkpoint(run, manager, done, wait=preempted.flag or done == cfg.train.steps)
             if preempted.flag:
@@ -350,6 +366,28 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
     if lead and metrics_file.exists():
         plot_losses(metrics_file, run.workdir / "loss.png")
     return last
+
+
+def evaluate_now(run: Run, step: int) -> dict:
+    """MMEB on the configured held-out set with the current parameters (adapters merged on a copy)."""
+    from g2e_jax.embed import Embedder
+    from g2e_jax.eval.mmeb import MMEB_GROUPS, evaluate_mmeb, load_groups
+    from g2e_jax.train.lora import merge_adapters
+
+    e = run.cfg.eval
+    model = nnx.clone(nnx.merge(run.graphdef, run.params, run.rest))
+    merge_adapters(model)
+    embedder = Embedder(model, run.preprocessor, batch_size=run.cfg.batch_size)
+    groups = MMEB_GROUPS if e.groups_file is None else load_groups(e.groups_file)
+    result = evaluate_mmeb(
+        embedder, e.root, list(e.subsets), image_dir=e.image_dir, groups=groups, progress=False
+    )
+    record = {"step": step, **{k: result["summary"][k] for k in ("overall", "IND", "OOD")},
+              **{s: r["precision_at_1"] for s, r in result["subsets"].items()}}  # fmt: skip
+    if jax.process_index() == 0:
+        with open(run.workdir / "eval.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+    return record
 
 
 def _lr(cfg):
@@ -403,7 +441,8 @@ def training_config(subsets=()) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = ml_collections.ConfigDict()
     c.model.path = config_dict.placeholder(str)
-    c.model.dtype = "float32"
+    c.model.dtype = "float32"  # parameters (master weights)
+    c.model.compute_dtype = config_dict.placeholder(str)  # e.g. bfloat16 compute over float32 weights
     c.prompt = ml_collections.ConfigDict()
     c.prompt.preset = "hierarchical"
     c.prompt.scheme = "gen2embed"
@@ -418,4 +457,5 @@ def training_config(subsets=()) -> ml_collections.ConfigDict:
     c.adapter = adapter_section()
     c.mesh = mesh_section()
     c.distributed = distributed_section()
+    c.eval = eval_section()
     return c

@@ -78,15 +78,21 @@ def _hf_shape(rule: Rule, nnx_shape, cfg: Qwen2VLConfig):
     return tuple(nnx_shape)
 
 
-def abstract_model(cfg: Qwen2VLConfig, dtype: str = "float32") -> Qwen2VL:
-    """The model's structure with shapes only: nothing allocated, nothing initialised."""
-    if dtype not in DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r}; expected one of {sorted(DTYPES)}")
-    jdtype = DTYPES[dtype]
-    return nnx.eval_shape(lambda: Qwen2VL(cfg, dtype=jdtype, param_dtype=jdtype, rngs=nnx.Rngs(0)))
+def abstract_model(cfg: Qwen2VLConfig, dtype: str = "float32", compute_dtype: str | None = None) -> Qwen2VL:
+    """The model's structure with shapes only: nothing allocated, nothing initialised.
+
+    ``dtype`` is the parameters' (master weights), ``compute_dtype`` the matmuls' (default: the
+    same); e.g. float32 parameters with bfloat16 compute for mixed-precision training.
+    """
+    for d in (dtype, compute_dtype or dtype):
+        if d not in DTYPES:
+            raise ValueError(f"unsupported dtype {d!r}; expected one of {sorted(DTYPES)}")
+    param, compute = DTYPES[dtype], DTYPES[compute_dtype or dtype]
+    return nnx.eval_shape(lambda: Qwen2VL(cfg, dtype=compute, param_dtype=param, rngs=nnx.Rngs(0)))
 
 
-def load(path: str | Path, dtype: str = "float32", *, progress: bool = True) -> Qwen2VL:
+def load(path: str | Path, dtype: str = "float32", *, compute_dtype: str | None = None,
+         progress: bool = True) -> Qwen2VL:  # fmt: skip
     """Loads a local Hugging Face Qwen2-VL directory (single-file or sharded safetensors).
 
     Tensors are streamed one at a time from memory-mapped files into device arrays of ``dtype``;
@@ -96,7 +102,7 @@ def load(path: str | Path, dtype: str = "float32", *, progress: bool = True) -> 
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a directory (expected a local Hugging Face model directory)")
     cfg = Qwen2VLConfig.from_json(path)
-    model = abstract_model(cfg, dtype)
+    model = abstract_model(cfg, dtype, compute_dtype)
     graphdef, state = nnx.split(model)
     variables = {_path_str(p): v for p, v in nnx.to_flat_state(state)}
     target_dtype = np.dtype(DTYPES[dtype])
