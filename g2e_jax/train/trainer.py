@@ -459,3 +459,26 @@ def training_config(subsets=()) -> ml_collections.ConfigDict:
     c.distributed = distributed_section()
     c.eval = eval_section()
     return c
+
+
+def saha_reference_config() -> ml_collections.ConfigDict:
+    """The paper's SaHa recipe (DESIGN.md §1), the same for Qwen2-VL-2B and 7B: top_k 15 x
+    pool_mult 3 mining; DoRA r=8 (alpha 64, dropout 0.1, Gaussian init) on the decoder's q/k/v/o
+    and down projections; lr 5e-5 linear with 100 warm-up steps, 1,500 steps; 16 clusters per
+    device on 8 devices; GradCache chunks of 4; 448 x 448 images; max length 1024; bf16."""
+    from g2e_jax.mine import MMEB_TRAIN_SUBSETS
+
+    c = training_config(subsets=MMEB_TRAIN_SUBSETS)
+    c.model.dtype = "bfloat16"
+    c.image_resolution = "mid_low"
+    c.mine.top_k = 15
+    c.mine.pool_mult = 3
+    t = c.train
+    t.steps = 1500
+    t.clusters_per_batch = 128
+    t.learning_rate = 5e-5
+    t.warmup_steps = 100
+    t.grad_cache = True
+    t.rows_per_cell = 4
+    c.adapter.kind = "dora"
+    return c
