@@ -1,4 +1,4 @@
-"""Training-step throughput: g2e_jax's jitted ``train_step`` vs a PyTorch reference step, same model, same rows.
+"""Training step time: g2e_jax's jitted ``train_step`` vs a PyTorch reference step, same model and rows.
 
     python bench/bench_train.py            # tiny model + Qwen2-VL-2B widths at 2 decoder layers
     python bench/bench_train.py --quick    # tiny model only (smoke test)
@@ -17,6 +17,11 @@ whole update (gradients, clipping, AdamW) rather than the forward alone.
 Peak memory of the compiled g2e_jax step (XLA's ``memory_analysis``: temp + argument bytes) is
 reported at N and 2N pairs with GradCache on and off: without GradCache the temp buffers grow with
 the batch, with it they grow with the chunk size only.
+
+The variants run step by step in turn, and the cores other processes keep busy meanwhile are
+measured (``bg cores``). On a shared machine read that column first: torch's OpenMP threads stall
+whenever another process takes a core (a tiny-model step goes from ~0.03 s to 1-6 s with 2 threads,
+while g2e_jax barely moves), so compare there with ``--torch-threads 1`` or on an idle machine.
 """
 
 from __future__ import annotations
@@ -53,12 +58,24 @@ def qwen2_vl_2b_width(layers: int, vision_blocks: int):
     from g2e_jax.models.qwen2_vl import Qwen2VLConfig, TextConfig, VisionConfig
     from g2e_jax.models.qwen2_vl.tiny import with_token_ids
 
-    return with_token_ids(Qwen2VLConfig(
-        text=TextConfig(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=layers,
-                        num_attention_heads=12, num_key_value_heads=2, mrope_section=(16, 24, 24), rope_theta=1e6),
-        vision=VisionConfig(depth=vision_blocks, embed_dim=1280, num_heads=16, mlp_ratio=4, out_hidden_size=1536),
-        tie_word_embeddings=True,
-    ))  # fmt: skip
+    return with_token_ids(
+        Qwen2VLConfig(
+            text=TextConfig(
+                vocab_size=151936,
+                hidden_size=1536,
+                intermediate_size=8960,
+                num_hidden_layers=layers,
+                num_attention_heads=12,
+                num_key_value_heads=2,
+                mrope_section=(16, 24, 24),
+                rope_theta=1e6,
+            ),
+            vision=VisionConfig(
+                depth=vision_blocks, embed_dim=1280, num_heads=16, mlp_ratio=4, out_hidden_size=1536
+            ),
+            tie_word_embeddings=True,
+        )
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,8 +170,10 @@ class JaxSide:
             learning_rate=args.lr, total_steps=TOTAL_STEPS, warmup_steps=0, max_grad_norm=1.0
         )
         self.pre = Preprocessor.from_pretrained(path, prompt="hierarchical", scheme="gen2embed", max_len=1024)
-        self.consts = {side: (jnp.asarray(self.pre.system_ids(role)), jnp.asarray(self.pre.header_ids))
-                       for side, role in (("query", "query"), ("target", "document"))}  # fmt: skip
+        self.consts = {
+            side: (jnp.asarray(self.pre.system_ids(role)), jnp.asarray(self.pre.header_ids))
+            for side, role in (("query", "query"), ("target", "document"))
+        }
 
     def prepare(self, pairs: list[Pair]):
         from g2e_jax.data.prepared import content_id
@@ -178,11 +197,23 @@ class JaxSide:
         for s, side in enumerate(("query", "target")):
             rows = [p[s] for p in prepared]
             users = max(len(r.user_ids) for r in rows)
-            per_chunk = [sum(len(r.patches) for r in rows[k * rows_per_chunk : (k + 1) * rows_per_chunk]
-                             if r.patches is not None) for k in range(chunks)]  # fmt: skip
+            per_chunk = [
+                sum(
+                    len(r.patches)
+                    for r in rows[k * rows_per_chunk : (k + 1) * rows_per_chunk]
+                    if r.patches is not None
+                )
+                for k in range(chunks)
+            ]
             patches = max(per_chunk) or None
-            shape = BatchShape(chunks=chunks, cells=1, rows_per_cell=rows_per_chunk, users=users,
-                               patches_per_cell=patches, patch_dim=self.pre.config.vision.patch_dim)  # fmt: skip
+            shape = BatchShape(
+                chunks=chunks,
+                cells=1,
+                rows_per_cell=rows_per_chunk,
+                users=users,
+                patches_per_cell=patches,
+                patch_dim=self.pre.config.vision.patch_dim,
+            )
             # build_batch pads both sides alike: give it this side's rows on both.
             built = build_batch([(p[s], p[s], p[2], p[3]) for p in prepared], shape, self.pre.pad_id)
             out[side] = built["query"]
@@ -204,9 +235,16 @@ class JaxSide:
 
         sizes = [len(r.patches) for p in prepared for r in p[:2] if r.patches is not None]
         # The reference loss is plain cross-entropy: no same-content masking.
-        return StepConfig(temperature=TEMPERATURE, grad_cache=grad_cache, remat=remat,
-                          mask_same_target=False, mask_same_query=False, scheme="gen2embed",
-                          pad_id=self.pre.pad_id, max_patches_per_image=max(sizes) if sizes else None)  # fmt: skip
+        return StepConfig(
+            temperature=TEMPERATURE,
+            grad_cache=grad_cache,
+            remat=remat,
+            mask_same_target=False,
+            mask_same_query=False,
+            scheme="gen2embed",
+            pad_id=self.pre.pad_id,
+            max_patches_per_image=max(sizes) if sizes else None,
+        )
 
     def compile(self, cfg, batch):
         """AOT-compiled step (params and optimizer state donated) and its memory analysis."""
@@ -283,8 +321,13 @@ class TorchSide:
         if adapter == "lora":
             import peft
 
-            peft_config = peft.LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0,
-                                          target_modules=HF_TARGETS, init_lora_weights="gaussian")  # fmt: skip
+            peft_config = peft.LoraConfig(
+                r=args.rank,
+                lora_alpha=args.alpha,
+                lora_dropout=0.0,
+                target_modules=HF_TARGETS,
+                init_lora_weights="gaussian",
+            )
             model = peft.get_peft_model(model, peft_config)
             inner = model.base_model.model
             self.lora_init = {
@@ -325,8 +368,12 @@ class TorchSide:
         for side, role in (("query", "query"), ("target", "document")):
             texts = [(p.qry, p.qry_image) if side == "query" else (p.pos, p.pos_image) for p in pairs]
             roles = [prompt.template_role(role, p.subset) for p in pairs]
-            strings = [official_template(t, has_image=im is not None, role=r, system=PAPER_SYSTEM, scheme="gen2embed")
-                       for (t, im), r in zip(texts, roles)]  # fmt: skip
+            strings = [
+                official_template(
+                    t, has_image=im is not None, role=r, system=PAPER_SYSTEM, scheme="gen2embed"
+                )
+                for (t, im), r in zip(texts, roles)
+            ]
             images = [Image.open(im).convert("RGB") for _, im in texts if im is not None]
             enc = self.processor(text=strings, images=images or None, padding=True, return_tensors="pt")
             mask = enc["attention_mask"]
@@ -337,8 +384,11 @@ class TorchSide:
                 "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)[None].expand(3, -1, -1).contiguous(),
             }
             if images:
-                inputs.update(pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"],
-                              mm_token_type_ids=enc["mm_token_type_ids"])  # fmt: skip
+                inputs.update(
+                    pixel_values=enc["pixel_values"],
+                    image_grid_thw=enc["image_grid_thw"],
+                    mm_token_type_ids=enc["mm_token_type_ids"],
+                )
             out[side] = (inputs, mask.sum(-1) - 1)
             out[side + "_tokens"] = (int(mask.sum()), int(mask.numel()))
         out["labels"] = torch.arange(len(pairs))
@@ -426,8 +476,19 @@ def bench_case(name, path, workload, adapter, pairs, pairs_2n, repeats, args, lo
         batch = side.batch(prepared, chunk)
         compiled, compile_s, mem = side.compile(cfg, batch)
         log(f"  g2e_jax grad_cache={grad_cache}: compiled in {compile_s:.1f} s, {_mib(mem)}")
-        variants.append({"grad_cache": grad_cache, "chunk": chunk, "cfg": cfg, "batch": batch, "mem": mem,
-                         "compile_s": compile_s, "run": side.start(compiled, batch), "losses": [], "times": []})  # fmt: skip
+        variants.append(
+            {
+                "grad_cache": grad_cache,
+                "chunk": chunk,
+                "cfg": cfg,
+                "batch": batch,
+                "mem": mem,
+                "compile_s": compile_s,
+                "run": side.start(compiled, batch),
+                "losses": [],
+                "times": [],
+            }
+        )
     t_losses, t_times, background = [], [], []
     for i in range(1 + repeats):  # step 0: warm-up
         with CpuMeter() as meter:
@@ -440,9 +501,13 @@ def bench_case(name, path, workload, adapter, pairs, pairs_2n, repeats, args, lo
                 v["times"].append(seconds)
         background.append(meter.background_cores)
         bg = "n/a" if meter.background_cores is None else f"{meter.background_cores:.2f}"
-        log(f"  step {i}: torch {t_times[-1]:.3f} s, "
-            + ", ".join(f"g2e_jax gc={'on' if v['grad_cache'] else 'off'} {v['times'][-1]:.3f} s" for v in variants)
-            + f"; other processes kept {bg} cores busy")  # fmt: skip
+        log(
+            f"  step {i}: torch {t_times[-1]:.3f} s, "
+            + ", ".join(
+                f"g2e_jax gc={'on' if v['grad_cache'] else 'off'} {v['times'][-1]:.3f} s" for v in variants
+            )
+            + f"; other processes kept {bg} cores busy"
+        )
     timed_bg = [b for b in background[1:] if b is not None]
     t_tokens = {"query": tb["query_tokens"], "target": tb["target_tokens"]}
     trainable = ref.trainable
@@ -455,36 +520,76 @@ def bench_case(name, path, workload, adapter, pairs, pairs_2n, repeats, args, lo
         v["run"] = None
         j_losses, j_times, batch = v["losses"], v["times"], v["batch"]
         jax_s = statistics.median(j_times[1:])
-        tokens = {s: (int(batch[s]["user_len"].sum()) + args.pairs * sum(len(c) for c in side.consts[s]),
-                      args.pairs * (batch[s]["user_ids"].shape[-1] + sum(len(c) for c in side.consts[s])))
-                  for s in ("query", "target")}  # fmt: skip
+        tokens = {
+            s: (
+                int(batch[s]["user_len"].sum()) + args.pairs * sum(len(c) for c in side.consts[s]),
+                args.pairs * (batch[s]["user_ids"].shape[-1] + sum(len(c) for c in side.consts[s])),
+            )
+            for s in ("query", "target")
+        }
         row = {
-            "model": name, "workload": workload, "adapter": adapter, "grad_cache": v["grad_cache"],
-            "chunk": v["chunk"], "remat": v["cfg"].remat, "pairs": args.pairs, "repeats": repeats,
-            "jax_s_per_step": jax_s, "torch_s_per_step": torch_s, "ratio_torch_over_jax": torch_s / jax_s,
-            "jax_pairs_per_s": args.pairs / jax_s, "torch_pairs_per_s": args.pairs / torch_s,
-            "jax_min_s": min(j_times[1:]), "torch_min_s": min(t_times[1:]),
+            "model": name,
+            "workload": workload,
+            "adapter": adapter,
+            "grad_cache": v["grad_cache"],
+            "chunk": v["chunk"],
+            "remat": v["cfg"].remat,
+            "pairs": args.pairs,
+            "repeats": repeats,
+            "jax_s_per_step": jax_s,
+            "torch_s_per_step": torch_s,
+            "ratio_torch_over_jax": torch_s / jax_s,
+            "jax_pairs_per_s": args.pairs / jax_s,
+            "torch_pairs_per_s": args.pairs / torch_s,
+            "jax_min_s": min(j_times[1:]),
+            "torch_min_s": min(t_times[1:]),
             "ratio_of_min": min(t_times[1:]) / min(j_times[1:]),
-            "jax_compile_s": v["compile_s"], "jax_step_times": j_times[1:], "torch_step_times": t_times[1:],
-            "jax_losses": j_losses, "torch_losses": t_losses,
-            "first_loss_diff": abs(j_losses[0] - t_losses[0]), "last_loss_diff": abs(j_losses[-1] - t_losses[-1]),
-            "trainable_params": trainable, "jax_tokens_real_padded": tokens, "torch_tokens_real_padded": t_tokens,
+            "jax_compile_s": v["compile_s"],
+            "jax_step_times": j_times[1:],
+            "torch_step_times": t_times[1:],
+            "jax_losses": j_losses,
+            "torch_losses": t_losses,
+            "first_loss_diff": abs(j_losses[0] - t_losses[0]),
+            "last_loss_diff": abs(j_losses[-1] - t_losses[-1]),
+            "trainable_params": trainable,
+            "jax_tokens_real_padded": tokens,
+            "torch_tokens_real_padded": t_tokens,
             "background_cores": statistics.mean(timed_bg) if timed_bg else None,
-        }  # fmt: skip
+        }
         results.append(row)
         if args.memory:
-            memory.append(dict(model=name, workload=workload, adapter=adapter, grad_cache=v["grad_cache"],
-                               chunk=v["chunk"], pairs=args.pairs, **(v["mem"] or {})))  # fmt: skip
+            memory.append(
+                dict(
+                    model=name,
+                    workload=workload,
+                    adapter=adapter,
+                    grad_cache=v["grad_cache"],
+                    chunk=v["chunk"],
+                    pairs=args.pairs,
+                    **(v["mem"] or {}),
+                )
+            )
     if args.memory:  # the same step at 2N pairs: compiled only, for its memory analysis
         prepared_2n = side.prepare(pairs_2n)
         for v in variants:
             chunk_2n = args.chunk if v["grad_cache"] else 2 * args.pairs
             cfg_2n = side.step_config(prepared_2n, v["grad_cache"], args.remat)
             _, compile_2n, mem_2n = side.compile(cfg_2n, side.batch(prepared_2n, chunk_2n))
-            memory.append(dict(model=name, workload=workload, adapter=adapter, grad_cache=v["grad_cache"],
-                               chunk=chunk_2n, pairs=2 * args.pairs, **(mem_2n or {})))  # fmt: skip
-            log(f"  g2e_jax grad_cache={v['grad_cache']} at 2N={2 * args.pairs}: compiled in {compile_2n:.1f} s, "
-                f"{_mib(mem_2n)}")  # fmt: skip
+            memory.append(
+                dict(
+                    model=name,
+                    workload=workload,
+                    adapter=adapter,
+                    grad_cache=v["grad_cache"],
+                    chunk=chunk_2n,
+                    pairs=2 * args.pairs,
+                    **(mem_2n or {}),
+                )
+            )
+            log(
+                f"  g2e_jax grad_cache={v['grad_cache']} at 2N={2 * args.pairs}: "
+                f"compiled in {compile_2n:.1f} s, {_mib(mem_2n)}"
+            )
     del side, variants
     gc.collect()
     return results, memory
@@ -501,35 +606,50 @@ def _mib(mem) -> str:
 
 
 def print_tables(results, memory, depth_note):
-    head = (f"{'model':<24} {'workload':<8} {'adapter':<7} {'gc':<4} {'N':>4} {'jax s/step':>11} "
-            f"{'torch s/step':>12} {'torch/jax':>9} {'jax pairs/s':>11} {'torch pairs/s':>13} {'min ratio':>9} "
-            f"{'dloss@1':>9} {'bg cores':>8}")  # fmt: skip
+    head = (
+        f"{'model':<24} {'workload':<8} {'adapter':<7} {'gc':<4} {'N':>4} {'jax s/step':>11} "
+        f"{'torch s/step':>12} {'torch/jax':>9} {'jax pairs/s':>11} {'torch pairs/s':>13} {'min ratio':>9} "
+        f"{'dloss@1':>9} {'bg cores':>8}"
+    )
     print("\n" + depth_note)
     print(head)
     print("-" * len(head))
     for r in results:
-        print(f"{r['model']:<24} {r['workload']:<8} {r['adapter']:<7} {'on' if r['grad_cache'] else 'off':<4} "
-              f"{r['pairs']:>4} {r['jax_s_per_step']:>11.3f} {r['torch_s_per_step']:>12.3f} "
-              f"{r['ratio_torch_over_jax']:>9.2f} {r['jax_pairs_per_s']:>11.1f} {r['torch_pairs_per_s']:>13.1f} "
-              f"{r['ratio_of_min']:>9.2f} {r['first_loss_diff']:>9.1e} {_num(r['background_cores']):>8}")  # fmt: skip
-    print("s/step: median of the timed steps; min ratio: torch/jax of the fastest steps; dloss@1: |loss difference| "
-          "at the first step; bg cores: cores other processes kept busy meanwhile (mean over the timed steps).")  # fmt: skip
+        print(
+            f"{r['model']:<24} {r['workload']:<8} {r['adapter']:<7} {'on' if r['grad_cache'] else 'off':<4} "
+            f"{r['pairs']:>4} {r['jax_s_per_step']:>11.3f} {r['torch_s_per_step']:>12.3f} "
+            f"{r['ratio_torch_over_jax']:>9.2f} {r['jax_pairs_per_s']:>11.1f} "
+            f"{r['torch_pairs_per_s']:>13.1f} {r['ratio_of_min']:>9.2f} {r['first_loss_diff']:>9.1e} "
+            f"{_num(r['background_cores']):>8}"
+        )
+    print(
+        "s/step: median of the timed steps; min ratio: torch/jax of the fastest steps; dloss@1: |loss "
+        "difference| at the first step; bg cores: cores other processes kept busy meanwhile (mean over the "
+        "timed steps)."
+    )
     busy = [r["background_cores"] for r in results if (r["background_cores"] or 0.0) > BUSY_CORES]
     if busy:
-        print(f"WARNING: other processes kept up to {max(busy):.2f} cores busy during the timed steps: the times "
-              "(torch's above all: its OpenMP threads stall when a core is taken) are not those of an idle machine.")  # fmt: skip
+        print(
+            f"WARNING: other processes kept up to {max(busy):.2f} cores busy during the timed steps: the "
+            "times (torch's above all: its OpenMP threads stall when a core is taken) are not those of an "
+            "idle machine."
+        )
     if memory:
-        head = (f"{'model':<24} {'workload':<8} {'adapter':<7} {'gc':<4} {'N':>4} {'chunk':>5} "
-                f"{'temp MiB':>9} {'args MiB':>9} {'temp+args':>10}")  # fmt: skip
+        head = (
+            f"{'model':<24} {'workload':<8} {'adapter':<7} {'gc':<4} {'N':>4} {'chunk':>5} "
+            f"{'temp MiB':>9} {'args MiB':>9} {'temp+args':>10}"
+        )
         print("\ng2e_jax compiled step memory (XLA memory_analysis)")
         print(head)
         print("-" * len(head))
         for m in memory:
             if "temp_mib" not in m:
                 continue
-            print(f"{m['model']:<24} {m['workload']:<8} {m['adapter']:<7} {'on' if m['grad_cache'] else 'off':<4} "
-                  f"{m['pairs']:>4} {m['chunk']:>5} {m['temp_mib']:>9.1f} {m['argument_mib']:>9.1f} "
-                  f"{m['peak_mib']:>10.1f}")  # fmt: skip
+            print(
+                f"{m['model']:<24} {m['workload']:<8} {m['adapter']:<7} "
+                f"{'on' if m['grad_cache'] else 'off':<4} {m['pairs']:>4} {m['chunk']:>5} "
+                f"{m['temp_mib']:>9.1f} {m['argument_mib']:>9.1f} {m['peak_mib']:>10.1f}"
+            )
     print("\nloss per step (g2e_jax | torch):")
     for r in results:
         j = " ".join(f"{x:.5f}" for x in r["jax_losses"])
@@ -596,8 +716,10 @@ def main():
     def log(msg):
         print(msg, flush=True)
 
-    log(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), {os.cpu_count()} CPU cores")  # fmt: skip
+    log(
+        f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), {os.cpu_count()} CPU cores"
+    )
     tmp = tempfile.TemporaryDirectory(prefix="bench_train_") if args.workdir is None else None
     work = Path(args.workdir or tmp.name)
     subsets = {"text": _csv(args.text_subsets), "image": _csv(args.image_subsets)}
@@ -610,7 +732,8 @@ def main():
         for w in args.workloads
     }
 
-    depth = f"2b-width = Qwen2-VL-2B widths at {args.layers} decoder layers + {args.vision_blocks} vision block(s)"
+    blocks = f"{args.vision_blocks} vision block(s)"
+    depth = f"2b-width = Qwen2-VL-2B widths at {args.layers} decoder layers + {blocks}"
     results, memory = [], []
     try:
         for name in args.models:
@@ -639,10 +762,14 @@ def main():
 
     print_tables(results, memory, depth if "2b-width" in args.models else "")
     meta = {
-        "jax": jax.__version__, "torch": torch.__version__, "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "depth": depth, "subsets": subsets,
+        "jax": jax.__version__,
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "depth": depth,
+        "subsets": subsets,
         "args": {k: v for k, v in vars(args).items()},
-    }  # fmt: skip
+    }
     with open(args.output, "w") as f:
         json.dump({"meta": meta, "results": results, "memory": memory}, f, indent=2)
     log(f"\nwrote {args.output}")

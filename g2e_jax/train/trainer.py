@@ -395,7 +395,7 @@ def _lr(cfg):
 
     def lr(step: int) -> float:
         if step < t.warmup_steps:
-            return t.learning_rate * step / max(t.warmup_steps, 1)
+            return t.learning_rate * step / t.warmup_steps
         return t.learning_rate * max(0.0, (t.steps - step) / max(t.steps - t.warmup_steps, 1))
 
     return lr
