@@ -349,10 +349,8 @@ class TorchSide:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in self.params)
         self.opt = torch.optim.AdamW(self.params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-        # make_optimizer(warmup_steps=0): lr 0 at step 0, then linear decay from lr over TOTAL_STEPS.
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: 0.0 if s < 1 else max(0.0, 1.0 - (s - 1) / TOTAL_STEPS)
-        )
+        # make_optimizer(warmup_steps=0), as transformers' linear schedule: lr * (1 - s / TOTAL_STEPS).
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: max(0.0, 1.0 - s / TOTAL_STEPS))
         self.processor = load_hf_processor(path)
 
     def tokenise(self, pairs: list[Pair]) -> dict:
