@@ -24,6 +24,7 @@ setup(
         "safetensors",
         "tokenizers",
         "tqdm",
+        "matplotlib",
         "ml_dtypes",
         "numpy",
     ],
