@@ -37,9 +37,6 @@ def _embed(args, overrides) -> int:
     return 0
 
 
-CONFIG_COMMANDS = ("embed", "eval", "demo", "mine", "prepare", "train")
-
-
 def _eval(args, overrides) -> int:
     from g2e_jax.eval.mmeb import eval_config, run_eval
 
@@ -107,6 +104,15 @@ def _demo(args, overrides) -> int:
     return 0
 
 
+def _config_command(sub, name: str, run, help: str, *, config: str, required: bool = False, example: str):
+    """A subcommand driven by an ml-collections config: ``--config FILE`` plus ``--config.a.b=v``."""
+    parser = sub.add_parser(name, help=help, epilog=f"Config fields can be overridden as --config.a.b=value "
+                                                    f"(e.g. {example}).")  # fmt: skip
+    parser.add_argument("--config", required=required, help=config)
+    parser.set_defaults(run=run, takes_overrides=True)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="g2e-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -115,11 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     tiny.set_defaults(run=_make_tiny)
 
-    embed = sub.add_parser(
-        "embed", help="embed a JSONL file of rows ({id, text, image}) to embeddings.npy + ids.txt",
-        epilog="Config fields can be overridden as --config.a.b=value (e.g. --config.model.path=DIR).",
+    synthetic = sub.add_parser(
+        "make-synthetic", help="write the synthetic MMEB-format dataset (PIL-drawn shapes)"
+    )
+    synthetic.add_argument("--output", required=True, help="directory to write")
+    synthetic.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    synthetic.set_defaults(run=_make_synthetic)
+
+    embed = _config_command(
+        sub, "embed", _embed, "embed a JSONL file of rows ({id, text, image}) to embeddings.npy + ids.txt",
+        config="config file (default: built-in, as configs/embed.py)", example="--config.model.path=DIR",
     )  # fmt: skip
-    embed.add_argument("--config", help="ml-collections config file (default: built-in, as configs/embed.py)")
     embed.add_argument(
         "--input", required=True, help='JSONL rows: {"id": ..., "text": ..., "image": path-or-null}'
     )
@@ -129,33 +141,26 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument(
         "--skip-bad", action="store_true", help="write bad rows to skipped.jsonl instead of failing"
     )
-    embed.set_defaults(run=_embed)
 
-    evaluate = sub.add_parser(
-        "eval", help="zero-shot MMEB evaluation (Precision@1 per subset, category, IND/OOD, overall)",
-        epilog="Config fields can be overridden as --config.a.b=value (e.g. --config.data.root=DIR).",
+    _config_command(
+        sub, "eval", _eval, "zero-shot MMEB evaluation (Precision@1 per subset, category, IND/OOD, overall)",
+        config="config file (default: built-in, as configs/mmeb_eval.py)", example="--config.data.root=DIR",
     )  # fmt: skip
-    evaluate.add_argument(
-        "--config", help="ml-collections config file (default: built-in, as configs/mmeb_eval.py)"
-    )
-    evaluate.set_defaults(run=_eval)
-
-    mine = sub.add_parser(
-        "mine", help="SaHa: mine mutually hard clusters per training subset with the zero-shot model",
-        epilog="Config fields can be overridden as --config.a.b=value (e.g. --config.mine.top_k=7).",
+    _config_command(
+        sub, "mine", _mine, "SaHa: mine mutually hard clusters per training subset with the zero-shot model",
+        config="SaHa config file, e.g. configs/qwen2vl_2b_saha.py", required=True, example="--config.mine.top_k=7",
     )  # fmt: skip
-    mine.add_argument("--config", required=True, help="SaHa config file, e.g. configs/qwen2vl_2b_saha.py")
-    mine.set_defaults(run=_mine)
-
-    train = sub.add_parser(
-        "train", help="contrastive fine-tuning (LoRA/DoRA/full) from mined clusters or MMEB rows",
-        epilog="Config fields can be overridden as --config.a.b=value (e.g. --config.train.steps=100).",
+    _config_command(
+        sub, "prepare", _prepare, "MMEB-format train set -> TFDS array_record records (tokenised, patchified)",
+        config="config file (default: built-in, g2e_jax.data.prepared.prepare_config)", example="--config.data.root=DIR",
     )  # fmt: skip
-    train.add_argument("--config", required=True, help="training config, e.g. configs/qwen2vl_2b_saha.py")
+    train = _config_command(
+        sub, "train", _train, "contrastive fine-tuning (LoRA/DoRA/full) from mined clusters or MMEB rows",
+        config="training config, e.g. configs/qwen2vl_2b_saha.py", required=True, example="--config.train.steps=100",
+    )  # fmt: skip
     train.add_argument(
         "--workdir", required=True, help="checkpoints, metrics.jsonl, loss.png (resumed if present)"
     )
-    train.set_defaults(run=_train)
 
     export = sub.add_parser("export-hf", help="a training workdir -> merged model in Hugging Face layout")
     export.add_argument("--checkpoint", required=True, help="the `g2e-jax train` workdir")
@@ -165,31 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     export.set_defaults(run=_export_hf)
 
-    prepare = sub.add_parser(
-        "prepare", help="MMEB-format train set -> TFDS array_record records (tokenised, patchified)",
-        epilog="Config fields can be overridden as --config.a.b=value (e.g. --config.data.root=DIR).",
-    )  # fmt: skip
-    prepare.add_argument(
-        "--config", help="config file (default: built-in, see g2e_jax.data.prepared.prepare_config)"
-    )
-    prepare.set_defaults(run=_prepare)
-
-    synthetic = sub.add_parser(
-        "make-synthetic", help="write the synthetic MMEB-format dataset (PIL-drawn shapes)"
-    )
-    synthetic.add_argument("--output", required=True, help="directory to write")
-    synthetic.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    synthetic.set_defaults(run=_make_synthetic)
-
-    demo = sub.add_parser(
-        "demo", help="the whole pipeline offline on the tiny model and synthetic data (the README's main job)",
-        epilog="Sizes can be overridden, e.g. --config.synthetic.eval_queries=8.",
+    demo = _config_command(
+        sub, "demo", _demo, "the whole pipeline offline on the tiny model and synthetic data (the README's main job)",
+        config="config file (default: built-in, as configs/demo.py)", example="--config.synthetic.eval_queries=8",
     )  # fmt: skip
     demo.add_argument(
         "--workdir", default="g2e_demo", help="where everything is written (default: %(default)s)"
     )
-    demo.add_argument("--config", help="config file (default: built-in, as configs/demo.py)")
-    demo.set_defaults(run=_demo)
     return parser
 
 
@@ -198,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides, rest = split_config_overrides(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(rest)
-    if overrides and args.command not in CONFIG_COMMANDS:
+    if overrides and not getattr(args, "takes_overrides", False):
         print(f"g2e-jax {args.command}: error: takes no --config.* overrides", file=sys.stderr)
         return 2
     try:
