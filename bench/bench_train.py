@@ -461,6 +461,11 @@ def _csv(value: str) -> list[str]:
 def bench_case(name, path, workload, adapter, pairs, pairs_2n, repeats, args, log):
     """One (model, workload, adapter): the reference and g2e_jax (GradCache off and on), step by step
     in turn, so that a varying background load hits every variant alike."""
+
+    def memory_row(grad_cache, chunk, n_pairs, mem):
+        return dict(model=name, workload=workload, adapter=adapter, grad_cache=grad_cache, chunk=chunk,
+                    pairs=n_pairs, **(mem or {}))  # fmt: skip
+
     ref = TorchSide(path, adapter, args)
     tb = ref.tokenise(pairs)
     side = JaxSide(path, adapter, ref.lora_init, args)
@@ -556,34 +561,14 @@ def bench_case(name, path, workload, adapter, pairs, pairs_2n, repeats, args, lo
         }
         results.append(row)
         if args.memory:
-            memory.append(
-                dict(
-                    model=name,
-                    workload=workload,
-                    adapter=adapter,
-                    grad_cache=v["grad_cache"],
-                    chunk=v["chunk"],
-                    pairs=args.pairs,
-                    **(v["mem"] or {}),
-                )
-            )
+            memory.append(memory_row(v["grad_cache"], v["chunk"], args.pairs, v["mem"]))
     if args.memory:  # the same step at 2N pairs: compiled only, for its memory analysis
         prepared_2n = side.prepare(pairs_2n)
         for v in variants:
             chunk_2n = args.chunk if v["grad_cache"] else 2 * args.pairs
             cfg_2n = side.step_config(prepared_2n, v["grad_cache"], args.remat)
             _, compile_2n, mem_2n = side.compile(cfg_2n, side.batch(prepared_2n, chunk_2n))
-            memory.append(
-                dict(
-                    model=name,
-                    workload=workload,
-                    adapter=adapter,
-                    grad_cache=v["grad_cache"],
-                    chunk=chunk_2n,
-                    pairs=2 * args.pairs,
-                    **(mem_2n or {}),
-                )
-            )
+            memory.append(memory_row(v["grad_cache"], chunk_2n, 2 * args.pairs, mem_2n))
             log(
                 f"  g2e_jax grad_cache={v['grad_cache']} at 2N={2 * args.pairs}: "
                 f"compiled in {compile_2n:.1f} s, {_mib(mem_2n)}"

@@ -71,6 +71,17 @@ def forward(model, batch):
 # 1. Parity with PEFT on the tiny model
 
 
+def _set_adapter_weights(peft_layer, ours, a, b):
+    """The same A [r, in] and B [out, r] in a PEFT layer and in ours (kernels are [in, out])."""
+    import torch
+
+    with torch.no_grad():
+        peft_layer.lora_A["default"].weight.copy_(torch.from_numpy(a))
+        peft_layer.lora_B["default"].weight.copy_(torch.from_numpy(b))
+    ours.lora_a.set_value(jnp.asarray(a.T))
+    ours.lora_b.set_value(jnp.asarray(b.T))
+
+
 @pytest.mark.parametrize("kind", ["lora", "dora"])
 def test_peft_parity(tiny_dir, kind):
     torch = pytest.importorskip("torch")
@@ -105,11 +116,7 @@ def test_peft_parity(tiny_dir, kind):
             mine.in_features
         )
         b = 0.05 * rng.standard_normal(layer.lora_B["default"].weight.shape).astype(np.float32)
-        with torch.no_grad():
-            layer.lora_A["default"].weight.copy_(torch.from_numpy(a))
-            layer.lora_B["default"].weight.copy_(torch.from_numpy(b))
-        mine.lora_a.set_value(jnp.asarray(a.T))
-        mine.lora_b.set_value(jnp.asarray(b.T))
+        _set_adapter_weights(layer, mine, a, b)
         if kind == "dora":
             # Both initialised the magnitude to ||W|| per output feature.
             peft_m = layer.lora_magnitude_vector["default"].weight.detach().numpy()
@@ -219,11 +226,7 @@ def test_peft_layer_parity_in_train_mode(kind, use_bias):
 
     a = rng.standard_normal((cfg.rank, din)).astype(np.float32) / np.sqrt(din)
     b = 0.1 * rng.standard_normal((dout, cfg.rank)).astype(np.float32)
-    with torch.no_grad():
-        layer.lora_A["default"].weight.copy_(torch.from_numpy(a))
-        layer.lora_B["default"].weight.copy_(torch.from_numpy(b))
-    mine.lora_a.set_value(jnp.asarray(a.T))
-    mine.lora_b.set_value(jnp.asarray(b.T))
+    _set_adapter_weights(layer, mine, a, b)
     if kind == "dora":
         m = np.linalg.norm(w, axis=1) * (1 + 0.2 * rng.standard_normal(dout))
         with torch.no_grad():

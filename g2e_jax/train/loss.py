@@ -48,12 +48,12 @@ def _keep_mask(q_rows, q_all, scores, rows, valid_all, valid_rows, *, query_ids,
     return keep, (base & ~keep).sum()
 
 
-def _sums(q_rows, t_all, keep, rows, valid_rows, temperature):
+def _sums(scores, keep, rows, valid_rows, temperature):
     """Per-shard sums; the loss and metrics are their ratios (so shards combine with one psum)."""
-    n = q_rows.shape[0]
-    logits = (q_rows @ t_all.T).astype(jnp.float32)
+    n, total = scores.shape
+    logits = scores.astype(jnp.float32)
     positive = logits[jnp.arange(n), rows]
-    is_positive = rows[:, None] == jnp.arange(t_all.shape[0])[None, :]
+    is_positive = rows[:, None] == jnp.arange(total)[None, :]
     masked = jnp.where(keep | is_positive, logits, NEG_INF)
     per_row = jax.nn.logsumexp(masked / temperature, axis=-1) - positive / temperature
     w = valid_rows.astype(jnp.float32)
@@ -92,9 +92,10 @@ def contrastive_loss(q, t, *, temperature: float = 0.02, query_ids=None, target_
     n = q.shape[0]
     valid = jnp.ones((n,), bool) if valid is None else valid.astype(bool)
     rows = jnp.arange(n)
-    keep, masked = _keep_mask(q, q, q @ t.T, rows, valid, valid, query_ids=query_ids, target_ids=target_ids,
+    scores = q @ t.T  # one matmul for both the filters and the logits
+    keep, masked = _keep_mask(q, q, scores, rows, valid, valid, query_ids=query_ids, target_ids=target_ids,
                               fn_query_threshold=fn_query_threshold, fn_margin=fn_margin, hard_k=hard_k)  # fmt: skip
-    return _finish(_sums(q, t, keep, rows, valid, temperature), masked)
+    return _finish(_sums(scores, keep, rows, valid, temperature), masked)
 
 
 def sharded_contrastive_loss(mesh, batch_axes=("data", "fsdp"), *, temperature: float = 0.02,
@@ -113,9 +114,10 @@ def sharded_contrastive_loss(mesh, batch_axes=("data", "fsdp"), *, temperature: 
 
         q_all, t_all, valid_all = gather(q), gather(t), gather(valid)
         rows = jax.lax.axis_index(axes) * q.shape[0] + jnp.arange(q.shape[0])
-        keep, masked = _keep_mask(q, q_all, q @ t_all.T, rows, valid_all, valid, query_ids=gather(query_ids),
+        scores = q @ t_all.T
+        keep, masked = _keep_mask(q, q_all, scores, rows, valid_all, valid, query_ids=gather(query_ids),
                                   target_ids=gather(target_ids), **filters)  # fmt: skip
-        sums = jax.tree.map(lambda x: jax.lax.psum(x, axes), _sums(q, t_all, keep, rows, valid, temperature))
+        sums = jax.tree.map(lambda x: jax.lax.psum(x, axes), _sums(scores, keep, rows, valid, temperature))
         return _finish(sums, jax.lax.psum(masked, axes))
 
     @jax.jit
