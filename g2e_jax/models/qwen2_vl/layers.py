@@ -57,18 +57,25 @@ def apply_rotary(x, cos, sin):
     return x * cos[..., None, :] + rotate_half(x) * sin[..., None, :]
 
 
-def attention(q, k, v, mask):
-    """Scaled dot-product attention with a float32 softmax.
+def attention_implementation(dtype) -> str | None:
+    """cuDNN's fused (flash) kernel on GPU in half precision; XLA's otherwise (CPU, TPU, float32)."""
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if half and jax.default_backend() == "gpu" else None
 
-    q ``[..., Lq, Hq, D]``, k/v ``[..., Lk, Hk, D]`` with ``Hq % Hk == 0`` (grouped-query attention
-    without materialising repeated keys), mask broadcastable to ``[..., Hk, Hq/Hk, Lq, Lk]``.
-    Fully masked query rows give a finite (uniform) result instead of NaN.
+
+def attention(q, k, v, mask):
+    """Scaled dot-product attention with a float32 softmax (``jax.nn.dot_product_attention``).
+
+    q ``[B, Lq, Hq, D]``, k/v ``[B, Lk, Hk, D]`` with ``Hq % Hk == 0`` (grouped-query attention
+    without materialising repeated keys), boolean mask broadcastable to ``[B, 1, Lq, Lk]``. Fully
+    masked query rows give a finite (uniform) result instead of NaN. Where cuDNN cannot take the
+    shapes (head size, mask layout), XLA's implementation runs instead, with the same result.
     """
-    *batch, lq, hq, d = q.shape
-    hk = k.shape[-2]
-    q = q.reshape(*batch, lq, hk, hq // hk, d)
-    logits = jnp.einsum("...qhgd,...khd->...hgqk", q, k).astype(jnp.float32) * (d**-0.5)
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("...hgqk,...khd->...qhgd", probs, v)
-    return out.reshape(*batch, lq, hq, d)
+    mask = jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))
+    implementation = attention_implementation(q.dtype)
+    if implementation is not None:
+        try:
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+        except (ValueError, NotImplementedError, TypeError, RuntimeError):
+            pass
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)

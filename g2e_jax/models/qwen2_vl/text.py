@@ -93,8 +93,8 @@ class TextDecoder(nnx.Module):
     def __call__(self, embeds, attention_mask, position_ids, *, output_hidden_states: bool = False):
         length = embeds.shape[1]
         causal = jnp.tril(jnp.ones((length, length), dtype=bool))
-        # [B, 1 (kv heads), 1 (group), Lq, Lk]: causal and never attending to padded keys.
-        mask = (causal[None] & attention_mask.astype(bool)[:, None, :])[:, None, None]
+        # [B, 1 (heads), Lq, Lk]: causal and never attending to padded keys.
+        mask = (causal[None] & attention_mask.astype(bool)[:, None, :])[:, None]
         cos, sin = mrope_angles(position_ids, self.cfg)
         x, hidden = embeds, [embeds]
         for layer in self.layers:

@@ -86,7 +86,7 @@ class VisionAttention(nnx.Module):
         q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(v.dtype)
         k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(v.dtype)
         q, k, v = layout.to_images(q), layout.to_images(k), layout.to_images(v)  # [I, S, H, D]
-        mask = layout.slot_valid[:, None, None, None, :]  # keys of the same image
+        mask = layout.slot_valid[:, None, None, :]  # [I, 1, 1, S]: keys of the same image
         out = layout.to_patches(attention(q, k, v, mask))
         return self.proj(out.reshape(n, -1))
 
