@@ -31,7 +31,7 @@ def embed_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = ml_collections.ConfigDict()
     c.model.path = config_dict.placeholder(str)  # local Hugging Face directory (required)
-    c.model.dtype = "float32"  # or "bfloat16"
+    c.model.dtype = "auto"  # bfloat16 on GPU/TPU, float32 on CPU; or name one
 
     c.prompt = ml_collections.ConfigDict()
     c.prompt.preset = "hierarchical"  # or "plain"
@@ -134,7 +134,7 @@ def run_embed(cfg, input_path: str | Path, output_dir: str | Path, *, role: str,
     meta = {
         "model_path": str(model_path.resolve()),
         "weights_sha256": embedder.weights_id,
-        "dtype": cfg.model.dtype,
+        "dtype": embedder.dtype,
         "prompt": dataclasses.asdict(embedder.prompt),
         "scheme": embedder.prompt.scheme,
         "role": role,

@@ -170,3 +170,24 @@ def test_bad_rows_name_row_and_field(embedder):
     assert isinstance(rows[1], InputError) and rows[1].row == 1
     with pytest.raises(ValueError, match="unknown role"):
         embedder.encode(["a"], role="candidate")
+
+
+@pytest.mark.parametrize("scheme", ["gen2embed", "mrope"])
+def test_prefix_cache_gives_the_same_embeddings(embedder, scheme):
+    """The system segment's keys and values computed once equal running it in every row (DESIGN.md: 1e-5)."""
+    cached = embedder.with_prompt(scheme=scheme)
+    assert cached.prefix_cache
+    uncached = cached.with_prompt()
+    uncached.prefix_cache = False
+    texts = QUERIES + ["a dog", "word " * 30]
+    images = IMAGES + [None, random_image(56, 28, 7)]
+    for prompt in ("hierarchical", "plain"):
+        for role in ("query", "document"):
+            on = cached.with_prompt(prompt, scheme=scheme)
+            off = uncached.with_prompt(prompt, scheme=scheme)
+            assert (on.system_prefix(role) is None) == (len(on.preprocessor.system_ids(role)) == 0)
+            a, b = on.encode(texts, images, role=role), off.encode(texts, images, role=role)
+            diff = float(np.abs(a - b).max())
+            report(f"prefix cache vs none ({prompt}, {role}, {scheme})", max_abs_diff=diff)
+            assert diff <= 1e-5
+    assert len(cached._prefixes) >= 2  # one per distinct system segment, reused across calls

@@ -41,7 +41,7 @@ def eval_config(preset: str = "hierarchical") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = ml_collections.ConfigDict()
     c.model.path = config_dict.placeholder(str)  # local Hugging Face directory (required)
-    c.model.dtype = "float32"  # or "bfloat16"
+    c.model.dtype = "auto"  # bfloat16 on GPU/TPU, float32 on CPU; or name one
 
     c.prompt = ml_collections.ConfigDict()
     c.prompt.preset = preset  # "hierarchical" or "plain"

@@ -38,6 +38,10 @@ class StepConfig:
     scheme: str = "gen2embed"
     pad_id: int = 0
     max_patches_per_image: int | None = None
+    # The system segment's keys and values once per chunk and role instead of once per row (see
+    # g2e_jax.embed). The same loss and gradients; adapter dropout masks over those tokens are then
+    # shared by the chunk's rows.
+    prefix_cache: bool = True
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
@@ -47,10 +51,11 @@ class StepConfig:
 def _embed_chunk(model, side: dict, consts, cfg: StepConfig):
     """One chunk ``[G, c, ...]`` -> embeddings ``[G * c, D]`` (cells vmapped: sharded over devices)."""
     sys_ids, header_ids = consts
+    prefix = model.prefix_kv(sys_ids) if cfg.prefix_cache and sys_ids.shape[0] else None
 
     def cell(arrays):
         return embed_batch(model, sys_ids, header_ids, **arrays, scheme=cfg.scheme, pad_id=cfg.pad_id,
-                           max_patches_per_image=cfg.max_patches_per_image)  # fmt: skip
+                           max_patches_per_image=cfg.max_patches_per_image, prefix=prefix)  # fmt: skip
 
     emb = jax.vmap(cell)(side)
     return emb.reshape(-1, emb.shape[-1])

@@ -61,6 +61,7 @@ def train_section() -> ml_collections.ConfigDict:
     t.fn_query_threshold = config_dict.placeholder(float)
     t.fn_margin = config_dict.placeholder(float)
     t.hard_k = config_dict.placeholder(int)
+    t.prefix_cache = True  # the system segment once per chunk, not once per row (same loss)
     t.log_every = 10
     t.checkpoint_every = 100
     t.keep_checkpoints = 3
@@ -176,7 +177,7 @@ def setup(cfg, workdir: str | Path) -> Run:
         temperature=t.temperature, grad_cache=t.grad_cache, remat=t.remat, mask_same_target=t.mask_same_target,
         mask_same_query=t.mask_same_query, fn_query_threshold=t.fn_query_threshold, fn_margin=t.fn_margin,
         hard_k=t.hard_k, scheme=preprocessor.prompt.scheme, pad_id=preprocessor.pad_id,
-        max_patches_per_image=t.max_patches_per_image,
+        max_patches_per_image=t.max_patches_per_image, prefix_cache=t.prefix_cache,
     )  # fmt: skip
     consts = {side: (jnp.asarray(preprocessor.system_ids(role)), jnp.asarray(preprocessor.header_ids))
               for side, role in (("query", "query"), ("target", "document"))}  # fmt: skip
@@ -442,7 +443,9 @@ def training_config(subsets=()) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.path = config_dict.placeholder(str)
     c.model.dtype = "float32"  # parameters (master weights)
-    c.model.compute_dtype = config_dict.placeholder(str)  # e.g. bfloat16 compute over float32 weights
+    c.model.compute_dtype = config_dict.FieldReference(
+        "auto", field_type=str
+    )  # matmuls: auto = bf16 on GPU/TPU
     c.prompt = ml_collections.ConfigDict()
     c.prompt.preset = "hierarchical"
     c.prompt.scheme = "gen2embed"

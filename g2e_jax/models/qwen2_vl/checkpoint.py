@@ -12,6 +12,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from g2e_jax.io import write_atomic
+from g2e_jax.models.dtypes import DTYPES, resolve_dtype
 from g2e_jax.models.name_map import FLATTEN_CONV, TRANSPOSE, NameMap, Rule
 from g2e_jax.models.qwen2_vl.config import Qwen2VLConfig
 from g2e_jax.models.qwen2_vl.model import Qwen2VL
@@ -62,8 +63,6 @@ NAME_MAP = NameMap(
     aliases=(("model.visual.", "visual."), ("model.language_model.", "model.")),
 )
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
 
 def _path_str(path) -> str:
     return ".".join(str(p) for p in path)
@@ -84,9 +83,8 @@ def abstract_model(cfg: Qwen2VLConfig, dtype: str = "float32", compute_dtype: st
     ``dtype`` is the parameters' (master weights), ``compute_dtype`` the matmuls' (default: the
     same); e.g. float32 parameters with bfloat16 compute for mixed-precision training.
     """
-    for d in (dtype, compute_dtype or dtype):
-        if d not in DTYPES:
-            raise ValueError(f"unsupported dtype {d!r}; expected one of {sorted(DTYPES)}")
+    # compute_dtype auto: bf16 matmuls on accelerators; on CPU those of the parameters.
+    dtype, compute_dtype = resolve_dtype(dtype), resolve_dtype(compute_dtype, on_cpu=None)
     param, compute = DTYPES[dtype], DTYPES[compute_dtype or dtype]
     return nnx.eval_shape(lambda: Qwen2VL(cfg, dtype=compute, param_dtype=param, rngs=nnx.Rngs(0)))
 
@@ -105,7 +103,7 @@ def load(path: str | Path, dtype: str = "float32", *, compute_dtype: str | None 
     model = abstract_model(cfg, dtype, compute_dtype)
     graphdef, state = nnx.split(model)
     variables = {_path_str(p): v for p, v in nnx.to_flat_state(state)}
-    target_dtype = np.dtype(DTYPES[dtype])
+    target_dtype = np.dtype(DTYPES[resolve_dtype(dtype)])
     filled: set[str] = set()
     entries = iter_checkpoint(path)
     for reader, name in tqdm(entries, desc=f"loading {path.name}", unit="tensor", disable=not progress):

@@ -78,13 +78,16 @@ class Qwen2VL(nnx.Module):
         image_grid_thw=None,
         position_ids=None,
         *,
+        prefix=None,
         max_patches_per_image: int | None = None,
         output_hidden_states: bool = False,
     ):
         """Final-layer hidden states after the final norm, ``[B, L, H]``.
 
         With ``output_hidden_states`` also returns every layer's hidden states (embeddings first,
-        the last entry equal to the returned final-norm states), as transformers does.
+        the last entry equal to the returned final-norm states), as transformers does. ``prefix``
+        (``prefix_kv``) stands for a text segment before every row; positions must then continue after
+        it (they cannot be derived here).
         """
         if attention_mask is None:
             attention_mask = jnp.ones(jnp.shape(input_ids), jnp.int32)
@@ -94,6 +97,8 @@ class Qwen2VL(nnx.Module):
         if ids_host is not None and pixel_values is not None:
             self._check_image_tokens(ids_host, _host_value(image_grid_thw), np.shape(pixel_values)[0])
         if position_ids is None:
+            if prefix is not None:
+                raise ValueError("position_ids are required with a prefix: they continue after it")
             if ids_host is None:
                 raise ValueError(
                     "position_ids are required under jit: compute them on the host with "
@@ -111,8 +116,13 @@ class Qwen2VL(nnx.Module):
             features = self.image_features(pixel_values, image_grid_thw, max_patches_per_image)
             embeds = scatter_image_features(input_ids, embeds, features, self.config.image_token_id)
         return self.text(
-            embeds, jnp.asarray(attention_mask), position_ids, output_hidden_states=output_hidden_states
-        )
+            embeds, jnp.asarray(attention_mask), position_ids, prefix=prefix,
+            output_hidden_states=output_hidden_states,
+        )  # fmt: skip
+
+    def prefix_kv(self, ids):
+        """Keys and values of a text segment ``[P]`` that starts every row (the system prompt)."""
+        return self.text.prefix_kv(self.text.embed_tokens(jnp.asarray(ids)))
 
     def _check_image_tokens(self, input_ids, grid, num_patches):
         window = self.config.vision.spatial_merge_size**2

@@ -38,14 +38,22 @@ class TextAttention(nnx.Module):
         self.v_proj = linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True, **kw)
         self.o_proj = linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False, **kw)
 
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, mask, prefix=None):
+        """Output and this call's rotated (k, v); ``prefix`` (k, v) ``[P, Hk, D]`` are keys and values of
+        earlier tokens shared by every row, attended to before the row's own."""
         b, length, _ = x.shape
         q = self.q_proj(x).reshape(b, length, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, length, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, length, self.num_kv_heads, self.head_dim)
         q = apply_rotary(q, cos.astype(q.dtype), sin.astype(q.dtype))
         k = apply_rotary(k, cos.astype(k.dtype), sin.astype(k.dtype))
-        return self.o_proj(attention(q, k, v, mask).reshape(b, length, -1))
+        keys, values = k, v
+        if prefix is not None:
+            keys, values = (
+                jnp.concatenate([jnp.broadcast_to(p.astype(t.dtype), (b,) + p.shape), t], axis=1)
+                for p, t in zip(prefix, (k, v))
+            )
+        return self.o_proj(attention(q, keys, values, mask).reshape(b, length, -1)), (k, v)
 
 
 class TextMLP(nnx.Module):
@@ -68,9 +76,10 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = TextMLP(cfg, **kw)
 
-    def __call__(self, x, cos, sin, mask):
-        x = x + self.attn(self.input_norm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attn_norm(x))
+    def __call__(self, x, cos, sin, mask, prefix=None):
+        out, kv = self.attn(self.input_norm(x), cos, sin, mask, prefix)
+        x = x + out
+        return x + self.mlp(self.post_attn_norm(x)), kv
 
 
 class TextDecoder(nnx.Module):
@@ -90,18 +99,39 @@ class TextDecoder(nnx.Module):
         self.layers = nnx.List([DecoderLayer(cfg, **kw) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
 
-    def __call__(self, embeds, attention_mask, position_ids, *, output_hidden_states: bool = False):
+    def __call__(
+        self, embeds, attention_mask, position_ids, *, prefix=None, output_hidden_states: bool = False
+    ):
+        """``prefix``: per-layer (k, v) of a segment that precedes every row (``prefix_kv``); the rows'
+        positions then continue after it. The result equals running the concatenated sequence."""
         length = embeds.shape[1]
         causal = jnp.tril(jnp.ones((length, length), dtype=bool))
         # [B, 1 (heads), Lq, Lk]: causal and never attending to padded keys.
         mask = (causal[None] & attention_mask.astype(bool)[:, None, :])[:, None]
+        if prefix is not None:
+            seen = jnp.ones(mask.shape[:3] + (prefix[0][0].shape[0],), bool)  # every row sees the prefix
+            mask = jnp.concatenate([seen, mask], axis=-1)
         cos, sin = mrope_angles(position_ids, self.cfg)
         x, hidden = embeds, [embeds]
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask)
+        for i, layer in enumerate(self.layers):
+            x, _ = layer(x, cos, sin, mask, None if prefix is None else prefix[i])
             hidden.append(x)
         x = self.norm(x)
         if output_hidden_states:
             hidden[-1] = x
             return x, tuple(hidden)
         return x
+
+    def prefix_kv(self, embeds):
+        """Per-layer rotated (k, v) ``[P, Hk, D]`` of one segment ``[P, H]`` at positions 0..P-1: computed
+        once, they stand in for that segment at the start of every row (causal attention never lets
+        it see what follows)."""
+        length = embeds.shape[0]
+        positions = jnp.broadcast_to(jnp.arange(length)[None, None], (3, 1, length))
+        cos, sin = mrope_angles(positions, self.cfg)
+        mask = jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
+        x, kvs = embeds[None], []
+        for layer in self.layers:
+            x, (k, v) = layer(x, cos, sin, mask)
+            kvs.append((k[0], v[0]))
+        return tuple(kvs)
