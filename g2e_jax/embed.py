@@ -36,10 +36,13 @@ __all__ = ["Embedder", "InputError", "PreparedRow", "embed_batch"]
 
 
 def _bucket(n: int, base: int) -> int:
-    """Smallest base * 2**k that holds n: rows are sorted by size first, so a batch wastes little,
-    and a whole corpus compiles a handful of programs."""
+    """Smallest bucket that holds n: base * 2**k, with 1.5x steps in between from 16 * base on (long
+    rows, e.g. an image's 282 tokens, would otherwise pad up to 2x). Rows are sorted by size first,
+    so a batch wastes little, and a whole corpus compiles a handful of programs."""
     size = base
     while size < n:
+        if size >= 16 * base and size * 3 // 2 >= n:
+            return size * 3 // 2
         size *= 2
     return size
 
@@ -53,7 +56,7 @@ class Embedder:
         preprocessor: Preprocessor,
         *,
         batch_size: int = 8,
-        seq_bucket_base: int = 32,
+        seq_bucket_base: int = 16,
         patch_bucket_base: int = 64,
         model_path: str | Path | None = None,
         weights_id: str | None = None,
@@ -267,7 +270,10 @@ class Embedder:
         users = min(_bucket(longest, self.seq_bucket_base), max(max_user, longest))
         sizes = [len(r.patches) for r in rows if r.patches is not None]
         patches = _bucket(sum(sizes), self.patch_bucket_base) if sizes else None
-        arrays = collate(rows, batch_size=self.batch_size, users=users, patches=patches,
+        # Image slots: the batch's images rounded up to a power of two, not one per row (the vision
+        # tower's attention runs per slot).
+        images = _bucket(len(sizes), 1) if sizes else None
+        arrays = collate(rows, batch_size=self.batch_size, users=users, patches=patches, images=images,
                          pad_id=self.preprocessor.pad_id, patch_dim=self.config.vision.patch_dim)  # fmt: skip
         max_per_image = _bucket(max(sizes), self.patch_bucket_base) if sizes else None
         return {"arrays": arrays, "max_patches_per_image": max_per_image}

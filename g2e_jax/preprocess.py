@@ -238,10 +238,11 @@ class Preprocessor:
         return user_ids_for(cut(lo))
 
 
-def collate(rows, *, batch_size: int, users: int, patches: int | None, pad_id: int, patch_dim: int) -> dict:
+def collate(rows, *, batch_size: int, users: int, patches: int | None, pad_id: int, patch_dim: int,
+            images: int | None = None) -> dict:  # fmt: skip
     """Fixed-shape arrays for ``embed_batch``: ``batch_size`` rows (the rest padding), user segments
-    padded to ``users`` tokens, images packed into ``patches`` patch rows (``None``: no images in
-    these rows, so no vision arrays at all)."""
+    padded to ``users`` tokens, images packed into ``patches`` patch rows and ``images`` image slots
+    (default ``batch_size``; ``patches=None``: no images in these rows, so no vision arrays at all)."""
     if len(rows) > batch_size:
         raise ValueError(f"{len(rows)} rows do not fit a batch of {batch_size}")
     user_ids = np.full((batch_size, users), pad_id, np.int32)
@@ -265,7 +266,10 @@ def collate(rows, *, batch_size: int, users: int, patches: int | None, pad_id: i
             raise ValueError("rows with images need a patch budget")
         return arrays
     pixels = np.zeros((patches, patch_dim), np.float32)
-    grid = np.zeros((batch_size, 3), np.int32)  # padding images have grid [0, 0, 0]
+    images = batch_size if images is None else images
+    if len(with_image) > images:
+        raise ValueError(f"{len(with_image)} images do not fit {images} image slots")
+    grid = np.zeros((images, 3), np.int32)  # padding images have grid [0, 0, 0]
     offset = 0
     for k, r in enumerate(with_image):
         if offset + len(r.patches) > patches:
