@@ -32,7 +32,6 @@ import gc
 import json
 import math
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -40,42 +39,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import BUSY_CORES, CpuMeter, csv_list, qwen2_vl_2b_width
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPERATURE = 0.02
 # PEFT's spelling of g2e_jax.train.lora.DEFAULT_TARGETS (transformers 5 module names).
 HF_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.down_proj)"
-BUSY_CORES = 0.25  # background load above which the timings are flagged
 TOTAL_STEPS = 1000  # only shapes the linear-decay schedule; the same in both frameworks
 
 
 # --------------------------------------------------------------------------------------------------
 # Models and data
-
-
-def qwen2_vl_2b_width(layers: int, vision_blocks: int):
-    """Qwen2-VL-2B's widths (tests/test_qwen2_vl_2b_width.py) at a reduced depth."""
-    from g2e_jax.models.qwen2_vl import Qwen2VLConfig, TextConfig, VisionConfig
-    from g2e_jax.models.qwen2_vl.tiny import with_token_ids
-
-    return with_token_ids(
-        Qwen2VLConfig(
-            text=TextConfig(
-                vocab_size=151936,
-                hidden_size=1536,
-                intermediate_size=8960,
-                num_hidden_layers=layers,
-                num_attention_heads=12,
-                num_key_value_heads=2,
-                mrope_section=(16, 24, 24),
-                rope_theta=1e6,
-            ),
-            vision=VisionConfig(
-                depth=vision_blocks, embed_dim=1280, num_heads=16, mlp_ratio=4, out_hidden_size=1536
-            ),
-            tie_word_embeddings=True,
-        )
-    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -423,41 +397,6 @@ class TorchSide:
 # Driver
 
 
-class CpuMeter:
-    """Cores kept busy by other processes (and the hypervisor's steal) while it runs: the shared
-    machine's background load, which the timings are only comparable without."""
-
-    def __enter__(self):
-        self.start = (time.perf_counter(), _machine_busy(), _own_cpu())
-        return self
-
-    def __exit__(self, *exc):
-        wall, busy, own = (
-            b - a for a, b in zip(self.start, (time.perf_counter(), _machine_busy(), _own_cpu()))
-        )
-        self.background_cores = None if busy is None else max(0.0, (busy - own) / wall)
-
-
-def _machine_busy() -> float | None:
-    """Busy CPU seconds of the whole machine since boot (Linux /proc/stat), or None elsewhere."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _csv(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
 def bench_case(name, path, workload, adapter, pairs, pairs_2n, repeats, args, log):
     """One (model, workload, adapter): the reference and g2e_jax (GradCache off and on), step by step
     in turn, so that a varying background load hits every variant alike."""
@@ -679,10 +618,10 @@ def main():
     parser.add_argument("--workdir", help="where to write the models and data (default: a temporary folder)")
     parser.add_argument("--output", default="bench_train.json")
     args = parser.parse_args()
-    args.models = ["tiny"] if args.quick else _csv(args.models)
-    args.workloads = _csv(args.workloads)
-    args.adapter = _csv(args.adapter)
-    args.grad_cache = [{"off": False, "on": True}[v] for v in _csv(args.grad_cache)]
+    args.models = ["tiny"] if args.quick else csv_list(args.models)
+    args.workloads = csv_list(args.workloads)
+    args.adapter = csv_list(args.adapter)
+    args.grad_cache = [{"off": False, "on": True}[v] for v in csv_list(args.grad_cache)]
     if args.pairs % args.chunk:
         parser.error(f"--pairs {args.pairs} is not a multiple of --chunk {args.chunk}")
 
@@ -705,7 +644,7 @@ def main():
     )
     tmp = tempfile.TemporaryDirectory(prefix="bench_train_") if args.workdir is None else None
     work = Path(args.workdir or tmp.name)
-    subsets = {"text": _csv(args.text_subsets), "image": _csv(args.image_subsets)}
+    subsets = {"text": csv_list(args.text_subsets), "image": csv_list(args.image_subsets)}
     rows = max(math.ceil(2 * args.pairs / len(subsets[w])) for w in args.workloads)
     syn = {"train_rows": rows, "eval_queries": 1, "image_size": args.image_size, "seed": args.seed}
     data = make_synthetic(work / "synthetic", **syn)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -58,7 +60,10 @@ def apply_rotary(x, cos, sin):
 
 
 def attention_implementation(dtype) -> str | None:
-    """cuDNN's fused (flash) kernel on GPU in half precision; XLA's otherwise (CPU, TPU, float32)."""
+    """cuDNN's fused (flash) kernel on GPU in half precision; XLA's otherwise (CPU, TPU, float32).
+    ``G2E_JAX_ATTENTION=xla`` forces XLA's (to rule the fused kernel out when debugging)."""
+    if os.environ.get("G2E_JAX_ATTENTION", "auto") == "xla":
+        return None
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     return "cudnn" if half and jax.default_backend() == "gpu" else None
 
