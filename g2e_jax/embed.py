@@ -243,6 +243,7 @@ class Embedder:
             unit="row",
             disable=not (len(rows) > self.batch_size if progress is None else progress),
         )
+        pending = None  # the batch on the device while the host collates the next one
         for start in range(0, len(order), self.batch_size):
             index = order[start : start + self.batch_size]
             batch = self._collate([rows[i] for i in index], max_user)
@@ -250,8 +251,11 @@ class Embedder:
                 self.state, sys_ids, header_ids, prefix, **batch["arrays"], scheme=self.prompt.scheme, pad_id=self.preprocessor.pad_id,
                 max_patches_per_image=batch["max_patches_per_image"],
             )  # fmt: skip
-            out[index] = np.asarray(emb)[: len(index)]
-            bar.update(len(index))
+            if pending is not None:
+                bar.update(_fetch(out, *pending))
+            pending = (index, emb)
+        if pending is not None:
+            bar.update(_fetch(out, *pending))
         bar.close()
         return out
 
@@ -273,10 +277,18 @@ class Embedder:
         # Image slots: the batch's images rounded up to a power of two, not one per row (the vision
         # tower's attention runs per slot).
         images = _bucket(len(sizes), 1) if sizes else None
+        # Pixels in the weights' dtype (the patch embedding's first cast): half the transfer in bf16.
         arrays = collate(rows, batch_size=self.batch_size, users=users, patches=patches, images=images,
-                         pad_id=self.preprocessor.pad_id, patch_dim=self.config.vision.patch_dim)  # fmt: skip
+                         pad_id=self.preprocessor.pad_id, patch_dim=self.config.vision.patch_dim,
+                         pixel_dtype=self.dtype)  # fmt: skip
         max_per_image = _bucket(max(sizes), self.patch_bucket_base) if sizes else None
         return {"arrays": arrays, "max_patches_per_image": max_per_image}
+
+
+def _fetch(out: np.ndarray, index: list[int], emb) -> int:
+    """Writes a finished batch's rows into ``out`` (blocks until the device is done with it)."""
+    out[index] = np.asarray(emb)[: len(index)]
+    return len(index)
 
 
 def _encode_batch(graphdef, traces, state, sys_ids, header_ids, prefix, **arrays):

@@ -13,6 +13,7 @@ import warnings
 from collections import OrderedDict
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -239,7 +240,7 @@ class Preprocessor:
 
 
 def collate(rows, *, batch_size: int, users: int, patches: int | None, pad_id: int, patch_dim: int,
-            images: int | None = None) -> dict:  # fmt: skip
+            images: int | None = None, pixel_dtype="float32") -> dict:  # fmt: skip
     """Fixed-shape arrays for ``embed_batch``: ``batch_size`` rows (the rest padding), user segments
     padded to ``users`` tokens, images packed into ``patches`` patch rows and ``images`` image slots
     (default ``batch_size``; ``patches=None``: no images in these rows, so no vision arrays at all)."""
@@ -265,7 +266,7 @@ def collate(rows, *, batch_size: int, users: int, patches: int | None, pad_id: i
         if with_image:
             raise ValueError("rows with images need a patch budget")
         return arrays
-    pixels = np.zeros((patches, patch_dim), np.float32)
+    pixels = np.zeros((patches, patch_dim), jnp.dtype(pixel_dtype))
     images = batch_size if images is None else images
     if len(with_image) > images:
         raise ValueError(f"{len(with_image)} images do not fit {images} image slots")

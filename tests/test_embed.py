@@ -191,3 +191,18 @@ def test_prefix_cache_gives_the_same_embeddings(embedder, scheme):
             report(f"prefix cache vs none ({prompt}, {role}, {scheme})", max_abs_diff=diff)
             assert diff <= 1e-5
     assert len(cached._prefixes) >= 2  # one per distinct system segment, reused across calls
+
+
+def test_bfloat16_embedder_sends_bf16_pixels_and_stays_close(tiny_dir, embedder):
+    import jax.numpy as jnp
+
+    assert embedder.dtype == "float32"  # "auto" on CPU
+    emb16 = Embedder.from_pretrained(tiny_dir, dtype="bfloat16", batch_size=4, max_len=256, progress=False)
+    rows = emb16.preprocessor.prepare(QUERIES, IMAGES, role="query")
+    with_image = [r for r in rows if r.patches is not None]
+    arrays = emb16._collate(with_image, 200)["arrays"]
+    assert arrays["pixel_values"].dtype == jnp.bfloat16  # half the host->device bytes
+    assert arrays["image_grid_thw"].shape[0] == len(with_image) <= 2  # slots: images rounded up to 2**k
+    cosine = (emb16.encode(QUERIES, IMAGES) * embedder.encode(QUERIES, IMAGES)).sum(-1)
+    report("bfloat16 Embedder vs float32 (tiny, CPU)", min_cosine=float(cosine.min()))
+    assert cosine.min() > 0.99

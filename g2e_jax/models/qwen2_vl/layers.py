@@ -68,19 +68,23 @@ def attention_implementation(dtype) -> str | None:
     return "cudnn" if half and jax.default_backend() == "gpu" else None
 
 
-def attention(q, k, v, mask):
+def attention(q, k, v, mask=None, *, kv_lengths=None):
     """Scaled dot-product attention with a float32 softmax (``jax.nn.dot_product_attention``).
 
     q ``[B, Lq, Hq, D]``, k/v ``[B, Lk, Hk, D]`` with ``Hq % Hk == 0`` (grouped-query attention
-    without materialising repeated keys), boolean mask broadcastable to ``[B, 1, Lq, Lk]``. Fully
-    masked query rows give a finite (uniform) result instead of NaN. Where cuDNN cannot take the
-    shapes (head size, mask layout), XLA's implementation runs instead, with the same result.
+    without materialising repeated keys); a boolean ``mask`` broadcastable to ``[B, 1, Lq, Lk]``
+    and/or ``kv_lengths`` ``[B]`` (each row sees its first n keys: cuDNN takes that natively, a
+    general mask only as a materialised bias). Fully masked query rows give a finite (uniform)
+    result instead of NaN. Where cuDNN cannot take the shapes (head size, mask layout), XLA's
+    implementation runs instead, with the same result.
     """
-    mask = jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))
+    kw = dict(mask=mask, key_value_seq_lengths=kv_lengths)
     implementation = attention_implementation(q.dtype)
     if implementation is not None:
         try:
-            return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+            return jax.nn.dot_product_attention(q, k, v, **kw, implementation=implementation)
         except (ValueError, NotImplementedError, TypeError, RuntimeError):
             pass
-    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+    return jax.nn.dot_product_attention(q, k, v, **kw)

@@ -86,8 +86,9 @@ class VisionAttention(nnx.Module):
         q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(v.dtype)
         k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(v.dtype)
         q, k, v = layout.to_images(q), layout.to_images(k), layout.to_images(v)  # [I, S, H, D]
-        mask = layout.slot_valid[:, None, None, :]  # [I, 1, 1, S]: keys of the same image
-        out = layout.to_patches(attention(q, k, v, mask))
+        # Keys of the same image: its first `size` slots (at least one, so that empty padding
+        # images stay finite; their output is dropped).
+        out = layout.to_patches(attention(q, k, v, kv_lengths=jnp.maximum(layout.sizes, 1)))
         return self.proj(out.reshape(n, -1))
 
 
