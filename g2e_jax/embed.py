@@ -277,8 +277,10 @@ class Embedder:
         # Image slots: the batch's images rounded up to a power of two, not one per row (the vision
         # tower's attention runs per slot).
         images = _bucket(len(sizes), 1) if sizes else None
+        # A short last batch (or a single query) runs at the next power of two rows, not a full one.
+        batch = min(self.batch_size, _bucket(len(rows), 1))
         # Pixels in the weights' dtype (the patch embedding's first cast): half the transfer in bf16.
-        arrays = collate(rows, batch_size=self.batch_size, users=users, patches=patches, images=images,
+        arrays = collate(rows, batch_size=batch, users=users, patches=patches, images=images,
                          pad_id=self.preprocessor.pad_id, patch_dim=self.config.vision.patch_dim,
                          pixel_dtype=self.dtype)  # fmt: skip
         max_per_image = _bucket(max(sizes), self.patch_bucket_base) if sizes else None

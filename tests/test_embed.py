@@ -206,3 +206,11 @@ def test_bfloat16_embedder_sends_bf16_pixels_and_stays_close(tiny_dir, embedder)
     cosine = (emb16.encode(QUERIES, IMAGES) * embedder.encode(QUERIES, IMAGES)).sum(-1)
     report("bfloat16 Embedder vs float32 (tiny, CPU)", min_cosine=float(cosine.min()))
     assert cosine.min() > 0.99
+
+
+def test_a_single_row_runs_one_row_not_a_full_batch(tiny_dir):
+    emb = Embedder.from_pretrained(tiny_dir, batch_size=8, max_len=256, progress=False)
+    one = emb.encode(["a single query"], role="query")
+    three = emb.encode(["a single query", "b", "c"], role="query")
+    assert [t[1][0] for t in emb.traces] == [1, 4]  # rows of each compiled program: 1, then 3 -> 4
+    np.testing.assert_allclose(one[0], three[0], atol=2e-6)
