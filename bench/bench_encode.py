@@ -33,7 +33,7 @@ the whole CausalLM, which also computes vocabulary logits for every token, and c
 inside the model; both would make the reference slower.
 
 Row counts should be multiples of ``--batch-size``: g2e_jax runs every batch at full size (fixed
-shapes; its user segments are padded to shape buckets, see ``g2e_jax.embed._bucket``), the reference pads each batch to
+shapes; its user segments are padded to shape buckets, see ``g2e_jax.preprocess.bucket``), the reference pads each batch to
 its own longest row and runs the last one short.
 
 Timing: one warm-up call per side (compilation, prefix K/V) is excluded, then ``--repeats`` timed

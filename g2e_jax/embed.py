@@ -29,22 +29,10 @@ from tqdm.auto import tqdm
 from g2e_jax.data.images import ImageConfig
 from g2e_jax.io import save_npy_atomic, weights_fingerprint
 from g2e_jax.models.qwen2_vl import load
-from g2e_jax.preprocess import InputError, PreparedRow, Preprocessor, collate
+from g2e_jax.preprocess import InputError, PreparedRow, Preprocessor, bucket, collate
 from g2e_jax.prompts import PromptConfig, check_role, plural
 
 __all__ = ["Embedder", "InputError", "PreparedRow", "embed_batch"]
-
-
-def _bucket(n: int, base: int) -> int:
-    """Smallest bucket that holds n: base * 2**k, with 1.5x steps in between from 16 * base on (long
-    rows, e.g. an image's 282 tokens, would otherwise pad up to 2x). Rows are sorted by size first,
-    so a batch wastes little, and a whole corpus compiles a handful of programs."""
-    size = base
-    while size < n:
-        if size >= 16 * base and size * 3 // 2 >= n:
-            return size * 3 // 2
-        size *= 2
-    return size
 
 
 class Embedder:
@@ -271,19 +259,19 @@ class Embedder:
     def _collate(self, rows: Sequence[PreparedRow], max_user: int) -> dict:
         """Buckets for this batch's shapes, then the fixed-shape arrays."""
         longest = max(len(r.user_ids) for r in rows)
-        users = min(_bucket(longest, self.seq_bucket_base), max(max_user, longest))
+        users = min(bucket(longest, self.seq_bucket_base), max(max_user, longest))
         sizes = [len(r.patches) for r in rows if r.patches is not None]
-        patches = _bucket(sum(sizes), self.patch_bucket_base) if sizes else None
+        patches = bucket(sum(sizes), self.patch_bucket_base) if sizes else None
         # Image slots: the batch's images rounded up to a power of two, not one per row (the vision
         # tower's attention runs per slot).
-        images = _bucket(len(sizes), 1) if sizes else None
+        images = bucket(len(sizes), 1) if sizes else None
         # A short last batch (or a single query) runs at the next power of two rows, not a full one.
-        batch = min(self.batch_size, _bucket(len(rows), 1))
+        batch = min(self.batch_size, bucket(len(rows), 1))
         # Pixels in the weights' dtype (the patch embedding's first cast): half the transfer in bf16.
         arrays = collate(rows, batch_size=batch, users=users, patches=patches, images=images,
                          pad_id=self.preprocessor.pad_id, patch_dim=self.config.vision.patch_dim,
                          pixel_dtype=self.dtype)  # fmt: skip
-        max_per_image = _bucket(max(sizes), self.patch_bucket_base) if sizes else None
+        max_per_image = bucket(max(sizes), self.patch_bucket_base) if sizes else None
         return {"arrays": arrays, "max_patches_per_image": max_per_image}
 
 

@@ -239,6 +239,18 @@ class Preprocessor:
         return user_ids_for(cut(lo))
 
 
+def bucket(n: int, base: int) -> int:
+    """Smallest bucket that holds n: base * 2**k, with 1.5x steps in between from 16 * base on (long
+    rows, e.g. an image's 282 tokens, would otherwise pad up to 2x). Rows are sorted by size first,
+    so a batch wastes little, and a whole corpus compiles a handful of programs."""
+    size = base
+    while size < n:
+        if size >= 16 * base and size * 3 // 2 >= n:
+            return size * 3 // 2
+        size *= 2
+    return size
+
+
 def collate(rows, *, batch_size: int, users: int, patches: int | None, pad_id: int, patch_dim: int,
             images: int | None = None, pixel_dtype="float32") -> dict:  # fmt: skip
     """Fixed-shape arrays for ``embed_batch``: ``batch_size`` rows (the rest padding), user segments

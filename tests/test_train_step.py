@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,3 +99,31 @@ def test_prefix_cache_gives_the_same_loss_and_gradients(setup, jax_model):
            loss_diff=abs(float(loss_a - loss_b)))  # fmt: skip
     assert abs(float(loss_a - loss_b)) < 1e-5
     assert num / den < 1e-5
+
+
+def test_fitted_sides_give_the_same_loss_as_the_full_capacity(setup, jax_model):
+    """Shape buckets per side: a text-only side gets no vision arrays, short rows a short segment,
+    and the loss is the one of the capacity-padded batch."""
+    from g2e_jax.train.batch import fit_sides, side_needs
+
+    pre, pairs, consts = setup
+    graphdef, params, rest = nnx.split(jax_model, nnx.Param, ...)
+    shape = BatchShape(chunks=1, cells=2, rows_per_cell=4, users=96, patches_per_cell=36 * 4,
+                       patch_dim=pre.config.vision.patch_dim)  # fmt: skip
+    text_queries = [p for p in pairs if p[0].patches is None][: shape.pairs]  # SynT2I: text -> image
+    need = side_needs(text_queries, shape)
+    sides = fit_sides(shape, need)
+    assert need[0, 1] == 0 and sides["query"][1] is None  # no image on the query side: no vision tower
+    assert sides["target"][1] is not None and sides["target"][1] <= shape.patches_per_cell
+    assert sides["query"][0] < shape.users
+    loss = jax.jit(lambda p, b: loss_and_grads(graphdef, p, rest, b, consts, _cfg(pre))[0][0])
+    full = jax.tree.map(jnp.asarray, build_batch(text_queries, shape, pre.pad_id))
+    fitted = jax.tree.map(jnp.asarray, build_batch(text_queries, shape, pre.pad_id, sides=sides))
+    assert (
+        fitted["query"]["pixel_values"] is None and fitted["query"]["user_ids"].shape[-1] == sides["query"][0]
+    )
+    a, b = float(loss(params, full)), float(loss(params, fitted))
+    report("fitted batch shapes vs full capacity (tiny, text queries)", loss_diff=abs(a - b))
+    assert abs(a - b) < 1e-5
+    with pytest.raises(ValueError, match="user tokens"):
+        fit_sides(dataclasses.replace(shape, users=4), need)

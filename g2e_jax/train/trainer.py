@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_dict
@@ -32,7 +33,7 @@ from g2e_jax.data.clusters import ClusterBatchSampler
 from g2e_jax.io import write_atomic
 from g2e_jax.models.qwen2_vl import load
 from g2e_jax.preprocess import Preprocessor
-from g2e_jax.train.batch import BatchShape, build_batch
+from g2e_jax.train.batch import BatchShape, build_batch, fit_sides, side_needs
 from g2e_jax.train.data import TrainData
 from g2e_jax.train.lora import AdapterConfig, apply_adapters, trainable_filter
 from g2e_jax.train.mesh import BATCH_AXES, make_mesh, shard_model
@@ -53,8 +54,10 @@ def train_section() -> ml_collections.ConfigDict:
     t.grad_cache = True
     t.rows_per_cell = 4  # GradCache chunk size per device (reference: 4)
     t.remat = "none"
-    t.users = 960  # user-segment tokens per row (max_len minus the template)
-    t.patches_per_cell = 4096  # packed image patches per cell and side
+    t.users = 960  # user-segment tokens per row at most (max_len minus the template)
+    t.patches_per_cell = 4096  # packed image patches per cell and side at most
+    # Each step's sides padded to buckets of what they hold (a few programs), not to the maxima above.
+    t.shape_buckets = True
     t.max_patches_per_image = 1024  # 448 x 448 images
     t.mask_same_target = True
     t.mask_same_query = True
@@ -206,7 +209,13 @@ def global_batch(run: Run, step: int):
     c, k = run.shape.rows_per_cell, run.shape.chunks
     wanted = {(kk * g + cell) * c + r for kk in range(k) for cell in cells for r in range(c)}
     pairs = run.data.pairs(subset, ids, wanted)
-    local = build_batch(pairs, run.shape, run.preprocessor.pad_id, cells=cells)
+    sides = None
+    if run.cfg.train.shape_buckets:
+        need = side_needs(pairs, run.shape, cells)
+        if procs > 1:  # every process must build the same shapes
+            need = np.asarray(multihost_utils.process_allgather(need)).max(axis=0)
+        sides = fit_sides(run.shape, need)
+    local = build_batch(pairs, run.shape, run.preprocessor.pad_id, cells=cells, sides=sides)
 
     def to_global(x):
         if x is None:
