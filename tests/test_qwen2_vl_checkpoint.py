@@ -170,7 +170,7 @@ def test_unsupported_model_type(tiny_dir, tmp_path):
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     config["model_type"] = "llava"
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"unsupported model_type 'llava'.*supported: qwen2_vl"):
+    with pytest.raises(ValueError, match=r"model_type 'llava' is not 'qwen2_vl'"):
         load(tmp_path / "m")
 
 
