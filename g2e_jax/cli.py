@@ -7,10 +7,10 @@ import sys
 
 
 def _make_tiny(args, overrides) -> int:
-    from g2e_jax.models.qwen2_vl.tiny import make_tiny
+    from g2e_jax.models import make_tiny
 
-    path = make_tiny(args.output, seed=args.seed)
-    print(f"wrote a tiny random Qwen2-VL to {path}")
+    path = make_tiny(args.output, arch=args.arch, seed=args.seed)
+    print(f"wrote a tiny random {args.arch} model to {path}")
     return 0
 
 
@@ -116,8 +116,12 @@ def _config_command(sub, name: str, run, help: str, *, config: str, required: bo
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="g2e-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    tiny = sub.add_parser("make-tiny", help="write a tiny random Qwen2-VL in Hugging Face layout")
+    tiny = sub.add_parser(
+        "make-tiny", help="write a tiny random model (Qwen2-VL by default) in Hugging Face layout"
+    )
     tiny.add_argument("--output", required=True, help="directory to write (created if missing)")
+    tiny.add_argument("--arch", default="qwen2_vl",
+                      help="backbone: a supported Hugging Face model_type, e.g. qwen2_5_vl (default %(default)s)")  # fmt: skip
     tiny.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     tiny.set_defaults(run=_make_tiny)
 

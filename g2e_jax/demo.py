@@ -49,6 +49,7 @@ def tiny_training_config() -> ml_collections.ConfigDict:
 
 def demo_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
+    c.arch = "qwen2_vl"  # the tiny model's backbone (a model_type): qwen2_vl or qwen2_5_vl
     c.seed = 0
     c.synthetic = ml_collections.ConfigDict(
         dict(train_rows=64, eval_queries=24, num_candidates=8, image_size=84)
@@ -91,10 +92,10 @@ class DemoRun:
 
 
 def make_tiny_model(run: DemoRun) -> str:
-    from g2e_jax.models.qwen2_vl.tiny import make_tiny
+    from g2e_jax.models import make_tiny
 
-    make_tiny(run.model_dir, seed=run.cfg.seed)
-    return f"tiny random Qwen2-VL in {run.model_dir}"
+    make_tiny(run.model_dir, arch=run.cfg.arch, seed=run.cfg.seed)
+    return f"tiny random {run.cfg.arch} in {run.model_dir}"
 
 
 def make_synthetic_data(run: DemoRun) -> str:
@@ -223,7 +224,8 @@ def write_demo_report(run: DemoRun) -> str:
     from g2e_jax.eval.mmeb import markdown_table
 
     lines = ["# g2e_jax demo report", "",
-             "A tiny random Qwen2-VL on the synthetic sets: zero-shot numbers of random weights are near chance;",
+             f"A tiny random {run.cfg.arch} model on the synthetic sets: zero-shot numbers of random weights are "
+             "near chance;",
              "fine-tuning on the SaHa clusters shows the whole training path working.", ""]  # fmt: skip
     if "mmeb" in run.results:
         lines += ["## MMEB (synthetic subsets), Precision@1 %: zero-shot prompts and fine-tuned", "",

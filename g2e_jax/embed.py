@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from g2e_jax.data.images import ImageConfig
 from g2e_jax.io import save_npy_atomic, weights_fingerprint
-from g2e_jax.models.qwen2_vl import load
+from g2e_jax.models import load
 from g2e_jax.preprocess import InputError, PreparedRow, Preprocessor, bucket, collate
 from g2e_jax.prompts import PromptConfig, check_role, plural
 

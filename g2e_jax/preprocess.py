@@ -18,6 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from g2e_jax.data.images import ImageConfig, ImageError, num_image_tokens, preprocess
+from g2e_jax.models import read_config
 from g2e_jax.models.qwen2_vl import Qwen2VLConfig, rope_index
 from g2e_jax.prompts import ASSISTANT_HEADER, IMAGE_MARKER, IMAGE_PAD, PromptConfig, get_prompt, plural
 from g2e_jax.tokenization import Tokenizer
@@ -87,7 +88,7 @@ class Preprocessor:
         image_config = dataclasses.replace(
             ImageConfig.from_preprocessor_config(path), resolution=image_resolution
         )
-        return cls(Qwen2VLConfig.from_json(path), Tokenizer(path), image_config, prompt=prompt, scheme=scheme,
+        return cls(read_config(path), Tokenizer(path), image_config, prompt=prompt, scheme=scheme,
                    max_len=max_len)  # fmt: skip
 
     def with_prompt(self, prompt: str | PromptConfig | None = None, **changes) -> "Preprocessor":

@@ -6,10 +6,19 @@ import numpy as np
 import torch
 
 
-def load_hf_model(path):
-    from transformers import Qwen2VLForConditionalGeneration
+def hf_model_class(path):
+    """The transformers class of a model directory, by its config.json's model_type."""
+    import json
+    from pathlib import Path
 
-    model = Qwen2VLForConditionalGeneration.from_pretrained(
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+    classes = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
+    return classes[json.loads((Path(path) / "config.json").read_text())["model_type"]]
+
+
+def load_hf_model(path):
+    model = hf_model_class(path).from_pretrained(
         path, dtype=torch.float32, attn_implementation="sdpa", local_files_only=True
     )
     return model.eval()

@@ -72,3 +72,12 @@ def test_prepare_command(tiny_dir, tmp_path):
     assert len(dataset) == 8 and dataset.subsets == ["SynShape", "SynT2I"]
     missing = _cli("prepare", f"--config.model.path={tiny_dir}", f"--config.output_dir={tmp_path / 'x'}")
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
+
+
+def test_make_tiny_unknown_arch_lists_the_supported_ones(tmp_path, capsys):
+    from g2e_jax.cli import main
+
+    assert main(["make-tiny", "--arch", "llava", "--output", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "unsupported model_type 'llava'; supported: qwen2_vl, qwen2_5_vl" in err
+    assert not (tmp_path / "m").exists()

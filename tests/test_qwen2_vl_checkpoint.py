@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from conftest import report
+from g2e_jax import models
 from g2e_jax.models.qwen2_vl import NAME_MAP, Qwen2VLConfig, load, save
 from g2e_jax.models.qwen2_vl.tiny import make_tiny, random_model, tiny_config
 from g2e_jax.models.safetensors_io import SafetensorsReader, write_safetensors
@@ -170,7 +171,9 @@ def test_unsupported_model_type(tiny_dir, tmp_path):
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     config["model_type"] = "llava"
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"unsupported model_type 'llava'.*supported: qwen2_vl"):
+    with pytest.raises(ValueError, match=r"unsupported model_type 'llava'; supported: qwen2_vl, qwen2_5_vl"):
+        models.load(tmp_path / "m")
+    with pytest.raises(ValueError, match=r"model_type 'llava' is not 'qwen2_vl'"):
         load(tmp_path / "m")
 
 

@@ -12,7 +12,7 @@ import ml_collections
 from flax import nnx
 
 from g2e_jax.io import weights_fingerprint
-from g2e_jax.models.qwen2_vl import load, save
+from g2e_jax.models import load, save
 from g2e_jax.train.lora import AdapterConfig, apply_adapters, merge_adapters, trainable_filter
 
 # The non-weight files of a HF model directory that an export carries over.

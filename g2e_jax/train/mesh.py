@@ -52,6 +52,9 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"visual\.blocks\.\d+\.mlp\.fc1\.kernel", ("vision_embed", "vision_mlp")),
     (r"visual\.blocks\.\d+\.mlp\.fc1\.bias", ("vision_mlp",)),
     (r"visual\.blocks\.\d+\.mlp\.fc2\.kernel", ("vision_mlp", "vision_embed")),
+    (r"visual\.blocks\.\d+\.mlp\.(gate|up)_proj\.kernel", ("vision_embed", "vision_mlp")),  # Qwen2.5-VL
+    (r"visual\.blocks\.\d+\.mlp\.(gate|up)_proj\.bias", ("vision_mlp",)),
+    (r"visual\.blocks\.\d+\.mlp\.down_proj\.kernel", ("vision_mlp", "vision_embed")),
     (r"visual\.merger\.fc1\.kernel", ("merge", None)),
     (r"visual\.merger\.fc2\.kernel", ("merge", "embed")),
     (r".*\.(scale|bias)", ("norm",)),

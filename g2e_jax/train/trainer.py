@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from g2e_jax.config_utils import config_to_json
 from g2e_jax.data.clusters import ClusterBatchSampler
 from g2e_jax.io import write_atomic
-from g2e_jax.models.qwen2_vl import load
+from g2e_jax.models import load
 from g2e_jax.preprocess import Preprocessor
 from g2e_jax.train.batch import BatchShape, build_batch, fit_sides, side_needs
 from g2e_jax.train.data import TrainData

@@ -3,6 +3,9 @@
 Both layouts in the wild are accepted: the hub's flat one (text fields at the top level,
 `rope_scaling.mrope_section`) and transformers 5's nested one (`text_config`,
 `rope_parameters`). `to_hf_dict` writes the nested layout, which transformers 5 loads.
+
+Qwen2.5-VL (``g2e_jax.models.qwen2_5_vl.config``) shares all of it but the vision config: its config
+class is this one with another ``vision_class``, ``model_type`` and ``architecture``.
 """
 
 from __future__ import annotations
@@ -10,13 +13,47 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-SUPPORTED_MODEL_TYPES = ("qwen2_vl",)
+from g2e_jax.models.qwen2_vl.hf_files import special_token_ids
+
+
+def pick(src: dict, key: str, default):
+    """``src[key]``, or ``default`` when it is missing or null."""
+    value = src.get(key)
+    return default if value is None else value
+
+
+def read_hf_config(path: str | Path) -> tuple[dict[str, Any], str]:
+    """The parsed ``config.json`` of a model directory (or the file itself), and its path for messages."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no config.json (expected a local Hugging Face model directory)")
+    try:
+        return json.loads(path.read_text()), str(path)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+class VisionSizes:
+    """Sizes every vision config derives alike from its fields (embed_dim, num_heads, patch sizes)."""
+
+    hf_out_field: ClassVar[str] = "out_hidden_size"  # the HF vision_config name of out_hidden_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one flattened processor patch: C * T * P * P."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
 
 
 @dataclasses.dataclass(frozen=True)
-class VisionConfig:
+class VisionConfig(VisionSizes):
     depth: int = 32
     embed_dim: int = 1280
     num_heads: int = 16
@@ -29,18 +66,44 @@ class VisionConfig:
     rope_theta: float = 10000.0
     out_hidden_size: int = 1536  # text hidden size the merger projects to (HF: vision_config.hidden_size)
 
-    @property
-    def head_dim(self) -> int:
-        return self.embed_dim // self.num_heads
+    hf_out_field: ClassVar[str] = "hidden_size"
 
     @property
     def mlp_dim(self) -> int:
         return int(self.embed_dim * self.mlp_ratio)
 
-    @property
-    def patch_dim(self) -> int:
-        """Length of one flattened processor patch: C * T * P * P."""
-        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+    @classmethod
+    def from_hf_dict(cls, vd: dict[str, Any], text_hidden_size: int) -> "VisionConfig":
+        d, rope = cls(), dict(vd.get("rope_parameters") or {})
+        return cls(
+            depth=int(pick(vd, "depth", d.depth)),
+            embed_dim=int(pick(vd, "embed_dim", d.embed_dim)),
+            num_heads=int(pick(vd, "num_heads", d.num_heads)),
+            mlp_ratio=float(pick(vd, "mlp_ratio", d.mlp_ratio)),
+            hidden_act=str(pick(vd, "hidden_act", d.hidden_act)),
+            in_channels=int(pick(vd, "in_channels", pick(vd, "in_chans", d.in_channels))),
+            patch_size=int(pick(vd, "patch_size", d.patch_size)),
+            temporal_patch_size=int(pick(vd, "temporal_patch_size", d.temporal_patch_size)),
+            spatial_merge_size=int(pick(vd, "spatial_merge_size", d.spatial_merge_size)),
+            rope_theta=float(pick(rope, "rope_theta", d.rope_theta)),
+            out_hidden_size=int(pick(vd, "hidden_size", text_hidden_size)),
+        )
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        return {
+            "model_type": "qwen2_vl_vision",
+            "depth": self.depth,
+            "embed_dim": self.embed_dim,
+            "hidden_size": self.out_hidden_size,
+            "num_heads": self.num_heads,
+            "mlp_ratio": int(self.mlp_ratio) if float(self.mlp_ratio).is_integer() else self.mlp_ratio,
+            "hidden_act": self.hidden_act,
+            "in_channels": self.in_channels,
+            "patch_size": self.patch_size,
+            "temporal_patch_size": self.temporal_patch_size,
+            "spatial_merge_size": self.spatial_merge_size,
+            "rope_parameters": {"rope_type": "axial", "rope_theta": self.rope_theta},
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +126,56 @@ class TextConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> "TextConfig":
+        """From a whole config.json: ``text_config``, or the top level (hub layout)."""
+        text = dict(d.get("text_config") or {})
+        for key, value in d.items():  # hub layout: text fields live at the top level
+            if key not in ("text_config", "vision_config"):
+                text.setdefault(key, value)
+        rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
+        t = cls()
+        return cls(
+            vocab_size=int(pick(text, "vocab_size", t.vocab_size)),
+            hidden_size=int(pick(text, "hidden_size", t.hidden_size)),
+            intermediate_size=int(pick(text, "intermediate_size", t.intermediate_size)),
+            num_hidden_layers=int(pick(text, "num_hidden_layers", t.num_hidden_layers)),
+            num_attention_heads=int(pick(text, "num_attention_heads", t.num_attention_heads)),
+            num_key_value_heads=int(
+                pick(text, "num_key_value_heads", pick(text, "num_attention_heads", t.num_key_value_heads))
+            ),
+            hidden_act=str(pick(text, "hidden_act", t.hidden_act)),
+            rms_norm_eps=float(pick(text, "rms_norm_eps", t.rms_norm_eps)),
+            rope_theta=float(pick(rope, "rope_theta", pick(text, "rope_theta", t.rope_theta))),
+            mrope_section=tuple(int(x) for x in pick(rope, "mrope_section", t.mrope_section)),
+            max_position_embeddings=int(pick(text, "max_position_embeddings", t.max_position_embeddings)),
+            bos_token_id=text.get("bos_token_id", t.bos_token_id),
+            eos_token_id=text.get("eos_token_id", t.eos_token_id),
+        )
+
+    def to_hf_dict(self, model_type: str) -> dict[str, Any]:
+        return {
+            "model_type": f"{model_type}_text",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "hidden_act": self.hidden_act,
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": self.rope_theta,
+                "mrope_section": list(self.mrope_section),
+            },
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "attention_dropout": 0.0,
+            "use_sliding_window": False,
+        }
+
 
 @dataclasses.dataclass(frozen=True)
 class Qwen2VLConfig:
@@ -74,6 +187,9 @@ class Qwen2VLConfig:
     vision_end_token_id: int = 151653
     tie_word_embeddings: bool = True
     model_type: str = "qwen2_vl"
+
+    vision_class: ClassVar[type] = VisionConfig
+    architecture: ClassVar[str] = "Qwen2VLForConditionalGeneration"
 
     def __post_init__(self):
         t, v = self.text, self.vision
@@ -96,134 +212,86 @@ class Qwen2VLConfig:
             )
         if v.out_hidden_size != t.hidden_size:
             raise ValueError(
-                f"vision_config.hidden_size {v.out_hidden_size} must equal the text hidden_size {t.hidden_size}"
+                f"vision_config.{v.hf_out_field} {v.out_hidden_size} must equal the text hidden_size "
+                f"{t.hidden_size}"
             )
 
-    def replace(self, **kw) -> "Qwen2VLConfig":
+    def replace(self, **kw):
         return dataclasses.replace(self, **kw)
 
     # --- Hugging Face config.json ---------------------------------------------------------------
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> "Qwen2VLConfig":
-        model_type = d.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"{source}: unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
-        text = dict(d.get("text_config") or {})
-        for key, value in d.items():  # hub layout: text fields live at the top level
-            if key not in ("text_config", "vision_config"):
-                text.setdefault(key, value)
-        rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
-        vd = dict(d.get("vision_config") or {})
-        vrope = dict(vd.get("rope_parameters") or {})
-
-        def pick(src, key, default):
-            value = src.get(key)
-            return default if value is None else value
-
-        tdef, vdef = TextConfig(), VisionConfig()
-        text_cfg = TextConfig(
-            vocab_size=int(pick(text, "vocab_size", tdef.vocab_size)),
-            hidden_size=int(pick(text, "hidden_size", tdef.hidden_size)),
-            intermediate_size=int(pick(text, "intermediate_size", tdef.intermediate_size)),
-            num_hidden_layers=int(pick(text, "num_hidden_layers", tdef.num_hidden_layers)),
-            num_attention_heads=int(pick(text, "num_attention_heads", tdef.num_attention_heads)),
-            num_key_value_heads=int(
-                pick(text, "num_key_value_heads", pick(text, "num_attention_heads", tdef.num_key_value_heads))
-            ),
-            hidden_act=str(pick(text, "hidden_act", tdef.hidden_act)),
-            rms_norm_eps=float(pick(text, "rms_norm_eps", tdef.rms_norm_eps)),
-            rope_theta=float(pick(rope, "rope_theta", pick(text, "rope_theta", tdef.rope_theta))),
-            mrope_section=tuple(int(x) for x in pick(rope, "mrope_section", tdef.mrope_section)),
-            max_position_embeddings=int(pick(text, "max_position_embeddings", tdef.max_position_embeddings)),
-            bos_token_id=text.get("bos_token_id", tdef.bos_token_id),
-            eos_token_id=text.get("eos_token_id", tdef.eos_token_id),
-        )
-        vision_cfg = VisionConfig(
-            depth=int(pick(vd, "depth", vdef.depth)),
-            embed_dim=int(pick(vd, "embed_dim", vdef.embed_dim)),
-            num_heads=int(pick(vd, "num_heads", vdef.num_heads)),
-            mlp_ratio=float(pick(vd, "mlp_ratio", vdef.mlp_ratio)),
-            hidden_act=str(pick(vd, "hidden_act", vdef.hidden_act)),
-            in_channels=int(pick(vd, "in_channels", pick(vd, "in_chans", vdef.in_channels))),
-            patch_size=int(pick(vd, "patch_size", vdef.patch_size)),
-            temporal_patch_size=int(pick(vd, "temporal_patch_size", vdef.temporal_patch_size)),
-            spatial_merge_size=int(pick(vd, "spatial_merge_size", vdef.spatial_merge_size)),
-            rope_theta=float(pick(vrope, "rope_theta", vdef.rope_theta)),
-            out_hidden_size=int(pick(vd, "hidden_size", text_cfg.hidden_size)),
-        )
+    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json"):
+        if d.get("model_type") != cls.model_type:
+            raise ValueError(f"{source}: model_type {d.get('model_type')!r} is not {cls.model_type!r}")
+        text = TextConfig.from_hf_dict(d)
         tie = d.get("tie_word_embeddings")
         if tie is None:
             tie = (d.get("text_config") or {}).get("tie_word_embeddings", False)
         return cls(
-            text=text_cfg,
-            vision=vision_cfg,
+            text=text,
+            vision=cls.vision_class.from_hf_dict(dict(d.get("vision_config") or {}), text.hidden_size),
             image_token_id=int(pick(d, "image_token_id", cls.image_token_id)),
             video_token_id=int(pick(d, "video_token_id", cls.video_token_id)),
             vision_start_token_id=int(pick(d, "vision_start_token_id", cls.vision_start_token_id)),
             vision_end_token_id=int(pick(d, "vision_end_token_id", cls.vision_end_token_id)),
             tie_word_embeddings=bool(tie),
-            model_type=model_type,
         )
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "Qwen2VLConfig":
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no config.json (expected a local Hugging Face model directory)")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_hf_dict(d, source=str(path))
+    def from_json(cls, path: str | Path):
+        return cls.from_hf_dict(*read_hf_config(path))
 
     def to_hf_dict(self) -> dict[str, Any]:
-        t, v = self.text, self.vision
         return {
-            "architectures": ["Qwen2VLForConditionalGeneration"],
+            "architectures": [self.architecture],
             "model_type": self.model_type,
             "image_token_id": self.image_token_id,
             "video_token_id": self.video_token_id,
             "vision_start_token_id": self.vision_start_token_id,
             "vision_end_token_id": self.vision_end_token_id,
             "tie_word_embeddings": self.tie_word_embeddings,
-            "text_config": {
-                "model_type": "qwen2_vl_text",
-                "vocab_size": t.vocab_size,
-                "hidden_size": t.hidden_size,
-                "intermediate_size": t.intermediate_size,
-                "num_hidden_layers": t.num_hidden_layers,
-                "num_attention_heads": t.num_attention_heads,
-                "num_key_value_heads": t.num_key_value_heads,
-                "hidden_act": t.hidden_act,
-                "rms_norm_eps": t.rms_norm_eps,
-                "max_position_embeddings": t.max_position_embeddings,
-                "rope_parameters": {
-                    "rope_type": "default",
-                    "rope_theta": t.rope_theta,
-                    "mrope_section": list(t.mrope_section),
-                },
-                "bos_token_id": t.bos_token_id,
-                "eos_token_id": t.eos_token_id,
-                "attention_dropout": 0.0,
-                "use_sliding_window": False,
-            },
-            "vision_config": {
-                "model_type": "qwen2_vl_vision",
-                "depth": v.depth,
-                "embed_dim": v.embed_dim,
-                "hidden_size": v.out_hidden_size,
-                "num_heads": v.num_heads,
-                "mlp_ratio": int(v.mlp_ratio) if float(v.mlp_ratio).is_integer() else v.mlp_ratio,
-                "hidden_act": v.hidden_act,
-                "in_channels": v.in_channels,
-                "patch_size": v.patch_size,
-                "temporal_patch_size": v.temporal_patch_size,
-                "spatial_merge_size": v.spatial_merge_size,
-                "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
-            },
+            "text_config": self.text.to_hf_dict(self.model_type),
+            "vision_config": self.vision.to_hf_dict(),
         }
+
+
+# --- the tiny random model (the embedded default of the demo and the tests) ----------------------
+
+
+def with_token_ids(cfg):
+    """The config with the special-token ids of the shipped tiny tokenizer."""
+    ids = special_token_ids()
+    return cfg.replace(
+        image_token_id=ids["image_pad"],
+        video_token_id=ids["video_pad"],
+        vision_start_token_id=ids["vision_start"],
+        vision_end_token_id=ids["vision_end"],
+    )
+
+
+def tiny_text_config(**overrides) -> TextConfig:
+    """Every tiny backbone's decoder: 2 layers, grouped-query attention, M-RoPE sections."""
+    ids = special_token_ids()
+    text = TextConfig(
+        vocab_size=ids["vocab_size"],
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        mrope_section=(2, 3, 3),
+        rope_theta=1e6,
+        max_position_embeddings=4096,
+        bos_token_id=None,
+        eos_token_id=ids["im_end"],
+    )
+    return dataclasses.replace(text, **overrides)
+
+
+def tiny_config(**text_overrides) -> Qwen2VLConfig:
+    """The tiny Qwen2-VL: the tiny decoder and 2 vision blocks with a 2x2 spatial merge."""
+    text = tiny_text_config(**text_overrides)
+    vision = VisionConfig(depth=2, embed_dim=32, num_heads=2, mlp_ratio=4, out_hidden_size=text.hidden_size)
+    return with_token_ids(Qwen2VLConfig(text=text, vision=vision, tie_word_embeddings=True))

@@ -35,6 +35,20 @@ def linear(din: int, dout: int, *, bias: bool, dtype, param_dtype, rngs: nnx.Rng
     )
 
 
+class GatedMLP(nnx.Module):
+    """SwiGLU ``down(act(gate(x)) * up(x))``: the text decoder's MLP (no bias), Qwen2.5-VL's vision MLP."""
+
+    def __init__(self, dim: int, hidden: int, act: str, *, bias: bool, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = linear(dim, hidden, **kw)
+        self.up_proj = linear(dim, hidden, **kw)
+        self.down_proj = linear(hidden, dim, **kw)
+        self.act = activation(act)
+
+    def __call__(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
 class RMSNorm(nnx.Module):
     """RMSNorm computed in float32 and cast back before the scale, as transformers does."""
 

@@ -36,6 +36,8 @@ def scatter_image_features(input_ids, embeds, features, image_token_id: int):
 
 
 class Qwen2VL(nnx.Module):
+    vision_tower = VisionTower  # Qwen2.5-VL's model is this one with its own tower
+
     def __init__(
         self,
         config: Qwen2VLConfig,
@@ -47,7 +49,7 @@ class Qwen2VL(nnx.Module):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.config = config
-        self.visual = VisionTower(config.vision, **kw)
+        self.visual = self.vision_tower(config.vision, **kw)
         self.text = TextDecoder(config.text, **kw)
         # Unused for embeddings, kept so that an untied checkpoint survives load -> save.
         self.lm_head = (

@@ -7,7 +7,7 @@ import numpy as np
 from flax import nnx
 
 from g2e_jax.models.qwen2_vl.config import TextConfig
-from g2e_jax.models.qwen2_vl.layers import RMSNorm, activation, apply_rotary, attention, linear
+from g2e_jax.models.qwen2_vl.layers import GatedMLP, RMSNorm, apply_rotary, attention, linear
 
 
 def mrope_angles(position_ids, cfg: TextConfig):
@@ -56,16 +56,10 @@ class TextAttention(nnx.Module):
         return self.o_proj(attention(q, keys, values, mask).reshape(b, length, -1)), (k, v)
 
 
-class TextMLP(nnx.Module):
+class TextMLP(GatedMLP):
     def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.gate_proj = linear(cfg.hidden_size, cfg.intermediate_size, bias=False, **kw)
-        self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size, bias=False, **kw)
-        self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, bias=False, **kw)
-        self.act = activation(cfg.hidden_act)
-
-    def __call__(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        super().__init__(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=False, **kw)
 
 
 class DecoderLayer(nnx.Module):

@@ -6,6 +6,9 @@ crosses images: patches are gathered into an ``[images, max_patches_per_image]``
 cost is ``images * max_patches_per_image**2`` (the sum of squared per-image sizes when images share
 a size), not ``total_patches**2``. Everything below works on traced ``grid_thw`` under ``jit``;
 only ``max_patches_per_image`` must be static.
+
+Qwen2.5-VL's tower (``g2e_jax.models.qwen2_5_vl.vision``) is built from these parts: the blocks and
+the merger take their norm and MLP as factories, and attention takes the grouping it runs within.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from g2e_jax.models.qwen2_vl.config import VisionConfig
-from g2e_jax.models.qwen2_vl.layers import activation, apply_rotary, attention, linear
+from g2e_jax.models.qwen2_vl.layers import RMSNorm, activation, apply_rotary, attention, linear
 
 
 class VisionLayout:
@@ -54,6 +57,13 @@ class VisionLayout:
         out = y[self.patch_image, jnp.minimum(self.patch_local, self.max_patches_per_image - 1)]
         return jnp.where(self.patch_valid.reshape(self.patch_valid.shape + (1,) * (out.ndim - 1)), out, 0)
 
+    def attend(self, q, k, v):
+        """Attention of ``[num_patches, heads, head_dim]`` within each image."""
+        q, k, v = self.to_images(q), self.to_images(k), self.to_images(v)  # [I, S, H, D]
+        # Keys of the same image: its first `size` slots (at least one, so that empty padding
+        # images stay finite; their output is dropped).
+        return self.to_patches(attention(q, k, v, kv_lengths=jnp.maximum(self.sizes, 1)))
+
 
 class VisionRotary(nnx.Module):
     """2-D rotary angles: the first half of the frequencies rotate by row, the second by column."""
@@ -78,18 +88,15 @@ class VisionAttention(nnx.Module):
         self.qkv = linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=True, **kw)
         self.proj = linear(cfg.embed_dim, cfg.embed_dim, bias=True, **kw)
 
-    def __call__(self, x, cos, sin, layout: VisionLayout):
+    def __call__(self, x, cos, sin, attend):
+        """``attend(q, k, v)`` runs attention within the groups it knows (images, or windows)."""
         n = x.shape[0]
         q, k, v = jnp.split(self.qkv(x).reshape(n, 3, self.num_heads, -1), 3, axis=1)
         q, k, v = q[:, 0], k[:, 0], v[:, 0]
         # Rotary in float32 (as transformers does for the vision tower).
         q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(v.dtype)
         k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(v.dtype)
-        q, k, v = layout.to_images(q), layout.to_images(k), layout.to_images(v)  # [I, S, H, D]
-        # Keys of the same image: its first `size` slots (at least one, so that empty padding
-        # images stay finite; their output is dropped).
-        out = layout.to_patches(attention(q, k, v, kv_lengths=jnp.maximum(layout.sizes, 1)))
-        return self.proj(out.reshape(n, -1))
+        return self.proj(attend(q, k, v).reshape(n, -1))
 
 
 class VisionMLP(nnx.Module):
@@ -103,27 +110,37 @@ class VisionMLP(nnx.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class VisionBlock(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.norm1 = nnx.LayerNorm(cfg.embed_dim, epsilon=1e-6, **kw)
-        self.norm2 = nnx.LayerNorm(cfg.embed_dim, epsilon=1e-6, **kw)
-        self.attn = VisionAttention(cfg, **kw)
-        self.mlp = VisionMLP(cfg, **kw)
+def layer_norm(dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    return nnx.LayerNorm(dim, epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, layout):
-        x = x + self.attn(self.norm1(x), cos, sin, layout)
+
+def rms_norm(dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    return RMSNorm(dim, 1e-6, param_dtype=param_dtype)
+
+
+class VisionBlock(nnx.Module):
+    """Pre-norm attention + MLP; ``norm(dim, **kw)`` and ``mlp(cfg, **kw)`` build the parts."""
+
+    def __init__(self, cfg, *, norm, mlp, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm1 = norm(cfg.embed_dim, **kw)
+        self.norm2 = norm(cfg.embed_dim, **kw)
+        self.attn = VisionAttention(cfg, **kw)
+        self.mlp = mlp(cfg, **kw)
+
+    def __call__(self, x, cos, sin, attend):
+        x = x + self.attn(self.norm1(x), cos, sin, attend)
         return x + self.mlp(self.norm2(x))
 
 
 class PatchMerger(nnx.Module):
-    """LayerNorm, then each 2x2 window of neighbouring patches (contiguous in the input) -> one token."""
+    """Norm, then each 2x2 window of neighbouring patches (contiguous in the input) -> one token."""
 
-    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg, *, norm, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.window = cfg.spatial_merge_size**2
         merged = cfg.embed_dim * self.window
-        self.ln_q = nnx.LayerNorm(cfg.embed_dim, epsilon=1e-6, **kw)
+        self.ln_q = norm(cfg.embed_dim, **kw)
         self.fc1 = linear(merged, merged, bias=True, **kw)
         self.fc2 = linear(merged, cfg.out_hidden_size, bias=True, **kw)
 
@@ -133,17 +150,21 @@ class PatchMerger(nnx.Module):
 
 
 class VisionTower(nnx.Module):
-    """Flattened patches -> one feature per merged 2x2 window (``[num_patches / 4, text hidden]``)."""
+    """Flattened patches -> one feature per merged 2x2 window (``[num_patches / 4, text hidden]``).
 
-    def __init__(self, cfg: VisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    Qwen2-VL's parts by default (LayerNorm, fc1/fc2 MLP); other towers pass their own."""
+
+    def __init__(self, cfg, *, norm=layer_norm, mlp=VisionMLP, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):  # fmt: skip
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.cfg = cfg
         self.patch_embed = linear(cfg.patch_dim, cfg.embed_dim, bias=False, **kw)
         self.rotary = VisionRotary(cfg)
-        self.blocks = nnx.List([VisionBlock(cfg, **kw) for _ in range(cfg.depth)])
-        self.merger = PatchMerger(cfg, **kw)
+        self.blocks = nnx.List([VisionBlock(cfg, norm=norm, mlp=mlp, **kw) for _ in range(cfg.depth)])
+        self.merger = PatchMerger(cfg, norm=norm, **kw)
 
-    def __call__(self, pixel_values, grid_thw, max_patches_per_image: int):
+    def embed(self, pixel_values, grid_thw, max_patches_per_image: int):
+        """Patch embeddings, their layout, and the rotary (cos, sin) of every patch."""
         num_patches = pixel_values.shape[0]
         window = self.cfg.spatial_merge_size**2
         if num_patches % window:
@@ -152,7 +173,10 @@ class VisionTower(nnx.Module):
             )
         layout = VisionLayout(grid_thw, num_patches, max_patches_per_image, self.cfg.spatial_merge_size)
         x = self.patch_embed(pixel_values.astype(self.patch_embed.kernel.dtype))
-        cos, sin = self.rotary(layout.hpos, layout.wpos)
+        return x, layout, self.rotary(layout.hpos, layout.wpos)
+
+    def __call__(self, pixel_values, grid_thw, max_patches_per_image: int):
+        x, layout, (cos, sin) = self.embed(pixel_values, grid_thw, max_patches_per_image)
         for block in self.blocks:
-            x = block(x, cos, sin, layout)
+            x = block(x, cos, sin, layout.attend)
         return self.merger(x)

@@ -1,0 +1,174 @@
+"""One architecture as data (``Backbone``), and what every architecture shares: Hugging Face
+checkpoints loaded and saved through its name map, random weights, the tiny model directory.
+
+A backbone package (``qwen2_vl``, ``qwen2_5_vl``) defines its config class, its model class, its
+``NameMap`` and its tiny config, and bundles them in a ``BACKBONE``; ``g2e_jax.models`` dispatches
+on ``config.json``'s ``model_type`` to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from g2e_jax.io import write_atomic
+from g2e_jax.models.dtypes import DTYPES, resolve_dtype
+from g2e_jax.models.name_map import FLATTEN_CONV, TRANSPOSE, NameMap, Rule
+from g2e_jax.models.safetensors_io import iter_checkpoint, write_safetensors
+
+
+def _path_str(path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _hf_shape(rule: Rule, nnx_shape, cfg):
+    if rule.transform is FLATTEN_CONV:
+        v = cfg.vision
+        return (v.embed_dim, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+    if rule.transform is TRANSPOSE:
+        return tuple(nnx_shape[::-1])
+    return tuple(nnx_shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    model_type: str  # config.json's model_type
+    config: type  # .from_hf_dict(dict, source) / .from_json(path) / .to_hf_dict()
+    model: type  # nnx.Module: model(config, dtype=, param_dtype=, rngs=)
+    name_map: NameMap
+    tiny_config: Callable[[], Any]  # the tiny random model's config (make-tiny, tests)
+
+    def abstract_model(self, cfg, dtype: str = "float32", compute_dtype: str | None = None):
+        """The model's structure with shapes only: nothing allocated, nothing initialised.
+
+        ``dtype`` is the parameters' (master weights), ``compute_dtype`` the matmuls' (default: the
+        same); e.g. float32 parameters with bfloat16 compute for mixed-precision training.
+        """
+        # compute_dtype auto: bf16 matmuls on accelerators; on CPU those of the parameters.
+        dtype, compute_dtype = resolve_dtype(dtype), resolve_dtype(compute_dtype, on_cpu=None)
+        param, compute = DTYPES[dtype], DTYPES[compute_dtype or dtype]
+        return nnx.eval_shape(lambda: self.model(cfg, dtype=compute, param_dtype=param, rngs=nnx.Rngs(0)))
+
+    def load(self, path: str | Path, dtype: str = "float32", *, compute_dtype: str | None = None,
+             progress: bool = True):  # fmt: skip
+        """Loads a local Hugging Face model directory (single-file or sharded safetensors).
+
+        Tensors are streamed one at a time from memory-mapped files into device arrays of ``dtype``;
+        the host never holds a second full copy of the weights.
+        """
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"{path}: not a directory (expected a local Hugging Face model directory)"
+            )
+        cfg = self.config.from_json(path)
+        graphdef, state = nnx.split(self.abstract_model(cfg, dtype, compute_dtype))
+        variables = {_path_str(p): v for p, v in nnx.to_flat_state(state)}
+        target_dtype = np.dtype(DTYPES[resolve_dtype(dtype)])
+        filled: set[str] = set()
+        entries = iter_checkpoint(path)
+        for reader, name in tqdm(entries, desc=f"loading {path.name}", unit="tensor", disable=not progress):
+            match = self.name_map.to_nnx(name)
+            if match is None:
+                raise ValueError(f"{reader.path}: unexpected tensor {name!r} (not part of a {self.model_type} "
+                                 "checkpoint)")  # fmt: skip
+            nnx_path, rule = match
+            if nnx_path == "lm_head.kernel" and cfg.tie_word_embeddings:
+                continue  # tied: the embedding is the head
+            if nnx_path not in variables:
+                raise ValueError(
+                    f"{reader.path}: tensor {name!r} does not fit the config "
+                    f"(no parameter {nnx_path}; check num_hidden_layers / depth in config.json)"
+                )
+            variable = variables[nnx_path]
+            expected = tuple(variable.get_value().shape)
+            if rule.transform.nnx_shape(reader.shape(name)) != expected:
+                raise ValueError(
+                    f"{reader.path}: tensor {name!r} has shape {list(reader.shape(name))}, "
+                    f"but config.json implies {list(_hf_shape(rule, expected, cfg))}"
+                )
+            variable.set_value(jnp.asarray(rule.transform.to_nnx(reader.get(name)).astype(target_dtype)))
+            filled.add(nnx_path)
+        missing = sorted(set(variables) - filled)
+        if missing:
+            names = [self.name_map.to_hf(p)[0] if self.name_map.to_hf(p) else p for p in missing]
+            raise ValueError(
+                f"{path}: missing tensors: {', '.join(names[:8])}" + (" ..." if len(names) > 8 else "")
+            )
+        return nnx.merge(graphdef, state)
+
+    def hf_tensors(self, model) -> dict:
+        """``{hf_name: (nnx variable, rule)}`` for every base parameter of the model."""
+        out = {}
+        for p, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+            match = self.name_map.to_hf(_path_str(p))
+            if match is None:
+                raise ValueError(
+                    f"parameter {_path_str(p)} has no Hugging Face name; merge adapters before saving"
+                )
+            out[match[0]] = (variable, match[1])
+        return out
+
+    def save(
+        self, model, path: str | Path, *, max_shard_bytes: int = 5 * 2**30, progress: bool = True
+    ) -> None:
+        """Writes ``config.json`` and safetensors in hub layout, loadable by transformers.
+
+        Tensors are fetched from devices one at a time; more than ``max_shard_bytes`` of weights are
+        split into shards with a ``model.safetensors.index.json``.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        cfg = model.config
+        tensors = self.hf_tensors(model)
+        specs = []
+        for name in sorted(tensors):
+            variable, rule = tensors[name]
+            value = variable.get_value()
+            specs.append((name, _hf_shape(rule, value.shape, cfg), np.dtype(value.dtype)))
+        shards, current, size = [], [], 0
+        for spec in specs:
+            nbytes = int(np.prod(spec[1], dtype=np.int64)) * spec[2].itemsize
+            if current and size + nbytes > max_shard_bytes:
+                shards.append(current)
+                current, size = [], 0
+            current.append(spec)
+            size += nbytes
+        shards.append(current)
+
+        def fetch(name):
+            variable, rule = tensors[name]
+            host = np.asarray(jax.device_get(variable.get_value()))
+            return rule.transform.to_hf(host, _hf_shape(rule, host.shape, cfg))
+
+        files = (
+            ["model.safetensors"]
+            if len(shards) == 1
+            else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        )
+        for file, shard in tqdm(
+            list(zip(files, shards)), desc=f"saving {path.name}", unit="shard", disable=not progress
+        ):
+            write_safetensors(path / file, shard, fetch, metadata={"format": "pt"})
+        index_file = path / "model.safetensors.index.json"
+        if len(shards) > 1:
+            index = {
+                "metadata": {
+                    "total_size": int(sum(np.prod(s[1], dtype=np.int64) * s[2].itemsize for s in specs))
+                },
+                "weight_map": {s[0]: f for f, shard in zip(files, shards) for s in shard},
+            }
+            write_atomic(index_file, json.dumps(index, indent=2) + "\n")
+        elif index_file.exists():
+            index_file.unlink()  # stale, from an earlier sharded save
+        config = cfg.to_hf_dict()
+        config["dtype"] = "bfloat16" if specs[0][2] == np.dtype(jnp.bfloat16) else str(specs[0][2])
+        write_atomic(path / "config.json", json.dumps(config, indent=2) + "\n")

@@ -1,0 +1,35 @@
+"""Qwen2.5-VL <-> Hugging Face checkpoints: Qwen2-VL's rule groups, with RMSNorm (no bias) in the
+vision blocks and the merger, and the vision blocks' SwiGLU MLP (with bias)."""
+
+from __future__ import annotations
+
+from g2e_jax.models.backbone import Backbone
+from g2e_jax.models.name_map import NameMap
+from g2e_jax.models.qwen2_5_vl.config import Qwen2_5VLConfig, tiny_config
+from g2e_jax.models.qwen2_5_vl.model import Qwen2_5VL
+from g2e_jax.models.qwen2_vl.checkpoint import (
+    ALIASES,
+    BLOCK,
+    MERGER_MLP,
+    PATCH_EMBED,
+    TEXT,
+    VISION_ATTENTION,
+    linears,
+    norms,
+)
+
+NAME_MAP = NameMap(
+    rules=(
+        *PATCH_EMBED,
+        *norms(*BLOCK, ("norm1", "norm2"), bias=False),  # RMSNorm
+        *VISION_ATTENTION,
+        *linears(*BLOCK, ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")),
+        *norms("visual.merger", "visual.merger", ("ln_q",), bias=False),
+        *MERGER_MLP,
+        *TEXT,
+    ),
+    aliases=ALIASES,
+)
+
+BACKBONE = Backbone("qwen2_5_vl", Qwen2_5VLConfig, Qwen2_5VL, NAME_MAP, tiny_config)
+load, save = BACKBONE.load, BACKBONE.save
