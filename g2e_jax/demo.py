@@ -40,6 +40,8 @@ def tiny_training_config() -> ml_collections.ConfigDict:
     t.users = 160
     t.patches_per_cell = 4 * 36  # four 84 x 84 images
     t.max_patches_per_image = 64
+    # One program for every step: compiling the tiny model's step costs more than padding it.
+    t.shape_buckets = False
     t.log_every = 5
     t.checkpoint_every = 20
     c.adapter.kind = "full"  # the tiny model is random: adapt everything

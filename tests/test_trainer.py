@@ -212,7 +212,9 @@ def test_two_processes_match_one(setup):
     base, args = setup
     four = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     eight = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    short = ["--config.train.steps=3", "--config.train.log_every=1", "--config.train.checkpoint_every=100"]
+    # Shape buckets on: the processes must agree on each step's shapes (allgather of their needs).
+    short = ["--config.train.steps=3", "--config.train.log_every=1", "--config.train.checkpoint_every=100",
+             "--config.train.shape_buckets=True"]  # fmt: skip
     _run(_train_cmd(base / "single", args, *short), env=eight)
     port = _free_port()
     procs = [
@@ -262,7 +264,8 @@ def test_training_reads_a_prepared_dataset(setup, tiny_dir):
     cfg.subsets, cfg.output_dir, cfg.max_len = ("SynShape", "SynT2I"), str(prepared), 256
     run_prepare(cfg)
     common = [f"--config.model.path={tiny_dir}", "--config.data.subsets=('SynShape', 'SynT2I')",
-              "--config.train.steps=3", "--config.train.log_every=1", "--config.train.checkpoint_every=100"]  # fmt: skip
+              "--config.train.steps=3", "--config.train.log_every=1", "--config.train.checkpoint_every=100",
+              "--config.train.shape_buckets=True"]  # fmt: skip
     _run(_train_cmd(base / "from_prepared", common, "--config.data.source=prepared",
                     f"--config.data.prepared_dir={prepared}"))  # fmt: skip
     _run(_train_cmd(base / "from_files", common, "--config.data.source=mmeb", f"--config.data.root={data / 'train'}",
