@@ -44,7 +44,7 @@ class Embedder:
         preprocessor: Preprocessor,
         *,
         batch_size: int = 8,
-        seq_bucket_base: int = 16,
+        seq_bucket_base: int = 8,
         patch_bucket_base: int = 64,
         model_path: str | Path | None = None,
         weights_id: str | None = None,
