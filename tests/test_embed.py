@@ -19,7 +19,7 @@ def random_image(height, width, seed):
 
 @pytest.fixture(scope="module")
 def embedder(tiny_dir):
-    return Embedder.from_pretrained(tiny_dir, batch_size=4, max_len=256, progress=False)
+    return Embedder.from_pretrained(tiny_dir, dtype="float32", batch_size=4, max_len=256, progress=False)
 
 
 QUERIES = [
@@ -197,7 +197,9 @@ def test_prefix_cache_gives_the_same_embeddings(embedder, scheme):
 def test_bfloat16_embedder_sends_bf16_pixels_and_stays_close(tiny_dir, embedder):
     import jax.numpy as jnp
 
-    assert embedder.dtype == "float32"  # "auto" on CPU
+    from g2e_jax.models.dtypes import resolve_dtype
+
+    assert Embedder.from_pretrained(tiny_dir, progress=False).dtype == resolve_dtype("auto")  # float32 on CPU
     emb16 = Embedder.from_pretrained(tiny_dir, dtype="bfloat16", batch_size=4, max_len=256, progress=False)
     rows = emb16.preprocessor.prepare(QUERIES, IMAGES, role="query")
     with_image = [r for r in rows if r.patches is not None]

@@ -165,7 +165,7 @@ def test_embedder_matches_official_pipeline(model_dir, hf_model, processor):
     strings = [official_template(t, has_image=im is not None, role="query", system=PAPER_SYSTEM, scheme="gen2embed")
                for t, im in zip(texts, images)]  # fmt: skip
     ref = official_embeddings(hf_model, processor, strings, images, scheme="gen2embed")
-    embedder = Embedder.from_pretrained(model_dir, batch_size=4, max_len=256, progress=False)
+    embedder = Embedder.from_pretrained(model_dir, dtype="float32", batch_size=4, max_len=256, progress=False)
     ours = embedder.encode(texts, images, role="query")
     cosine = float((ref * ours).sum(-1).min())
     report("Qwen2.5-VL Embedder vs official pipeline (query, gen2embed)", one_minus_min_cosine=1.0 - cosine)
@@ -198,8 +198,12 @@ def test_train_then_export_hf(model_dir, tmp_path):
     strings = [official_template(t, has_image=im is not None, role="query", system=PAPER_SYSTEM, scheme="gen2embed")
                for t, im in zip(texts, images)]  # fmt: skip
     ref = official_embeddings(hf, load_hf_processor(tmp_path / "hf"), strings, images, scheme="gen2embed")
-    ours = Embedder.from_pretrained(tmp_path / "run", progress=False).encode(texts, images, role="query")
-    base = Embedder.from_pretrained(model_dir, progress=False).encode(texts, images, role="query")
+    ours = Embedder.from_pretrained(tmp_path / "run", dtype="float32", progress=False).encode(
+        texts, images, role="query"
+    )
+    base = Embedder.from_pretrained(model_dir, dtype="float32", progress=False).encode(
+        texts, images, role="query"
+    )
     cosine = float((ref * ours).sum(-1).min())
     report("Qwen2.5-VL trained run exported: transformers vs g2e_jax", one_minus_min_cosine=1.0 - cosine)
     assert cosine >= MIN_COSINE

@@ -181,8 +181,10 @@ def test_export_hf_matches_the_official_pipeline(setup, uninterrupted, tiny_dir)
         ]
     )
     texts = ["a red circle", "Find me an everyday image that matches the given caption: a blue star"]
-    ours = Embedder.from_pretrained(out, progress=False).encode(texts, role="query")
-    from_run = Embedder.from_pretrained(uninterrupted, progress=False).encode(texts, role="query")
+    ours = Embedder.from_pretrained(out, dtype="float32", progress=False).encode(texts, role="query")
+    from_run = Embedder.from_pretrained(uninterrupted, dtype="float32", progress=False).encode(
+        texts, role="query"
+    )
     strings = [
         official_template(t, has_image=False, role="query", system=PAPER_SYSTEM, scheme="gen2embed")
         for t in texts
@@ -194,7 +196,7 @@ def test_export_hf_matches_the_official_pipeline(setup, uninterrupted, tiny_dir)
     report("exported fine-tuned model: transformers vs g2e_jax", one_minus_min_cosine=1 - cosine)
     assert cosine >= 0.99999
     np.testing.assert_allclose(ours, from_run, atol=1e-5)
-    base_emb = Embedder.from_pretrained(tiny_dir, progress=False).encode(texts, role="query")
+    base_emb = Embedder.from_pretrained(tiny_dir, dtype="float32", progress=False).encode(texts, role="query")
     assert not np.allclose(base_emb, ours, atol=1e-3)  # training changed the model
     del torch
 
