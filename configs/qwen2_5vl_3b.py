@@ -13,15 +13,8 @@ SaHa fine-tuning with the paper's reference recipe (the same as for Qwen2-VL, DE
   1024, bf16. The 7.5 GB of bf16 weights fit replicated on every device.
 """
 
-from g2e_jax.eval.mmeb import eval_config
-from g2e_jax.train.trainer import saha_reference_config
+from g2e_jax.train.trainer import backbone_recipe
 
 
 def get_config(preset: str = "saha"):
-    if preset == "saha":
-        return saha_reference_config()
-    if preset in ("zero_shot", "plain"):
-        c = eval_config("hierarchical" if preset == "zero_shot" else "plain")
-        c.model.dtype = "bfloat16"
-        return c
-    raise ValueError(f"unknown preset {preset!r}; expected saha, zero_shot or plain")
+    return backbone_recipe(preset)

@@ -4,15 +4,8 @@ devices of 80 GB the 16 GB of bf16 weights fit replicated; on smaller devices sh
 ``--config.mesh.fsdp=8``.
 """
 
-from g2e_jax.eval.mmeb import eval_config
-from g2e_jax.train.trainer import saha_reference_config
+from g2e_jax.train.trainer import backbone_recipe
 
 
 def get_config(preset: str = "saha"):
-    if preset == "saha":
-        return saha_reference_config()
-    if preset in ("zero_shot", "plain"):
-        c = eval_config("hierarchical" if preset == "zero_shot" else "plain")
-        c.model.dtype = "bfloat16"
-        return c
-    raise ValueError(f"unknown preset {preset!r}; expected saha, zero_shot or plain")
+    return backbone_recipe(preset)

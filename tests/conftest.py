@@ -32,6 +32,18 @@ def pooled_cosine(ref: np.ndarray, out: np.ndarray, mask: np.ndarray) -> float:
     return float(cos.min())
 
 
+def assert_parity(case: str, ref: np.ndarray, out: np.ndarray, mask: np.ndarray, **extra) -> None:
+    """Reports, then checks final hidden states against the reference's: max abs difference over real
+    tokens <= 1e-4 and pooled cosine >= 0.99999 (DESIGN.md §3)."""
+    diff = real_token_diff(ref, out, mask)
+    cosine = pooled_cosine(ref, out, mask)
+    report(case, max_abs_diff=diff, pooled_one_minus_cosine=1.0 - cosine, ref_max_abs=float(np.abs(ref).max()),
+           **extra)  # fmt: skip
+    assert np.shape(out) == np.shape(ref)
+    assert diff <= 1e-4
+    assert cosine >= 0.99999
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     from g2e_jax.models.qwen2_vl.tiny import make_tiny

@@ -17,7 +17,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import pooled_cosine, real_token_diff, report  # noqa: E402
+from conftest import assert_parity  # noqa: E402
 from hf_reference import hf_hidden_states, hf_rope_index, load_hf_model  # noqa: E402
 from test_qwen2_vl_parity import VISION, encode, prompt, random_image  # noqa: E402
 
@@ -57,9 +57,6 @@ def test_qwen2_5_vl_3b_widths(tmp_path):
             positions,
         )
     )
-    diff = real_token_diff(ref, out, batch["attention_mask"])
-    cosine = pooled_cosine(ref, out, batch["attention_mask"])
-    report("Qwen2.5-VL-3B widths, 1 layer + 2 vision blocks (windowed, full)", max_abs_diff=diff,
-           pooled_one_minus_cosine=1.0 - cosine, ref_max_abs=float(np.abs(ref).max()))  # fmt: skip
-    assert diff <= 1e-4
-    assert cosine >= 0.99999
+    assert_parity(
+        "Qwen2.5-VL-3B widths, 1 layer + 2 vision blocks (windowed, full)", ref, out, batch["attention_mask"]
+    )

@@ -14,7 +14,7 @@ from flax import nnx
 
 torch = pytest.importorskip("torch")
 
-from conftest import pooled_cosine, real_token_diff, report  # noqa: E402
+from conftest import assert_parity, real_token_diff, report  # noqa: E402
 from hf_reference import (  # noqa: E402
     hf_hidden_states,
     hf_rope_index,
@@ -59,23 +59,13 @@ def processor(model_dir):
     return load_hf_processor(model_dir)
 
 
-def check(case, ref, out, mask, **extra):
-    diff = real_token_diff(ref, out, mask)
-    cosine = pooled_cosine(ref, out, mask)
-    report(case, max_abs_diff=diff, pooled_one_minus_cosine=1.0 - cosine, ref_max_abs=float(np.abs(ref).max()),
-           **extra)  # fmt: skip
-    assert np.shape(out) == np.shape(ref)
-    assert diff <= ATOL
-    assert cosine >= MIN_COSINE
-
-
 def test_text_only(processor, hf_model, model):
     batch = encode(processor, [prompt("a cat"), prompt("Represent the given text in one word. " * 3)])
     positions = rope_index(batch["input_ids"], batch["attention_mask"], None, model.config, "mrope")
     real = batch["attention_mask"].astype(bool)  # padded slots never reach a real token
     np.testing.assert_array_equal(positions[:, real], hf_rope_index(hf_model, batch)[:, real])
     ref = hf_hidden_states(hf_model, batch, positions)
-    check("Qwen2.5-VL text-only, right padding", ref, np.asarray(model(batch["input_ids"], batch["attention_mask"],
+    assert_parity("Qwen2.5-VL text-only, right padding", ref, np.asarray(model(batch["input_ids"], batch["attention_mask"],
           position_ids=positions)), batch["attention_mask"])  # fmt: skip
 
 
@@ -96,7 +86,7 @@ def test_images_of_different_sizes_and_a_text_row(processor, hf_model, model):
     for row, case in enumerate(
         ["one image", "text-only row in an image batch", "two images of different sizes"]
     ):
-        check(f"Qwen2.5-VL {case}", ref[row : row + 1], out[row : row + 1], mask[row : row + 1])
+        assert_parity(f"Qwen2.5-VL {case}", ref[row : row + 1], out[row : row + 1], mask[row : row + 1])
     layers = max(real_token_diff(r, o, mask) for r, o in zip(ref_all, out_all))
     report("Qwen2.5-VL every layer's hidden states (3 rows above)", max_abs_diff=layers)
     assert len(out_all) == len(ref_all) == model.config.text.num_hidden_layers + 1
@@ -113,7 +103,7 @@ def test_gen2embed_scheme(processor, hf_model, model):
     ref = hf_hidden_states(hf_model, batch, positions)
     out = _forward(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
                    batch["image_grid_thw"], positions, 48)  # fmt: skip
-    check("Qwen2.5-VL gen2embed scheme, bare image pads + text-only row (jit)", ref, np.asarray(out),
+    assert_parity("Qwen2.5-VL gen2embed scheme, bare image pads + text-only row (jit)", ref, np.asarray(out),
           batch["attention_mask"])  # fmt: skip
 
 
@@ -153,7 +143,7 @@ def test_jit_with_padded_buckets(processor, hf_model, model):
                    _pad(positions, (3, rows, length), value=1), 64)  # fmt: skip
     out = np.asarray(out)
     assert np.isfinite(out).all()
-    check("Qwen2.5-VL under jit, padded buckets", ref, out[: ids.shape[0], : ids.shape[1]], mask)
+    assert_parity("Qwen2.5-VL under jit, padded buckets", ref, out[: ids.shape[0], : ids.shape[1]], mask)
 
 
 def test_embedder_matches_official_pipeline(model_dir, hf_model, processor):

@@ -473,6 +473,20 @@ def training_config(subsets=()) -> ml_collections.ConfigDict:
     return c
 
 
+def backbone_recipe(preset: str = "saha") -> ml_collections.ConfigDict:
+    """A backbone config file's presets: ``saha`` (mining and training, ``saha_reference_config``),
+    ``zero_shot`` and ``plain`` (MMEB evaluation with either prompt, in the released weights' bf16)."""
+    from g2e_jax.eval.mmeb import eval_config
+
+    if preset == "saha":
+        return saha_reference_config()
+    if preset in ("zero_shot", "plain"):
+        c = eval_config("hierarchical" if preset == "zero_shot" else "plain")
+        c.model.dtype = "bfloat16"
+        return c
+    raise ValueError(f"unknown preset {preset!r}; expected saha, zero_shot or plain")
+
+
 def saha_reference_config() -> ml_collections.ConfigDict:
     """The paper's SaHa recipe (DESIGN.md §1), the same for Qwen2-VL-2B and 7B: top_k 15 x
     pool_mult 3 mining; DoRA r=8 (alpha 64, dropout 0.1, Gaussian init) on the decoder's q/k/v/o

@@ -98,18 +98,7 @@ class TextDecoder(nnx.Module):
     ):
         """``prefix``: per-layer (k, v) of a segment that precedes every row (``prefix_kv``); the rows'
         positions then continue after it. The result equals running the concatenated sequence."""
-        length = embeds.shape[1]
-        causal = jnp.tril(jnp.ones((length, length), dtype=bool))
-        # [B, 1 (heads), Lq, Lk]: causal and never attending to padded keys.
-        mask = (causal[None] & attention_mask.astype(bool)[:, None, :])[:, None]
-        if prefix is not None:
-            seen = jnp.ones(mask.shape[:3] + (prefix[0][0].shape[0],), bool)  # every row sees the prefix
-            mask = jnp.concatenate([seen, mask], axis=-1)
-        cos, sin = mrope_angles(position_ids, self.cfg)
-        x, hidden = embeds, [embeds]
-        for i, layer in enumerate(self.layers):
-            x, _ = layer(x, cos, sin, mask, None if prefix is None else prefix[i])
-            hidden.append(x)
+        x, hidden, _ = self._layers(embeds, attention_mask, position_ids, prefix)
         x = self.norm(x)
         if output_hidden_states:
             hidden[-1] = x
@@ -122,10 +111,22 @@ class TextDecoder(nnx.Module):
         it see what follows)."""
         length = embeds.shape[0]
         positions = jnp.broadcast_to(jnp.arange(length)[None, None], (3, 1, length))
-        cos, sin = mrope_angles(positions, self.cfg)
-        mask = jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
-        x, kvs = embeds[None], []
-        for layer in self.layers:
-            x, (k, v) = layer(x, cos, sin, mask)
-            kvs.append((k[0], v[0]))
-        return tuple(kvs)
+        _, _, kvs = self._layers(embeds[None], jnp.ones((1, length), bool), positions, None)
+        return tuple((k[0], v[0]) for k, v in kvs)
+
+    def _layers(self, embeds, attention_mask, position_ids, prefix):
+        """Every decoder layer: (last output, embeddings + each layer's output, each layer's (k, v))."""
+        length = embeds.shape[1]
+        causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+        # [B, 1 (heads), Lq, Lk]: causal and never attending to padded keys.
+        mask = (causal[None] & attention_mask.astype(bool)[:, None, :])[:, None]
+        if prefix is not None:
+            seen = jnp.ones(mask.shape[:3] + (prefix[0][0].shape[0],), bool)  # every row sees the prefix
+            mask = jnp.concatenate([seen, mask], axis=-1)
+        cos, sin = mrope_angles(position_ids, self.cfg)
+        x, hidden, kvs = embeds, [embeds], []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, cos, sin, mask, None if prefix is None else prefix[i])
+            hidden.append(x)
+            kvs.append(kv)
+        return x, hidden, kvs
