@@ -15,15 +15,17 @@ def _make_tiny(args, overrides) -> int:
 
 
 def _config(args, overrides, defaults):
-    """The --config file with overrides, or the built-in defaults when no file is given."""
+    """The --config file with overrides, or the built-in defaults when no file is given; path fields
+    made absolute against the working directory here, once (g2e_jax.paths)."""
     from g2e_jax.config_utils import apply_override, load_config
+    from g2e_jax.paths import absolute_config_paths
 
     if args.config is not None:
-        return load_config(args.config, overrides)
+        return absolute_config_paths(load_config(args.config, overrides))
     cfg = defaults()
     for override in overrides:
         apply_override(cfg, override)
-    return cfg.lock()
+    return absolute_config_paths(cfg.lock())
 
 
 def _embed(args, overrides) -> int:
@@ -49,10 +51,9 @@ def _eval(args, overrides) -> int:
 
 
 def _mine(args, overrides) -> int:
-    from g2e_jax.config_utils import load_config
     from g2e_jax.mine import run_mine
 
-    cfg = load_config(args.config, overrides)
+    cfg = _config(args, overrides, None)
     summary = run_mine(cfg)
     print(f"mined {sum(s['clusters'] for s in summary.values())} clusters over {len(summary)} subsets "
           f"-> {cfg.mine.output_dir}")  # fmt: skip
@@ -60,10 +61,9 @@ def _mine(args, overrides) -> int:
 
 
 def _train(args, overrides) -> int:
-    from g2e_jax.config_utils import load_config
     from g2e_jax.train.trainer import train
 
-    cfg = load_config(args.config, overrides)
+    cfg = _config(args, overrides, None)
     last = train(cfg, args.workdir)
     if last:
         print(f"trained to step {last['step']}: loss {last['loss']:.4f} -> {args.workdir}")

@@ -18,6 +18,7 @@ from typing import Callable
 import ml_collections
 
 from g2e_jax.io import write_atomic
+from g2e_jax.paths import absolute, relative_to_file
 
 
 def tiny_training_config() -> ml_collections.ConfigDict:
@@ -153,9 +154,7 @@ def saha_mining(run: DemoRun) -> str:
     stats = {}
     for subset in SUBSETS:
         rows = read_train(run.data_dir / "train", subset, image_dir=run.data_dir / "images")
-        _, stats[subset] = mine_subset(
-            embedder, rows, subset, cfg, image_dir=run.data_dir / "images", progress=False
-        )
+        _, stats[subset] = mine_subset(embedder, rows, subset, cfg, progress=False)
     run.results["saha"] = stats
     total = sum(s["clusters"] for s in stats.values())
     return f"{total} clusters over {len(stats)} subsets in {run.workdir / 'saha'}"
@@ -203,14 +202,16 @@ def export_embeddings(run: DemoRun) -> str:
     from g2e_jax.data.synthetic import SUBSETS
     from g2e_jax.export import embed_config, run_embed
 
+    corpus = run.workdir / "corpus.jsonl"
     rows, seen = [], set()
     for subset in SUBSETS:
         for r in read_eval(run.data_dir / "eval", subset, image_dir=run.data_dir / "images"):
             for text, image in zip(r.tgt_texts, r.tgt_images):
                 if (text, image) not in seen:
                     seen.add((text, image))
+                    # Relative to corpus.jsonl, as `g2e-jax embed` reads it: the demo folder can move.
+                    image = None if image is None else relative_to_file(image, corpus)
                     rows.append({"id": f"{subset}/{len(rows)}", "text": text, "image": image})
-    corpus = run.workdir / "corpus.jsonl"
     write_atomic(corpus, "".join(json.dumps(r) + "\n" for r in rows))
     cfg = embed_config()
     cfg.model.path = str(run.workdir / "train" if (run.workdir / "train").is_dir() else run.model_dir)
@@ -278,7 +279,8 @@ STAGES: list[tuple[str, Callable[[DemoRun], str]]] = [
 
 
 def run_demo(workdir: str | Path, cfg: ml_collections.ConfigDict | None = None, stages=STAGES) -> DemoRun:
-    run = DemoRun(Path(workdir), cfg if cfg is not None else demo_config())
+    # Absolute from the start: every path a stage writes into a file is then absolute (g2e_jax.paths).
+    run = DemoRun(Path(absolute(workdir)), cfg if cfg is not None else demo_config())
     run.workdir.mkdir(parents=True, exist_ok=True)
     for k, (name, stage) in enumerate(stages, start=1):
         print(f"[demo {k}/{len(stages)}] {name} ...", flush=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from ml_collections import config_dict
 from g2e_jax.data.clusters import write_clusters
 from g2e_jax.data.mmeb import TrainRow, read_train
 from g2e_jax.io import write_atomic
+from g2e_jax.paths import absolute
 from g2e_jax.saha import MiningStats, mine_clusters, nearest
 
 # The reference's "already labeled" subsets: owners keep retrieval order (no false-negative sort).
@@ -49,19 +49,24 @@ def _unique(keys) -> tuple[list, np.ndarray]:
     return list(index), rows
 
 
-def _raw_row(row: TrainRow, image_dir: Path | None) -> dict:
-    """The row as MMEB-train fields again (image paths relative to ``image_dir``)."""
+def _raw_row(row: TrainRow) -> dict:
+    """The row as MMEB-train fields again, with absolute image paths: a cluster file is read from any
+    working directory, and MMEB readers that join ``image_dir`` with a path keep an absolute one as is."""
 
-    def rel(path):
-        if path is None:
-            return ""
-        return os.path.relpath(path, image_dir) if image_dir is not None else path
+    def image(path):
+        return "" if path is None else absolute(path)
 
-    return {"qry": row.qry, "qry_image_path": rel(row.qry_image), "pos_text": row.pos_text,
-            "pos_image_path": rel(row.pos_image), "neg_text": row.neg_text, "neg_image_path": rel(row.neg_image)}  # fmt: skip
+    return {
+        "qry": row.qry,
+        "qry_image_path": image(row.qry_image),
+        "pos_text": row.pos_text,
+        "pos_image_path": image(row.pos_image),
+        "neg_text": row.neg_text,
+        "neg_image_path": image(row.neg_image),
+    }
 
 
-def mine_subset(embedder, rows: list[TrainRow], subset: str, cfg, *, image_dir=None, progress=True):
+def mine_subset(embedder, rows: list[TrainRow], subset: str, cfg, *, progress=True):
     """Clusters and stats of one subset (embeddings cached under ``cfg.mine.output_dir/cache``)."""
     queries, row_query = _unique((r.qry, r.qry_image) for r in rows)
     positives, row_positive = _unique((r.pos_text, r.pos_image) for r in rows)
@@ -92,8 +97,7 @@ def mine_subset(embedder, rows: list[TrainRow], subset: str, cfg, *, image_dir=N
     }  # fmt: skip
     out = Path(cfg.mine.output_dir) / subset
     out.mkdir(parents=True, exist_ok=True)
-    image_dir = None if image_dir is None else Path(image_dir)
-    write_clusters(out / "original.jsonl", clusters, [_raw_row(r, image_dir) for r in rows])
+    write_clusters(out / "original.jsonl", clusters, [_raw_row(r) for r in rows])
     write_atomic(out / "stats.json", json.dumps(info, indent=2) + "\n")
     return clusters, info
 
@@ -111,12 +115,12 @@ def run_mine(cfg) -> dict:
     for k, subset in enumerate(cfg.data.subsets, start=1):
         rows = read_train(cfg.data.root, subset, cfg.data.split, image_dir=cfg.data.image_dir)
         print(f"[mine {k}/{len(cfg.data.subsets)}] {subset}: {len(rows)} rows", flush=True)
-        _, info = mine_subset(embedder, rows, subset, cfg, image_dir=cfg.data.image_dir)
+        _, info = mine_subset(embedder, rows, subset, cfg)
         summary[subset] = info
         print(f"[mine {k}/{len(cfg.data.subsets)}] {subset}: {info['clusters']} clusters "
               f"({info['phase2_clusters']} in phase 2), recall@1 {info['recall'].get('recall@1', float('nan')):.3f}",
               flush=True)  # fmt: skip
-    meta = {"prompt": dataclasses.asdict(embedder.prompt), "model_path": str(embedder.model_path),
+    meta = {"prompt": dataclasses.asdict(embedder.prompt), "model_path": absolute(embedder.model_path),
             "top_k": cfg.mine.top_k, "pool_mult": cfg.mine.pool_mult, "subsets": summary}  # fmt: skip
     write_atomic(Path(cfg.mine.output_dir) / "stats.json", json.dumps(meta, indent=2) + "\n")
     return summary

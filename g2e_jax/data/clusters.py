@@ -2,8 +2,10 @@
 
 File format (MMEB-train compatible, one cluster per line): the anchor row's fields
 (``qry``, ``qry_image_path``, ``pos_text``, ``pos_image_path``, ...) plus ``neg_samples``, the list
-of its negative rows with the same fields, plus ``phase``. Image paths are relative to the same
-``image_dir`` as the source set.
+of its negative rows with the same fields, plus ``phase``. ``g2e-jax mine`` writes absolute image
+paths (readers that join an ``image_dir`` with them keep them as they are); a relative path, as in
+cluster files written elsewhere, is read relative to ``image_dir`` when one is given (the MMEB
+convention), else relative to the cluster file.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 ROW_FIELDS = ("qry", "qry_image_path", "pos_text", "pos_image_path")
+IMAGE_FIELDS = ("qry_image_path", "pos_image_path", "neg_image_path")
 
 
 def write_clusters(path: str | Path, clusters, rows: Sequence[Mapping]) -> None:
@@ -31,9 +34,20 @@ def write_clusters(path: str | Path, clusters, rows: Sequence[Mapping]) -> None:
     write_atomic(path, "".join(line + "\n" for line in lines))
 
 
-def read_clusters(path: str | Path) -> list[list[dict]]:
-    """Each cluster as its list of rows, anchor first (the pairs training puts in one batch)."""
+def read_clusters(path: str | Path, *, image_dir: str | Path | None = None) -> list[list[dict]]:
+    """Each cluster as its list of rows, anchor first (the pairs training puts in one batch), with
+    absolute image paths ("" for none; see the module docstring for relative ones)."""
+    from g2e_jax.paths import resolve_in
+
     path = Path(path)
+    base = path.parent if image_dir is None else image_dir
+
+    def resolve(row: dict) -> dict:
+        for field in IMAGE_FIELDS:
+            if row.get(field):
+                row[field] = resolve_in(base, row[field])
+        return row
+
     if not path.is_file():
         raise FileNotFoundError(f"{path}: cluster file not found (run `g2e-jax mine` first)")
     clusters = []
@@ -50,7 +64,7 @@ def read_clusters(path: str | Path) -> list[list[dict]]:
                 raise ValueError(f"{path} line {number}: missing field(s) {missing}")
             negatives = record.pop("neg_samples", [])
             record.pop("phase", None)
-            clusters.append([record, *negatives])
+            clusters.append([resolve(row) for row in (record, *negatives)])
     return clusters
 
 

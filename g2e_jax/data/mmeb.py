@@ -2,8 +2,9 @@
 
 A subset lives under ``root/<subset>/`` as parquet or jsonl files named after the split
 (``original-00000-of-00001.parquet``, ``test.jsonl``, ...) or as a ``save_to_disk`` folder; images
-are paths relative to ``image_dir`` ("" means no image). Rows come back with absolute image paths
-(or None), and every problem names the subset, the row and the file or path.
+are paths relative to ``image_dir`` ("" means no image; without ``image_dir``, relative to the subset's
+folder, which holds the rows). Rows come back with absolute image paths (or None), and every problem
+names the subset, the row and the file or path.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import dataclasses
 from pathlib import Path
 
 import datasets
+
+from g2e_jax.paths import resolve_in
 
 TRAIN_SPLITS = ("original", "diverse_instruction")
 TRAIN_COLUMNS = ("qry", "qry_image_path", "pos_text", "pos_image_path")
@@ -81,17 +84,20 @@ def _check_columns(ds: datasets.Dataset, required, subset: str, where: str) -> N
         raise DataError(f"subset {subset!r} ({where}): missing column(s) {missing}; has {ds.column_names}")
 
 
-def _image(image_dir: Path | None, value, subset: str, row: int, column: str, where: str) -> str | None:
+def _image(image_dir: Path, value, subset: str, row: int, column: str, where: str) -> str | None:
     if value is None or value == "":
         return None
     if not isinstance(value, str):
         raise DataError(
             f"subset {subset!r} row {row} ({where}), column {column!r}: expected a path, got {value!r}"
         )
-    path = Path(value) if image_dir is None or Path(value).is_absolute() else image_dir / value
-    if not _is_file(str(path)):
-        raise DataError(f"subset {subset!r} row {row}, column {column!r}: image not found: {path}")
-    return str(path)
+    path = resolve_in(image_dir, value)
+    if not _is_file(path):
+        raise DataError(
+            f"subset {subset!r} row {row}, column {column!r}: image not found: {path} "
+            "(MMEB rows name images relative to data.image_dir)"
+        )
+    return path
 
 
 _KNOWN_FILES: set[str] = set()
@@ -122,7 +128,7 @@ def read_train(root, subset: str, split: str = "original", *, image_dir=None) ->
         raise DataError(f"unknown MMEB-train split {split!r}; expected one of {TRAIN_SPLITS}")
     ds, where = load_split(root, subset, split)
     _check_columns(ds, TRAIN_COLUMNS, subset, where)
-    image_dir = None if image_dir is None else Path(image_dir)
+    image_dir = Path(root) / subset if image_dir is None else Path(image_dir)
     rows = []
     for i, r in enumerate(ds):
         rows.append(TrainRow(
@@ -139,7 +145,7 @@ def read_train(root, subset: str, split: str = "original", *, image_dir=None) ->
 def read_eval(root, subset: str, *, image_dir=None, split: str = "test") -> list[EvalRow]:
     ds, where = load_split(root, subset, split)
     _check_columns(ds, EVAL_COLUMNS, subset, where)
-    image_dir = None if image_dir is None else Path(image_dir)
+    image_dir = Path(root) / subset if image_dir is None else Path(image_dir)
     rows = []
     for i, r in enumerate(ds):
         texts, images = r["tgt_text"], r["tgt_img_path"]

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from g2e_jax.data.images import ImageConfig, ImageError, _load_resized, _uint8_patches, expand_patches
 from g2e_jax.data.mmeb import TrainRow, read_train
 from g2e_jax.io import sha256_file, write_atomic
+from g2e_jax.paths import absolute
 from g2e_jax.preprocess import InputError, PreparedRow, Preprocessor
 
 SIDES = ("qry", "pos")
@@ -215,7 +216,7 @@ def run_prepare(cfg) -> Path:
         model_dir, prompt=cfg.prompt.preset, scheme=cfg.prompt.scheme, max_len=cfg.max_len,
         image_resolution=cfg.image_resolution,
     )  # fmt: skip
-    image_dir = None if cfg.data.image_dir is None else Path(cfg.data.image_dir)
+    image_dir = None if cfg.data.image_dir is None else Path(absolute(cfg.data.image_dir))
     # Read every subset first: a missing column or image fails before hours of preprocessing.
     sources, offset = [], 0
     for name in subsets:
@@ -317,14 +318,18 @@ def _meta(
         "num_shards": len(shard_lengths),
         "shard_lengths": list(shard_lengths),
         "shard_records": int(cfg.shard_records),
-        "model": {"path": str(model_dir), "sha256": files},
+        "model": {"path": absolute(model_dir), "sha256": files},
         "prompt": dataclasses.asdict(pp.prompt),
         "scheme": pp.prompt.scheme,
         "max_len": pp.max_len,
         "image_resolution": cfg.image_resolution,
         "image_config": dataclasses.asdict(pp.image_config),
         "patch_dim_uint8": patch_dim,
-        "data": {"root": str(cfg.data.root), "image_dir": cfg.data.image_dir, "split": cfg.data.split},
+        "data": {
+            "root": absolute(cfg.data.root),
+            "image_dir": None if cfg.data.image_dir is None else absolute(cfg.data.image_dir),
+            "split": cfg.data.split,
+        },
         "subsets": [
             {
                 "name": s["name"],

@@ -43,7 +43,10 @@ class TrainData:
         if cfg.data.source == "clusters":
             if cfg.data.clusters_dir is None:
                 raise ValueError("data.source=clusters needs --config.data.clusters_dir (the mine output)")
-            clusters = {s: read_clusters(Path(cfg.data.clusters_dir) / s / "original.jsonl") for s in subsets}
+            folder = Path(cfg.data.clusters_dir)
+            clusters = {
+                s: read_clusters(folder / s / "original.jsonl", image_dir=cfg.data.image_dir) for s in subsets
+            }
         elif cfg.data.source == "mmeb":
             if cfg.data.root is None:
                 raise ValueError("data.source=mmeb needs --config.data.root")
@@ -70,7 +73,8 @@ class TrainData:
             return cls(clusters, preprocessor, prepared=prepared)
         else:
             raise ValueError(f"unknown data.source {cfg.data.source!r}; expected clusters, mmeb or prepared")
-        return cls(clusters, preprocessor, image_dir=cfg.data.image_dir)
+        # Rows already hold absolute image paths: joining data.image_dir again would double it.
+        return cls(clusters, preprocessor)
 
     def cluster_sizes(self) -> dict[str, list[int]]:
         return {s: [len(c) for c in cl] for s, cl in self.clusters.items()}

@@ -13,6 +13,7 @@ from flax import nnx
 
 from g2e_jax.io import weights_fingerprint
 from g2e_jax.models import load, save
+from g2e_jax.paths import resolve_from
 from g2e_jax.train.lora import AdapterConfig, apply_adapters, merge_adapters, trainable_filter
 
 # The non-weight files of a HF model directory that an export carries over.
@@ -34,7 +35,7 @@ def load_trained(workdir: str | Path, *, step: int | None = None, dtype: str | N
     if not is_run_dir(workdir):
         raise FileNotFoundError(f"{workdir}: not a training workdir (needs config.json and checkpoints/)")
     cfg = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-    base = Path(cfg.model.path)
+    base = Path(resolve_from(workdir / "config.json", cfg.model.path))
     model = load(base, dtype=dtype or cfg.model.dtype, progress=False)
     adapter = AdapterConfig(**cfg.adapter.to_dict())
     apply_adapters(model, adapter, rngs=nnx.Rngs(params=0, dropout=1))
