@@ -19,6 +19,7 @@ from ml_collections import config_dict
 
 from g2e_jax.data.mmeb import EvalRow, read_eval
 from g2e_jax.io import write_atomic
+from g2e_jax.paths import absolute
 
 CATEGORIES = ("Classification", "VQA", "Retrieval", "Grounding")
 
@@ -53,7 +54,7 @@ def eval_config(preset: str = "hierarchical") -> ml_collections.ConfigDict:
     c.data.root = config_dict.placeholder(str)  # folder with one sub-folder per subset (test split)
     c.data.image_dir = config_dict.placeholder(str)  # image paths in the rows are relative to it
     c.data.groups_file = config_dict.placeholder(str)  # JSON {subset: {category, split}}; None: MMEB's table
-    c.subsets = tuple(MMEB_GROUPS)  # all 36 MMEB subsets
+    c.subsets = ()  # (): every subset of the groups table (the 36 of MMEB, or those of data.groups_file)
 
     c.output_dir = config_dict.placeholder(str)  # results.json / results.md / results.png
     c.cache_dir = config_dict.placeholder(str)  # candidate-embedding cache; None: <output_dir>/cache
@@ -242,9 +243,10 @@ def run_eval(cfg) -> dict:
     groups = MMEB_GROUPS if cfg.data.groups_file is None else load_groups(cfg.data.groups_file)
     embedder = Embedder.from_config(cfg)
     cache_dir = cfg.cache_dir or str(Path(cfg.output_dir) / "cache")
-    results = evaluate_mmeb(embedder, cfg.data.root, list(cfg.subsets), image_dir=cfg.data.image_dir,
+    subsets = list(cfg.subsets) or list(groups)
+    results = evaluate_mmeb(embedder, cfg.data.root, subsets, image_dir=cfg.data.image_dir,
                             groups=groups, cache_dir=cache_dir)  # fmt: skip
-    results["model_path"] = str(embedder.model_path)
+    results["model_path"] = absolute(embedder.model_path)
     results["prompt"] = dataclasses.asdict(embedder.prompt)
     write_report({embedder.prompt.name: results}, cfg.output_dir)
     return results

@@ -32,6 +32,7 @@ from g2e_jax.config_utils import config_to_json
 from g2e_jax.data.clusters import ClusterBatchSampler
 from g2e_jax.io import write_atomic
 from g2e_jax.models import load
+from g2e_jax.paths import absolute_config_paths
 from g2e_jax.preprocess import Preprocessor
 from g2e_jax.train.batch import BatchShape, build_batch, fit_sides, side_needs
 from g2e_jax.train.data import TrainData
@@ -99,7 +100,7 @@ def eval_section() -> ml_collections.ConfigDict:
     e.every = 0  # steps between evaluations (also at the last step); 0: never
     e.root = config_dict.placeholder(str)  # MMEB-eval-format folder: one sub-folder per subset
     e.image_dir = config_dict.placeholder(str)
-    e.subsets = ()
+    e.subsets = ()  # (): every subset of the groups table
     e.groups_file = config_dict.placeholder(str)  # None: the MMEB table
     return e
 
@@ -319,6 +320,8 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
     """Runs (or resumes) training; returns the last metrics."""
     if cfg.model.path is None:
         raise ValueError("no model: set --config.model.path=/path/to/hf_model_dir")
+    # config.json and the checkpoints' meta are read back from anywhere (export-hf, eval, embed).
+    cfg = absolute_config_paths(cfg)
     run = setup(cfg, workdir)
     lead = jax.process_index() == 0
     run.workdir.mkdir(parents=True, exist_ok=True)
@@ -389,9 +392,8 @@ def evaluate_now(run: Run, step: int) -> dict:
     merge_adapters(model)
     embedder = Embedder(model, run.preprocessor, batch_size=run.cfg.batch_size)
     groups = MMEB_GROUPS if e.groups_file is None else load_groups(e.groups_file)
-    result = evaluate_mmeb(
-        embedder, e.root, list(e.subsets), image_dir=e.image_dir, groups=groups, progress=False
-    )
+    subsets = list(e.subsets) or list(groups)
+    result = evaluate_mmeb(embedder, e.root, subsets, image_dir=e.image_dir, groups=groups, progress=False)
     record = {"step": step, **{k: result["summary"][k] for k in ("overall", "IND", "OOD")},
               **{s: r["precision_at_1"] for s, r in result["subsets"].items()}}  # fmt: skip
     if jax.process_index() == 0:
