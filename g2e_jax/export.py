@@ -20,9 +20,10 @@ from ml_collections import config_dict
 from tqdm.auto import tqdm
 
 from g2e_jax.config_utils import config_to_json
-from g2e_jax.data.jsonl import BadRow, read_embed_rows
+from g2e_jax.data.jsonl import BadRow, bad_rows_error, read_embed_rows
 from g2e_jax.embed import Embedder, InputError
 from g2e_jax.io import save_npy_atomic, sha256_file, write_atomic
+from g2e_jax.paths import absolute_config_paths
 from g2e_jax.prompts import plural
 
 
@@ -67,15 +68,17 @@ def run_embed(cfg, input_path: str | Path, output_dir: str | Path, *, role: str,
     if role not in ("query", "document"):
         raise ValueError(f"--role must be query or document, got {role!r}")
     input_path, out = Path(input_path), Path(output_dir)
-    rows, bad = read_embed_rows(input_path, skip_bad=skip_bad)
+    rows, bad = read_embed_rows(input_path, skip_bad=True)
     embedder = Embedder.from_config(cfg)
+    if bad and not skip_bad:
+        raise bad_rows_error(input_path, bad + _check_rows(embedder, rows, role, cfg))
     model_path = embedder.model_path
     job = {
         "input": str(input_path.resolve()),
         "input_sha256": sha256_file(input_path),
         "role": role,
         "skip_bad": skip_bad,
-        "config": json.loads(config_to_json(cfg)),
+        "config": json.loads(config_to_json(absolute_config_paths(cfg))),
     }
     shard_dir = out / "shards"
     job_file = out / "job.json"
@@ -110,7 +113,13 @@ def run_embed(cfg, input_path: str | Path, output_dir: str | Path, *, role: str,
                 skipped += [BadRow(**b) for b in info["skipped"]]
                 bar.update(len(chunk))
                 continue
-        emb, shard_ids, shard_bad = _embed_chunk(embedder, chunk, role, cfg, skip_bad, input_path)
+        good, shard_ids, shard_bad = _prepare_chunk(embedder, chunk, role, cfg)
+        if shard_bad and not skip_bad:
+            rest = rows[start + shard_size :]
+            raise bad_rows_error(input_path, shard_bad + _check_rows(embedder, rest, role, cfg))
+        emb = embedder.encode_prepared(
+            good, role=embedder.prompt.template_role(role, cfg.subset), progress=False
+        )
         save_npy_atomic(shard_npy, emb)
         shard_info = {
             "lines": [r.line for r in chunk],
@@ -156,7 +165,8 @@ def run_embed(cfg, input_path: str | Path, output_dir: str | Path, *, role: str,
     return meta
 
 
-def _embed_chunk(embedder: Embedder, chunk, role, cfg, skip_bad, input_path):
+def _prepare_chunk(embedder: Embedder, chunk, role, cfg):
+    """(prepared good rows, their ids, bad rows) of a chunk: host preprocessing only."""
     prepared = embedder.preprocessor.prepare(
         [r.text for r in chunk], [r.image for r in chunk], role=role, instruction=cfg.instruction,
         subset=cfg.subset, errors="collect", progress=False,
@@ -164,12 +174,16 @@ def _embed_chunk(embedder: Embedder, chunk, role, cfg, skip_bad, input_path):
     good, ids, bad = [], [], []
     for row, item in zip(chunk, prepared):
         if isinstance(item, InputError):
-            failure = BadRow(row.line, row.id, item.field, item.reason)
-            if not skip_bad:
-                raise ValueError(failure.message(input_path))
-            bad.append(failure)
+            bad.append(BadRow(row.line, row.id, item.field, item.reason))
         else:
             good.append(item)
             ids.append(row.id)
-    emb = embedder.encode_prepared(good, role=embedder.prompt.template_role(role, cfg.subset), progress=False)
-    return emb, ids, bad
+    return good, ids, bad
+
+
+def _check_rows(embedder: Embedder, rows, role, cfg) -> list[BadRow]:
+    """The bad rows among ``rows`` (preprocessing, no encoding): once a run must fail, it names them all."""
+    bad, size = [], int(cfg.shard_size)
+    for start in tqdm(range(0, len(rows), size), desc="checking the rows", unit="shard", dynamic_ncols=True):
+        bad += _prepare_chunk(embedder, rows[start : start + size], role, cfg)[2]
+    return bad

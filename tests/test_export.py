@@ -147,3 +147,37 @@ def test_cli_reports_errors_without_traceback(tiny_dir, images, tmp_path):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert typo.returncode == 2 and "unknown config key 'modle.path'" in typo.stderr
+
+
+def test_every_bad_row_is_named_in_one_error(tiny_dir, images, tmp_path):
+    """Lines 3, 4 and 5 bad in three ways (two found while preprocessing, one while parsing): one error
+    names all three, so the file is fixed once; past 20 bad rows the rest are counted."""
+    rows = [
+        {"id": "a1", "text": "first"},
+        {"id": "a2", "text": "second", "image": "good.png"},
+        {"id": "b3", "text": "x", "image": "missing.png"},
+        '{"id": "b4", "text": ',
+        {"id": "b5", "text": "x", "image": "text.png"},
+        {"id": "a6", "text": "sixth"},
+    ]
+    src = _write_rows(images / "three_bad.jsonl", rows)
+    with pytest.raises(ValueError) as info:
+        run_embed(_cfg(tiny_dir), src, tmp_path / "strict", role="query")
+    message = str(info.value).splitlines()
+    assert message[0] == f"{src}: 3 bad rows (fix, or pass --skip-bad to set them aside in skipped.jsonl):"
+    assert message[1].startswith("  line 3 (id 'b3'), field 'image': ")
+    assert "image file not found" in message[1]
+    assert message[2].startswith("  line 4, field '<line>': invalid JSON")
+    assert message[3].startswith("  line 5 (id 'b5'), field 'image': ") and len(message) == 4
+
+    # Only preprocessing finds these (no parse error), the first in shard 0 (4 rows per shard), the
+    # others in later shards: the run stops at shard 0 and still names them all.
+    many = [{"id": f"r{i}", "text": "t", "image": "missing.png" if i % 2 else None} for i in range(50)]
+    src = _write_rows(images / "many_bad.jsonl", many)
+    with pytest.raises(ValueError) as info:
+        run_embed(_cfg(tiny_dir), src, tmp_path / "many", role="query")
+    message = str(info.value).splitlines()
+    assert message[0].startswith(f"{src}: 25 bad rows") and len(message) == 1 + 20 + 1
+    assert [m.split(" (id")[0] for m in message[1:21]] == [f"  line {2 * k + 2}" for k in range(20)]
+    assert message[-1] == "  ... and 5 more"
+    assert not (tmp_path / "many" / "shards" / "00000.npy").exists()  # nothing encoded once it must fail

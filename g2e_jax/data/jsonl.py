@@ -10,6 +10,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from g2e_jax.paths import resolve_from
+
 
 @dataclasses.dataclass(frozen=True)
 class EmbedRow:
@@ -27,18 +29,35 @@ class BadRow:
     reason: str
 
     def message(self, path) -> str:
+        return f"{path} {self.where()}"
+
+    def where(self) -> str:
         who = f"line {self.line}" + (f" (id {self.id!r})" if self.id is not None else "")
-        return f"{path} {who}, field {self.field!r}: {self.reason}"
+        return f"{who}, field {self.field!r}: {self.reason}"
 
     def to_json(self) -> dict:
         return {"line": self.line, "id": self.id, "field": self.field, "reason": self.reason}
 
 
+MAX_LISTED = 20  # bad rows named one by one in an error; the rest are counted
+
+
+def bad_rows_error(path, bad: list[BadRow]) -> ValueError:
+    """One error for every bad row (the first ``MAX_LISTED`` by line, then a count): the file is fixed once."""
+    bad = sorted(bad, key=lambda b: b.line)
+    rows = "row" if len(bad) == 1 else "rows"
+    head = f"{path}: {len(bad)} bad {rows} (fix, or pass --skip-bad to set them aside in skipped.jsonl):"
+    lines = [head] + [f"  {b.where()}" for b in bad[:MAX_LISTED]]
+    if len(bad) > MAX_LISTED:
+        lines.append(f"  ... and {len(bad) - MAX_LISTED} more")
+    return ValueError("\n".join(lines))
+
+
 def read_embed_rows(path: str | Path, *, skip_bad: bool = False) -> tuple[list[EmbedRow], list[BadRow]]:
     """Parses and validates the file. Relative image paths are relative to the file's folder.
 
-    Without ``skip_bad`` the first bad row raises ValueError; with it, bad rows are returned apart
-    (a duplicate id always keeps the first occurrence).
+    Without ``skip_bad`` bad rows raise one ValueError naming all of them (``bad_rows_error``); with
+    it, they are returned apart (a duplicate id always keeps the first occurrence).
     """
     path = Path(path)
     if not path.is_file():
@@ -50,12 +69,12 @@ def read_embed_rows(path: str | Path, *, skip_bad: bool = False) -> tuple[list[E
                 continue
             row = _parse(path, number, line, seen)
             if isinstance(row, BadRow):
-                if not skip_bad:
-                    raise ValueError(row.message(path))
                 bad.append(row)
             else:
                 seen[row.id] = number
                 rows.append(row)
+    if bad and not skip_bad:
+        raise bad_rows_error(path, bad)
     return rows, bad
 
 
@@ -85,7 +104,7 @@ def _parse(path: Path, number: int, line: str, seen: dict) -> EmbedRow | BadRow:
     if image is not None and not isinstance(image, str):
         return BadRow(number, row_id, "image", f"expected a path string or null, got {type(image).__name__}")
     if image is not None:
-        image = str((path.parent / image).resolve()) if not Path(image).is_absolute() else image
+        image = resolve_from(path, image)
     if not text.strip() and image is None:
         return BadRow(number, row_id, "text", "empty text and no image: nothing to embed")
     unknown = sorted(set(obj) - {"id", "text", "image"})
