@@ -27,8 +27,14 @@ PATH_FIELD = re.compile(r"^(path|root|\w+_dir|\w+_file)$")
 
 
 def absolute(path: str | os.PathLike) -> str:
-    """``path`` made absolute against the working directory (``~`` expanded), not resolving links."""
-    return os.path.abspath(os.path.expanduser(os.fspath(path)))
+    """``path`` made absolute against the working directory (``~`` expanded), not resolving links;
+    a URL (``gs://bucket/run``) is returned as it is."""
+    path = os.fspath(path)
+    return path if is_url(path) else os.path.abspath(os.path.expanduser(path))
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    return "://" in os.fspath(path)
 
 
 def resolve_from(holder: str | os.PathLike, path: str | os.PathLike) -> str:
@@ -39,7 +45,9 @@ def resolve_from(holder: str | os.PathLike, path: str | os.PathLike) -> str:
 def resolve_in(folder: str | os.PathLike, path: str | os.PathLike) -> str:
     """``path`` if absolute, else ``folder/path``; absolute either way."""
     path = os.path.expanduser(os.fspath(path))
-    return path if os.path.isabs(path) else os.path.normpath(os.path.join(absolute(folder), path))
+    if os.path.isabs(path) or is_url(path):
+        return path
+    return os.path.normpath(os.path.join(absolute(folder), path))
 
 
 def relative_to_file(path: str | os.PathLike, holder: str | os.PathLike) -> str:

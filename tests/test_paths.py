@@ -21,6 +21,7 @@ def test_config_path_fields_become_absolute_and_nothing_else(tmp_path, monkeypat
     c.data.groups_file = "syn/groups.json"
     c.data.prepared_dir = config_dict.placeholder(str)
     c.output_dir = "/already/absolute"
+    c.cache_dir = "gs://bucket/cache"  # URLs stay as they are
     c.subsets = ("syn/not_a_path",)
     c.distributed = ml_collections.ConfigDict({"coordinator": "host:1234"})
     c.lock()
@@ -30,6 +31,7 @@ def test_config_path_fields_become_absolute_and_nothing_else(tmp_path, monkeypat
     assert out.data.image_dir == str(tmp_path / "syn" / "images")
     assert out.data.groups_file == str(tmp_path / "syn" / "groups.json")
     assert out.data.prepared_dir is None and out.output_dir == "/already/absolute"
+    assert out.cache_dir == "gs://bucket/cache"
     assert (
         out.model.dtype == "float32" and out.data.split == "original" and out.subsets == ("syn/not_a_path",)
     )
