@@ -1,13 +1,43 @@
-"""Shared fixtures: the tiny model written once per session, loaded by both frameworks."""
+"""Shared fixtures: the tiny model written once per session, loaded by both frameworks; running
+``g2e-jax`` from fresh working directories (``run_cli``, ``fresh_cwd``, ``written_paths``)."""
 
 from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
+from g2e_jax.paths import resolve_from
+
+ROOT = Path(__file__).resolve().parents[1]
+
 # Parity is judged in float32 at full matmul precision (DESIGN.md §3).
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# The PyTorch reference packages: without them the parity tests skip, which CI must not allow.
+REFERENCE_PACKAGES = ("torch", "peft")
+
+
+def pytest_configure(config):
+    """Under CI (``CI=true``, as .ci/run and most CI services set it) a missing reference package is fatal."""
+    if os.environ.get("CI", "").lower() not in ("true", "1"):
+        return
+    for name in REFERENCE_PACKAGES:
+        try:
+            __import__(name)
+        except ImportError as e:
+            raise pytest.UsageError(
+                f"CI=true but {name} cannot be imported ({e}): the PyTorch reference tests would be skipped. "
+                "Install it (README, Install) or unset CI for a local run."
+            ) from e
 
 
 def report(case: str, **values) -> None:
@@ -56,3 +86,57 @@ def jax_model(tiny_dir):
     from g2e_jax.models.qwen2_vl import load
 
     return load(tiny_dir, progress=False)
+
+
+def run_cli(cwd: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """``g2e-jax ARGS`` in a subprocess whose working directory is ``cwd`` (this checkout's code)."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path)
+    command = [sys.executable, "-m", "g2e_jax.cli", *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def fresh_cwd(tmp_path_factory):
+    """``fresh_cwd(name)``: a new empty folder to run a command in; each one at another depth, so that a
+    path relative to one command's working directory never happens to resolve from the next one's."""
+    count = itertools.count(1)
+
+    def make(name: str) -> Path:
+        folder = tmp_path_factory.mktemp(name).joinpath(*["sub"] * next(count))
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    return make
+
+
+PATH_KEY = re.compile(r"^(path|root|input|image|model_path|\w+_dir|\w+_file|\w+_path)$")
+
+
+def written_paths(folder: Path, *, exclude: tuple[Path, ...] = ()):
+    """(file, key, value, resolved) for every path-like string value in the JSON and JSONL files under
+    ``folder`` (``exclude``: folders of dataset files with their own convention, e.g. MMEB rows)."""
+
+    def walk(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if isinstance(value, str) and value and PATH_KEY.match(key):
+                    yield key, value
+                else:
+                    yield from walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from walk(value)
+
+    for file in sorted(folder.rglob("*.json*")):
+        if file.suffix not in (".json", ".jsonl") or any(file.is_relative_to(e) for e in exclude):
+            continue
+        text = file.read_text(encoding="utf-8")
+        docs = [
+            json.loads(doc)
+            for doc in (text.splitlines() if file.suffix == ".jsonl" else [text])
+            if doc.strip()
+        ]
+        for doc in docs:
+            for key, value in walk(doc):
+                yield file, key, value, Path(resolve_from(file, value))
