@@ -8,7 +8,7 @@ setup(
     if __import__("os").path.exists("README.md")
     else "",
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["g2e_jax", "g2e_jax.*"]),
     package_data={"g2e_jax": ["assets/*.json"]},
     install_requires=[

@@ -24,7 +24,7 @@ REDUCED = (
 
 def test_demo_runs_end_to_end(fresh_cwd):
     cwd = fresh_cwd("demo")
-    result = run_cli(cwd, "demo", *REDUCED)
+    result = run_cli(cwd, "demo", *REDUCED, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     for k in range(1, 10):
         assert f"[demo {k}/9]" in result.stdout

@@ -31,6 +31,7 @@ def _cfg(tiny_dir, synthetic, out):
     ])  # fmt: skip
 
 
+@pytest.mark.slow  # three mining runs
 def test_mine_writes_clusters_and_resumes_from_cache(tiny_dir, synthetic, tmp_path):
     out = tmp_path / "mined"
     first = run_mine(_cfg(tiny_dir, synthetic, out))

@@ -186,6 +186,7 @@ def test_process_indices(prepared):
         ds.process_indices(2, 2)
 
 
+@pytest.mark.slow  # a fresh interpreter preparing and reading a dataset
 def test_no_tensorflow(prepared, tiny_dir, synthetic, tmp_path):
     """Reading (and writing) go through TFDS' numpy paths: TensorFlow is never imported."""
     cfg = _cfg(tiny_dir, synthetic, tmp_path / "again", subsets=("SynT2I",))

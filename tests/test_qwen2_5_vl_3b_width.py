@@ -17,6 +17,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+pytestmark = pytest.mark.slow  # 3B widths: `pytest -m "not slow"` leaves it out
+
 from conftest import assert_parity  # noqa: E402
 from hf_reference import hf_hidden_states, hf_rope_index, load_hf_model  # noqa: E402
 from test_qwen2_vl_parity import VISION, encode, prompt, random_image  # noqa: E402

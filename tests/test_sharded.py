@@ -18,6 +18,8 @@ from conftest import report
 
 HERE = Path(__file__).resolve().parent
 
+pytestmark = pytest.mark.slow  # 8 devices in a subprocess: `pytest -m "not slow"` leaves it out
+
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):

@@ -19,6 +19,8 @@ from conftest import report
 
 ROOT = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.slow  # training runs in subprocesses: `pytest -m "not slow"` leaves it out
+
 
 @pytest.fixture(scope="module")
 def setup(tiny_dir, tmp_path_factory):
