@@ -105,6 +105,7 @@ def test_live_mmeb_subsets_match_pytorch(model_dir, synthetic, tmp_path):
     assert "| SynGround-Matching |" in md and "PASS" in md
 
 
+@pytest.mark.slow
 def test_live_jsonl_rows_and_the_fail_below_gate(tiny_dir, rows_file, tmp_path, monkeypatch, capsys):
     """Text and image rows agree; weights that differ from what g2e_jax loads are caught."""
     pytest.importorskip("torch")
@@ -402,6 +403,7 @@ def _peft_adapter(model_dir, out):
     return out
 
 
+@pytest.mark.slow
 def test_adapter_is_passed_to_g2e_jax_and_applied_by_the_reference(
     tiny_dir, rows_file, tmp_path, monkeypatch
 ):
@@ -439,6 +441,7 @@ def test_adapter_is_passed_to_g2e_jax_and_applied_by_the_reference(
     assert rc == 1 and r["min_cosine"] < 0.9999
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     "adapter" not in inspect.signature(__import__("g2e_jax.embed").embed.Embedder.from_pretrained).parameters,
     reason="Embedder.from_pretrained has no adapter= yet",
