@@ -123,6 +123,10 @@ def test_live_jsonl_rows_and_the_fail_below_gate(tiny_dir, rows_file, tmp_path, 
     rc, r = _run([*args, "--output", str(tmp_path / "same")])
     assert rc == 0 and r["rows"] == 4 and r["min_cosine"] >= 0.99999
     assert {w["id"] for w in r["worst"]} == {"t1", "t2", "i1", "i2"}
+    per_row = [json.loads(line) for line in (tmp_path / "same" / "rows.jsonl").read_text().splitlines()]
+    assert [p["id"] for p in per_row] == ["t1", "i1", "t2", "i2"] and min(
+        p["cosine"] for p in per_row
+    ) >= 0.99999
 
     # g2e_jax now holds one edited tensor (the final norm), transformers the file's
     from g2e_jax.embed import Embedder

@@ -35,6 +35,14 @@ class Rows:
         self.what += [{"text": t[:120], "image": im} for t, im in zip(texts, images)]
         return cos, diff
 
+    def records(self) -> str:
+        """Every row as a JSON line: id, cosine, max abs difference."""
+        cos, diff = self.cosines(), np.concatenate(self.diff) if self.diff else np.zeros(0)
+        return "".join(
+            json.dumps({"id": i, "cosine": _num(c), "max_abs_diff": _num(d)}) + "\n"
+            for i, c, d in zip(self.ids, cos, diff)
+        )
+
     def cosines(self) -> np.ndarray:
         return np.concatenate(self.cos) if self.cos else np.zeros(0)
 
@@ -69,13 +77,19 @@ def precision_at_1(
 # --- files --------------------------------------------------------------------------------------------
 
 
-def write_outputs(out_dir, result: dict, cosines: np.ndarray) -> dict[str, Path]:
+def write_outputs(out_dir, result: dict, rows: Rows) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "compare.json", "markdown": out / "compare.md", "plot": out / "compare.png"}
+    paths = {
+        "json": out / "compare.json",
+        "markdown": out / "compare.md",
+        "plot": out / "compare.png",
+        "rows": out / "rows.jsonl",
+    }
     write_atomic(paths["json"], json.dumps(result, indent=2) + "\n")
     write_atomic(paths["markdown"], markdown(result))
-    histogram(cosines, paths["plot"], result.get("fail_below"))
+    write_atomic(paths["rows"], rows.records())
+    histogram(rows.cosines(), paths["plot"], result.get("fail_below"))
     return paths
 
 

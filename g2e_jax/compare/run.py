@@ -166,7 +166,7 @@ def run_compare(
         passed=failed == 0,
         config=json.loads(cfg.to_json_best_effort(sort_keys=True)),
     )
-    write_outputs(output, result, cos)
+    write_outputs(output, result, rows)
     return result
 
 
