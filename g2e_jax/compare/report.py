@@ -108,7 +108,9 @@ def _pct(x):
 
 def markdown(r: dict) -> str:
     lines = [f"# g2e_jax vs {r['reference']} ({r['mode']} mode)", ""]
-    lines += [f"Model: `{r['model']}`  ", f"Prompt: {r['prompt']}  ", f"Input: {r['input']}", ""]
+    if r["model"] is not None:
+        lines += [f"Model: `{r['model']}`  ", f"Prompt: {r['prompt']}  "]
+    lines += [f"Input: {r['input']}", ""]
     if r["rows"]:
         lines += ["| | official (PyTorch) | g2e_jax |", "|---|---|---|"]
         o, g = r["sides"]["official"], r["sides"]["g2e_jax"]

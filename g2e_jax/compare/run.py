@@ -157,7 +157,12 @@ def run_compare(
     result.update(rows.summary(cfg.worst))
     if official_clusters is not None:
         result["clusters"], result["clusters_unmatched"] = _cluster_stats(official_clusters, clusters)
-        result["mode"] = result["mode"] or "clusters"
+        if result["mode"] is None:
+            result.update(
+                mode="clusters",
+                reference="the official cli/sample_mmeb.py clusters",
+                input=f"{Path(official_clusters).resolve()} vs {Path(clusters).resolve()}",
+            )
     cos = rows.cosines()
     failed = int((~(cos >= fail_below)).sum()) if fail_below is not None else 0
     result.update(
