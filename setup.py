@@ -31,6 +31,8 @@ setup(
     extras_require={
         # torch: install the CPU build first (`pip install torch==2.13.0`), see README.
         "test": ["pytest", "torch", "peft"],
+        # `g2e-jax compare` live mode (the PyTorch reference; peft for adapters).
+        "torch": ["torch", "peft"],
     },
     entry_points={"console_scripts": ["g2e-jax=g2e_jax.cli:main"]},
 )

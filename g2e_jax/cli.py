@@ -104,6 +104,43 @@ def _demo(args, overrides) -> int:
     return 0
 
 
+def _compare(args, overrides) -> int:
+    from g2e_jax.compare import compare_config, run_compare
+    from g2e_jax.compare.reference import TorchMissing
+
+    cfg = _config(args, overrides, compare_config)
+    try:
+        r = run_compare(
+            cfg,
+            args.output,
+            input_path=args.input,
+            role=args.role,
+            official_dir=args.official_dir,
+            official_clusters=args.official_clusters,
+            clusters=args.clusters,
+            fail_below=args.fail_below,
+        )
+    except TorchMissing as e:
+        print(f"g2e-jax compare: error: {e}", file=sys.stderr)
+        return 2
+    if r["rows"]:
+        print(
+            f"{r['rows']} rows: min cosine {r['min_cosine']}, max abs difference {r['max_abs_diff']} "
+            f"-> {args.output}/compare.md"
+        )
+    if r.get("clusters"):
+        print(f"clusters of {len(r['clusters'])} subsets compared -> {args.output}/compare.md")
+    if not r["passed"]:
+        worst = r["worst"][0]
+        print(
+            f"g2e-jax compare: {r['failed_rows']} rows below --fail-below {args.fail_below} "
+            f"(worst: {worst['id']}, cosine {worst['cosine']})",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def _config_command(sub, name: str, run, help: str, *, config: str, required: bool = False, example: str):
     """A subcommand driven by an ml-collections config: ``--config FILE`` plus ``--config.a.b=v``."""
     parser = sub.add_parser(name, help=help, epilog=f"Config fields can be overridden as --config.a.b=value "
@@ -181,6 +218,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--workdir", default="g2e_demo", help="where everything is written (default: %(default)s)"
     )
+
+    compare = _config_command(
+        sub,
+        "compare",
+        _compare,
+        "g2e_jax's embeddings against the official PyTorch pipeline's, on your model and rows",
+        config="config file (default: built-in, as configs/compare.py)",
+        example="--config.model.path=DIR",
+    )
+    compare.add_argument(
+        "--output", required=True, help="directory for compare.json, compare.md, compare.png"
+    )
+    compare.add_argument("--input", help="live mode on JSONL rows ({id, text, image}, as for embed)")
+    compare.add_argument("--role", choices=("query", "document"), help="the role of the --input rows")
+    compare.add_argument(
+        "--official-dir", help="offline mode: the official cli/evaluate.py --encode_output_path"
+    )
+    compare.add_argument(
+        "--official-clusters", help="the official cli/sample_mmeb.py output (*_hard_negatives.json)"
+    )
+    compare.add_argument("--clusters", help="the `g2e-jax mine` output to compare --official-clusters with")
+    compare.add_argument("--fail-below", type=float, help="exit 1 when any row's cosine is below this")
     return parser
 
 
