@@ -309,3 +309,14 @@ def test_plain_rows_capped_per_subset_as_the_official_sample(prepared, synthetic
         assert [c[0]["qry"] for c in from_files.clusters[subset]] == expected
         rows = read_train(synthetic / "train", subset, image_dir=synthetic / "images")
         assert [rows[data[c[0]]["row"]].qry for c in from_prepared.clusters[subset]] == expected
+
+
+def test_training_refuses_a_prepared_dataset_of_other_settings(prepared, synthetic):
+    from g2e_jax.train.data import TrainData
+    from g2e_jax.train.trainer import training_config
+
+    cfg = training_config(subsets=SUBSETS)
+    cfg.data.source, cfg.data.prepared_dir = "prepared", str(prepared)
+    cfg.image_resolution = "mid_low"  # the paper recipe's; the fixture was prepared at native size
+    with pytest.raises(ValueError, match=r"image_resolution=None \(config: 'mid_low'\)"):
+        TrainData.from_config(cfg, None)

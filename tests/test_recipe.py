@@ -13,7 +13,8 @@ from g2e_jax.config_utils import load_config
 from g2e_jax.data.clusters import ClusterBatchSampler, batch_label
 from g2e_jax.data.mmeb import read_train, sample_rows
 
-# The official commands' values, stage by stage: (config field, value, the official flag or code it comes from).
+# The official commands' values, stage by stage: (config field, value, the official flag or code it
+# comes from).
 # A change to a paper config that drifts from these fails here.
 OFFICIAL = {
     "eval": [  # python -m cli.evaluate
@@ -106,7 +107,8 @@ def test_configs_hold_the_official_values(stage, config):
 
 
 def test_filtered_variant_is_the_recipe_with_the_filters_on():
-    saha, filtered = load_config("configs/qwen2vl_2b_saha.py"), load_config("configs/qwen2vl_2b_saha.py:filtered")
+    saha = load_config("configs/qwen2vl_2b_saha.py")
+    filtered = load_config("configs/qwen2vl_2b_saha.py:filtered")
     assert filtered.train.mask_same_target and filtered.train.mask_same_query
     a, b = saha.to_dict(), filtered.to_dict()
     a["train"].pop("mask_same_target"), a["train"].pop("mask_same_query")
@@ -156,7 +158,8 @@ def test_mixed_batches_draw_clusters_across_subsets():
     assert sampler.steps_per_epoch == -(-total // 3)
     epoch = _epoch(sampler)
     # Every cluster exactly once per epoch, batches of 3 but the last.
-    assert sorted(c for b in epoch for c in b) == sorted((s, i) for s, v in SIZES.items() for i in range(len(v)))
+    every = sorted((s, i) for s, v in SIZES.items() for i in range(len(v)))
+    assert sorted(c for b in epoch for c in b) == every
     assert [len(b) for b in epoch] == [3] * (total // 3) + ([total % 3] if total % 3 else [])
     mixed = [b for b in epoch if len({s for s, _ in b}) > 1]
     assert len(mixed) >= len(epoch) // 2, epoch  # a uniform draw: most batches mix subsets
@@ -209,7 +212,9 @@ def test_sample_rows_is_datasets_shuffle_seed_42(num_rows, limit):
 def test_read_train_caps_a_subset_as_the_official_loader(tmp_path):
     folder = tmp_path / "Sub"
     folder.mkdir()
-    rows = [{"qry": f"q{i}", "qry_image_path": "", "pos_text": f"p{i}", "pos_image_path": ""} for i in range(30)]
+    rows = [
+        {"qry": f"q{i}", "qry_image_path": "", "pos_text": f"p{i}", "pos_image_path": ""} for i in range(30)
+    ]
     (folder / "original.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     ds = datasets.load_dataset("json", data_files=str(folder / "original.jsonl"), split="train")
     official = ds.shuffle(seed=42).select(range(9))

@@ -65,6 +65,17 @@ class TrainData:
                     "data.source=prepared needs --config.data.prepared_dir (the `g2e-jax prepare` output)"
                 )
             prepared = PreparedDataset(cfg.data.prepared_dir)
+            # Records are tokenised and resized once: they must be what this config would make.
+            settings = {
+                "max_len": cfg.max_len, "image_resolution": cfg.image_resolution, "scheme": cfg.prompt.scheme
+            }
+            differ = {k: (prepared.meta.get(k), v) for k, v in settings.items() if prepared.meta.get(k) != v}
+            if differ:
+                raise ValueError(
+                    f"{cfg.data.prepared_dir}: prepared with other settings than this config's "
+                    + ", ".join(f"{k}={have!r} (config: {want!r})" for k, (have, want) in differ.items())
+                    + "; re-run `g2e-jax prepare` with the config's values or override them"
+                )
             missing = [s for s in subsets if s not in prepared.subsets]
             if missing:
                 raise ValueError(f"{cfg.data.prepared_dir}: no subset(s) {missing}; has {prepared.subsets}")
