@@ -1,9 +1,11 @@
 """``g2e-jax mine``: SaHa clusters for every training subset, from the zero-shot model.
 
-Per subset: read the MMEB-train rows, deduplicate queries and positives, encode them with the
-Embedder (cached on disk in chunks: an interrupted run resumes without re-encoding), search the
-nearest positives, mine, and write ``<output>/<subset>/original.jsonl`` (anchor row +
-``neg_samples``) and ``stats.json``.
+Per subset: read the MMEB-train rows of ``mine.split``, deduplicate queries and positives, encode
+them with the Embedder at the ``mine`` settings (cached on disk in chunks: an interrupted run resumes
+without re-encoding), search the nearest positives, mine, and write
+``<output>/<subset>/original.jsonl`` (anchor row + ``neg_samples``) and ``stats.json``. The cluster
+file keeps the name ``original`` (the split the train readers take) whatever split it was mined
+from; its rows carry that split's instructions, which training then sees, as in the official run.
 """
 
 from __future__ import annotations
@@ -33,10 +35,16 @@ MMEB_TRAIN_SUBSETS = ("ImageNet_1K", "N24News", "HatefulMemes", "VOC2007", "SUN3
 
 
 def mine_section() -> ml_collections.ConfigDict:
-    """The ``mine`` part of a SaHa config (paper run: top_k 15, pool_mult 3)."""
+    """The ``mine`` part of a SaHa config: the official ``cli.sample_mmeb`` settings (top_k 15,
+    pool_mult 3, the ``diverse_instruction`` rows, max length 2048, ``random`` images, batches of
+    16). Mining encodes with these, not with the training's ``max_len`` / ``image_resolution``."""
     c = ml_collections.ConfigDict()
     c.top_k = 15
     c.pool_mult = 3
+    c.split = "diverse_instruction"  # MMEB-train split the clusters are mined from (and trained on)
+    c.max_len = 2048
+    c.image_resolution = config_dict.FieldReference("random", field_type=str)  # None: native size
+    c.batch_size = 16  # encode batch
     c.classification_subsets = CLASSIFICATION_SUBSETS
     c.output_dir = config_dict.placeholder(str)  # clusters, stats and the embedding cache
     c.encode_chunk = 4096  # rows per cached embedding chunk (unit of resume)
@@ -102,18 +110,29 @@ def mine_subset(embedder, rows: list[TrainRow], subset: str, cfg, *, progress=Tr
     return clusters, info
 
 
+def mine_encode_config(cfg) -> ml_collections.ConfigDict:
+    """``cfg`` with its encode settings (``max_len``, ``image_resolution``, ``batch_size``) replaced by
+    the ``mine`` ones, for ``Embedder.from_config``: a SaHa config's top-level values are training's."""
+    c = cfg.copy_and_resolve_references()
+    with c.unlocked():
+        for key in ("max_len", "image_resolution", "batch_size"):
+            c[key] = cfg.mine[key]
+    return c
+
+
 def run_mine(cfg) -> dict:
-    """``g2e-jax mine``: every subset of ``cfg.data.subsets``; returns {subset: stats}."""
+    """``g2e-jax mine``: every subset of ``cfg.data.subsets`` (rows of ``mine.split``, encoded with
+    ``mine.max_len`` / ``mine.image_resolution`` / ``mine.batch_size``); returns {subset: stats}."""
     from g2e_jax.embed import Embedder
 
     if cfg.data.root is None:
         raise ValueError("no data: set --config.data.root=/path/to/MMEB-train")
     if cfg.mine.output_dir is None:
         raise ValueError("no output: set --config.mine.output_dir=DIR")
-    embedder = Embedder.from_config(cfg)
+    embedder = Embedder.from_config(mine_encode_config(cfg))
     summary = {}
     for k, subset in enumerate(cfg.data.subsets, start=1):
-        rows = read_train(cfg.data.root, subset, cfg.data.split, image_dir=cfg.data.image_dir)
+        rows = read_train(cfg.data.root, subset, cfg.mine.split, image_dir=cfg.data.image_dir)
         print(f"[mine {k}/{len(cfg.data.subsets)}] {subset}: {len(rows)} rows", flush=True)
         _, info = mine_subset(embedder, rows, subset, cfg)
         summary[subset] = info
@@ -121,6 +140,8 @@ def run_mine(cfg) -> dict:
               f"({info['phase2_clusters']} in phase 2), recall@1 {info['recall'].get('recall@1', float('nan')):.3f}",
               flush=True)  # fmt: skip
     meta = {"prompt": dataclasses.asdict(embedder.prompt), "model_path": absolute(embedder.model_path),
-            "top_k": cfg.mine.top_k, "pool_mult": cfg.mine.pool_mult, "subsets": summary}  # fmt: skip
+            "top_k": cfg.mine.top_k, "pool_mult": cfg.mine.pool_mult, "split": cfg.mine.split,
+            "max_len": embedder.max_len, "image_resolution": cfg.mine.image_resolution,
+            "subsets": summary}  # fmt: skip
     write_atomic(Path(cfg.mine.output_dir) / "stats.json", json.dumps(meta, indent=2) + "\n")
     return summary

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import pytest
 
 from g2e_jax.config_utils import load_config
@@ -26,7 +25,7 @@ def _cfg(tiny_dir, synthetic, out):
     return load_config(CONFIG, [
         f"model.path={tiny_dir}", "model.dtype=float32", f"data.root={synthetic / 'train'}",
         f"data.image_dir={synthetic / 'images'}", "data.subsets=('SynShape', 'SynT2I')", f"mine.output_dir={out}",
-        "mine.top_k=3", "mine.pool_mult=2", "image_resolution=None", "mine.encode_chunk=8",
+        "mine.top_k=3", "mine.pool_mult=2", "mine.image_resolution=None", "mine.encode_chunk=8",
         "mine.classification_subsets=('SynShape', 'SynColor')",
     ])  # fmt: skip
 
@@ -61,22 +60,21 @@ def test_mine_writes_clusters_and_resumes_from_cache(tiny_dir, synthetic, tmp_pa
 
 def test_sampler_is_deterministic_resumable_and_covers_each_epoch():
     sizes = {"A": [4, 4, 3, 4, 2], "B": [4] * 7, "C": [1]}
-    sampler = ClusterBatchSampler(sizes, clusters_per_batch=3, seed=7)
-    assert sampler.steps_per_epoch == 2 + 3 + 1
-    epoch = [sampler.batch(k) for k in range(sampler.steps_per_epoch)]
-    seen = {s: sorted(int(i) for b in epoch if b[0] == s for i in b[1]) for s in sizes}
-    assert seen == {s: list(range(len(v))) for s, v in sizes.items()}  # every cluster once per epoch
-    assert all(len(ids) <= 3 for _, ids in epoch)
-    # Jumping to a step equals iterating to it; another seed or epoch gives another order.
-    fresh = ClusterBatchSampler(sizes, clusters_per_batch=3, seed=7)
-    for step, subset, ids in fresh(start_step=0):
-        if step == 20:
-            break
-        other = ClusterBatchSampler(sizes, clusters_per_batch=3, seed=7).batch(step)
-        assert other[0] == subset and np.array_equal(other[1], ids)
-    second_epoch = [sampler.batch(k + sampler.steps_per_epoch) for k in range(sampler.steps_per_epoch)]
-    assert [b[0] for b in second_epoch] != [b[0] for b in epoch] or any(
-        not np.array_equal(a[1], b[1]) for a, b in zip(epoch, second_epoch))  # fmt: skip
-    assert sampler.max_pairs() == 12
+    for mode in ("same", "mixed"):
+        sampler = ClusterBatchSampler(sizes, clusters_per_batch=3, seed=7, batch_subsets=mode)
+        assert sampler.steps_per_epoch == (2 + 3 + 1 if mode == "same" else 5)
+        epoch = [sampler.batch(k) for k in range(sampler.steps_per_epoch)]
+        seen = {s: sorted(i for b in epoch for t, i in b if t == s) for s in sizes}
+        assert seen == {s: list(range(len(v))) for s, v in sizes.items()}  # every cluster once per epoch
+        assert all(len(b) <= 3 for b in epoch)
+        # Jumping to a step equals iterating to it; another epoch gives another order.
+        fresh = ClusterBatchSampler(sizes, clusters_per_batch=3, seed=7, batch_subsets=mode)
+        for step, clusters in fresh(start_step=0):
+            if step == 20:
+                break
+            assert ClusterBatchSampler(sizes, 3, seed=7, batch_subsets=mode).batch(step) == clusters
+        second_epoch = [sampler.batch(k + sampler.steps_per_epoch) for k in range(sampler.steps_per_epoch)]
+        assert second_epoch != epoch
+        assert sampler.max_pairs() == 12
     with pytest.raises(ValueError, match="no clusters"):
         ClusterBatchSampler({"A": []}, 2)

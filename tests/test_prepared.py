@@ -285,3 +285,39 @@ def test_uint8_round_trip(size, cfg):
     np.testing.assert_array_equal(grid, want_grid)
     with pytest.raises(ValueError, match="uint8 patches"):
         expand_patches(u8.astype(np.int16), cfg)
+
+
+def test_plain_rows_capped_per_subset_as_the_official_sample(prepared, synthetic):
+    """data.num_sample_per_subset picks the same rows from MMEB files and from a prepared dataset: those
+    of the official ``load_dataset(...).shuffle(seed=42).select(range(n))``."""
+    import datasets
+
+    from g2e_jax.train.data import TrainData
+    from g2e_jax.train.trainer import training_config
+
+    cfg = training_config(subsets=SUBSETS)
+    cfg.data.root, cfg.data.image_dir = str(synthetic / "train"), str(synthetic / "images")
+    cfg.data.prepared_dir, cfg.data.num_sample_per_subset = str(prepared), 4
+    cfg.data.source = "mmeb"
+    from_files = TrainData.from_config(cfg, None)
+    cfg.data.source = "prepared"
+    from_prepared = TrainData.from_config(cfg, None)
+    data = PreparedDataset(prepared)
+    for subset in SUBSETS:
+        file = synthetic / "train" / subset / "original.jsonl"
+        official = datasets.load_dataset("json", data_files=str(file), split="train").shuffle(seed=42)
+        expected = official.select(range(4))["qry"]
+        assert [c[0]["qry"] for c in from_files.clusters[subset]] == expected
+        rows = read_train(synthetic / "train", subset, image_dir=synthetic / "images")
+        assert [rows[data[c[0]]["row"]].qry for c in from_prepared.clusters[subset]] == expected
+
+
+def test_training_refuses_a_prepared_dataset_of_other_settings(prepared, synthetic):
+    from g2e_jax.train.data import TrainData
+    from g2e_jax.train.trainer import training_config
+
+    cfg = training_config(subsets=SUBSETS)
+    cfg.data.source, cfg.data.prepared_dir = "prepared", str(prepared)
+    cfg.image_resolution = "mid_low"  # the paper recipe's; the fixture was prepared at native size
+    with pytest.raises(ValueError, match=r"image_resolution=None \(config: 'mid_low'\)"):
+        TrainData.from_config(cfg, None)

@@ -68,64 +68,94 @@ def read_clusters(path: str | Path, *, image_dir: str | Path | None = None) -> l
     return clusters
 
 
+BATCH_SUBSETS = ("mixed", "same")
+
+
 @dataclasses.dataclass
 class ClusterBatchSampler:
-    """Batches of whole clusters, every batch from one subset, in an order fixed by the seed.
+    """Batches of whole clusters in an order fixed by the seed; ``batch(step)`` is a list of
+    ``(subset, cluster id)``.
 
-    An epoch shuffles each subset's clusters, cuts them into batches of ``clusters_per_batch`` (a
-    subset's last batch may hold fewer clusters), and shuffles the order of all batches. Batch
-    ``step`` is computed directly from ``(seed, step)``: resuming at step k replays nothing.
-    Clusters smaller than ``top_k + 1`` rows (phase-2 leftovers, small subsets) are kept as they
-    are; training pads every batch to a fixed number of pairs and masks the padding, so a short
+    ``batch_subsets="mixed"`` (the official run: Hugging Face's random sampler over every subset's
+    clusters): an epoch is one permutation of all clusters of all subsets, cut into batches of
+    ``clusters_per_batch`` (the last may hold fewer). ``"same"``: every batch from one subset; an
+    epoch shuffles each subset's clusters, cuts them into batches (a subset's last batch may hold
+    fewer), and shuffles the order of all batches. Either way batch ``step`` is computed directly
+    from ``(seed, step)``: resuming at step k replays nothing, and each process may ask for any batch.
+    Clusters smaller than ``top_k + 1`` rows (phase-2 leftovers, small subsets, plain rows) are kept as
+    they are; training pads every batch to a fixed number of pairs and masks the padding, so a short
     cluster only means fewer in-batch negatives.
     """
 
     cluster_sizes: Mapping[str, Sequence[int]]  # subset -> rows per cluster (order = cluster ids)
     clusters_per_batch: int
     seed: int = 0
+    batch_subsets: str = "same"
 
     def __post_init__(self):
         if self.clusters_per_batch < 1:
             raise ValueError(f"clusters_per_batch must be >= 1, got {self.clusters_per_batch}")
+        if self.batch_subsets not in BATCH_SUBSETS:
+            raise ValueError(f"unknown batch_subsets {self.batch_subsets!r}; expected one of {BATCH_SUBSETS}")
         self.subsets = sorted(s for s, sizes in self.cluster_sizes.items() if len(sizes))
         if not self.subsets:
             raise ValueError("no clusters to sample from")
-        self.steps_per_epoch = sum(
-            -(-len(self.cluster_sizes[s]) // self.clusters_per_batch) for s in self.subsets
-        )
-        self._epoch_cache: tuple[int, list[tuple[str, np.ndarray]]] | None = None
+        counts = [len(self.cluster_sizes[s]) for s in self.subsets]
+        self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # global id = offset + id
+        per_batch = self.clusters_per_batch
+        if self.batch_subsets == "mixed":
+            self.steps_per_epoch = -(-int(self._offsets[-1]) // per_batch)
+        else:
+            self.steps_per_epoch = sum(-(-n // per_batch) for n in counts)
+        self._epoch_cache: tuple[int, np.ndarray, np.ndarray] | None = None
 
-    def _epoch(self, epoch: int) -> list[tuple[str, np.ndarray]]:
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's global cluster ids in batch order, and each batch's start in them."""
         if self._epoch_cache is not None and self._epoch_cache[0] == epoch:
-            return self._epoch_cache[1]
-        batches = []
-        for k, subset in enumerate(self.subsets):
-            rng = np.random.default_rng([self.seed, epoch, k])
-            order = rng.permutation(len(self.cluster_sizes[subset]))
-            for start in range(0, len(order), self.clusters_per_batch):
-                batches.append((subset, order[start : start + self.clusters_per_batch]))
-        shuffle = np.random.default_rng([self.seed, epoch, len(self.subsets)]).permutation(len(batches))
-        plan = [batches[i] for i in shuffle]
-        self._epoch_cache = (epoch, plan)
-        return plan
+            return self._epoch_cache[1:]
+        per_batch = self.clusters_per_batch
+        if self.batch_subsets == "mixed":
+            order = np.random.default_rng([self.seed, epoch]).permutation(int(self._offsets[-1]))
+            starts = np.arange(0, len(order), per_batch)
+        else:
+            batches = []
+            for k, subset in enumerate(self.subsets):
+                rng = np.random.default_rng([self.seed, epoch, k])
+                ids = self._offsets[k] + rng.permutation(len(self.cluster_sizes[subset]))
+                batches += [ids[start : start + per_batch] for start in range(0, len(ids), per_batch)]
+            shuffle = np.random.default_rng([self.seed, epoch, len(self.subsets)]).permutation(len(batches))
+            plan = [batches[i] for i in shuffle]
+            order = np.concatenate(plan)
+            starts = np.cumsum([0] + [len(b) for b in plan[:-1]])
+        self._epoch_cache = (epoch, order.astype(np.int64), np.asarray(starts, np.int64))
+        return self._epoch_cache[1:]
 
-    def batch(self, step: int) -> tuple[str, np.ndarray]:
-        """(subset, cluster ids) of global batch ``step``."""
+    def batch(self, step: int) -> list[tuple[str, int]]:
+        """The clusters of global batch ``step``, in order, each as (subset, cluster id)."""
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         epoch, index = divmod(step, self.steps_per_epoch)
-        return self._epoch(epoch)[index]
+        order, starts = self._epoch(epoch)
+        end = starts[index + 1] if index + 1 < len(starts) else len(order)
+        ids = order[starts[index] : end]
+        k = np.searchsorted(self._offsets, ids, side="right") - 1
+        return [(self.subsets[s], int(i - self._offsets[s])) for s, i in zip(k, ids)]
 
-    def __call__(self, start_step: int = 0) -> Iterator[tuple[int, str, np.ndarray]]:
+    def __call__(self, start_step: int = 0) -> Iterator[tuple[int, list[tuple[str, int]]]]:
         step = start_step
         while True:
-            subset, ids = self.batch(step)
-            yield step, subset, ids
+            yield step, self.batch(step)
             step += 1
 
     def max_pairs(self) -> int:
         """The most pairs any batch can hold (the fixed batch shape training pads to)."""
-        return max(
-            sum(sorted(sizes, reverse=True)[: self.clusters_per_batch]) for sizes in
-            (self.cluster_sizes[s] for s in self.subsets)
-        )  # fmt: skip
+        n = self.clusters_per_batch
+        if self.batch_subsets == "mixed":
+            return sum(sorted((x for s in self.subsets for x in self.cluster_sizes[s]), reverse=True)[:n])
+        return max(sum(sorted(self.cluster_sizes[s], reverse=True)[:n]) for s in self.subsets)
+
+
+def batch_label(clusters: Sequence[tuple[str, int]]) -> str:
+    """The subset of a one-subset batch, else ``"mixed:<number of subsets>"`` (for the metrics log)."""
+    subsets = {s for s, _ in clusters}
+    return next(iter(subsets)) if len(subsets) == 1 else f"mixed:{len(subsets)}"

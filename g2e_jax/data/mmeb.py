@@ -13,6 +13,7 @@ import dataclasses
 from pathlib import Path
 
 import datasets
+import numpy as np
 
 from g2e_jax.paths import resolve_in
 
@@ -123,14 +124,42 @@ def _text(value, subset: str, row: int, column: str, where: str) -> str:
     return value
 
 
-def read_train(root, subset: str, split: str = "original", *, image_dir=None) -> list[TrainRow]:
+# The official in-batch training's per-subset sample: ``subset.shuffle(seed=42).select(range(n))``.
+SAMPLE_SEED = 42
+
+
+def sample_rows(num_rows: int, limit: int | None, seed: int = SAMPLE_SEED) -> np.ndarray:
+    """Row indices of a subset capped at ``limit`` rows, as the official training takes them.
+
+    The official code keeps a subset whole when it has at most ``num_sample_per_subset`` rows, and
+    otherwise takes ``Dataset.shuffle(seed=42).select(range(n))``. Hugging Face ``datasets`` shuffles
+    with ``np.random.default_rng(seed).permutation(len(dataset))``, so this returns exactly the rows it
+    selects, in its order, for the same rows in the same order (the same parquet files):
+    tests/test_recipe.py checks it against ``datasets`` itself. ``limit=None``: every row, in order.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"num_sample_per_subset must be >= 1 or None, got {limit}")
+    if limit is None or num_rows <= limit:
+        return np.arange(num_rows, dtype=np.int64)
+    return np.random.default_rng(seed).permutation(num_rows)[:limit].astype(np.int64)
+
+
+def read_train(
+    root, subset: str, split: str = "original", *, image_dir=None, num_samples: int | None = None
+) -> list[TrainRow]:
+    """The rows of one MMEB-train subset; ``num_samples`` caps them as the official in-batch training
+    does (``sample_rows``; only the kept rows are read and checked). Row numbers in errors are
+    those of the file."""
     if split not in TRAIN_SPLITS:
         raise DataError(f"unknown MMEB-train split {split!r}; expected one of {TRAIN_SPLITS}")
     ds, where = load_split(root, subset, split)
     _check_columns(ds, TRAIN_COLUMNS, subset, where)
     image_dir = Path(root) / subset if image_dir is None else Path(image_dir)
+    keep = sample_rows(len(ds), num_samples)
+    if len(keep) < len(ds):
+        ds = ds.select(keep)
     rows = []
-    for i, r in enumerate(ds):
+    for i, r in zip(keep.tolist(), ds):
         rows.append(TrainRow(
             qry=_text(r["qry"], subset, i, "qry", where),
             qry_image=_image(image_dir, r["qry_image_path"], subset, i, "qry_image_path", where),

@@ -38,7 +38,8 @@ MMEB_GROUPS: dict[str, tuple[str, str]] = {
 
 
 def eval_config(preset: str = "hierarchical") -> ml_collections.ConfigDict:
-    """Defaults of `g2e-jax eval` (configs/mmeb_eval.py returns these)."""
+    """Defaults of `g2e-jax eval` (configs/mmeb_eval.py returns these): the official evaluation
+    settings; ``model.dtype`` "auto" is the official bf16 on GPU/TPU."""
     c = ml_collections.ConfigDict()
     c.model = ml_collections.ConfigDict()
     c.model.path = config_dict.placeholder(str)  # local Hugging Face directory (required)
@@ -58,8 +59,9 @@ def eval_config(preset: str = "hierarchical") -> ml_collections.ConfigDict:
 
     c.output_dir = config_dict.placeholder(str)  # results.json / results.md / results.png
     c.cache_dir = config_dict.placeholder(str)  # candidate-embedding cache; None: <output_dir>/cache
-    c.max_len = 1024
-    c.image_resolution = config_dict.placeholder(str)
+    # The official cli.evaluate settings (--max_len 2048 --image_resolution random), zero-shot and fine-tuned.
+    c.max_len = 2048
+    c.image_resolution = config_dict.FieldReference("random", field_type=str)  # None: native size
     c.batch_size = 8
     return c
 

@@ -1,9 +1,11 @@
 """Training data: clusters (SaHa output) or plain MMEB rows, preprocessed on demand per batch.
 
 Every source is a set of subsets, each a list of clusters, each a list of (query, positive) rows
-(a plain row is a cluster of one). A batch takes whole clusters of one subset (see
+(a plain row is a cluster of one). A batch takes whole clusters, of any subsets or of one (see
 ``ClusterBatchSampler``); rows are preprocessed only when a batch needs them, by the process that
-needs them.
+needs them. Plain rows (``mmeb``, ``prepared``) are capped at ``data.num_sample_per_subset`` per
+subset as the official in-batch training does (``g2e_jax.data.mmeb.sample_rows``); mined clusters
+are never capped (nor are they officially).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from g2e_jax.data.clusters import read_clusters
-from g2e_jax.data.mmeb import read_train
+from g2e_jax.data.mmeb import read_train, sample_rows
 from g2e_jax.data.prepared import content_id
 
 
@@ -40,6 +42,7 @@ class TrainData:
         """``cfg.data.source``: "clusters" (``clusters_dir/<subset>/original.jsonl`` from ``g2e-jax
         mine``) or "mmeb" (plain rows of ``root/<subset>``, each its own cluster)."""
         subsets = list(cfg.data.subsets)
+        cap = cfg.data.get("num_sample_per_subset")
         if cfg.data.source == "clusters":
             if cfg.data.clusters_dir is None:
                 raise ValueError("data.source=clusters needs --config.data.clusters_dir (the mine output)")
@@ -52,9 +55,9 @@ class TrainData:
                 raise ValueError("data.source=mmeb needs --config.data.root")
             clusters = {}
             for s in subsets:
-                rows = read_train(
-                    cfg.data.root, s, cfg.data.split, image_dir=cfg.data.image_dir
-                )  # absolute paths
+                rows = read_train(  # absolute paths
+                    cfg.data.root, s, cfg.data.split, image_dir=cfg.data.image_dir, num_samples=cap
+                )
                 clusters[s] = [[{"qry": r.qry, "qry_image_path": r.qry_image or "", "pos_text": r.pos_text,
                                  "pos_image_path": r.pos_image or ""}] for r in rows]  # fmt: skip
         elif cfg.data.source == "prepared":
@@ -65,11 +68,24 @@ class TrainData:
                     "data.source=prepared needs --config.data.prepared_dir (the `g2e-jax prepare` output)"
                 )
             prepared = PreparedDataset(cfg.data.prepared_dir)
+            # Records are tokenised and resized once: they must be what this config would make.
+            settings = {
+                "max_len": cfg.max_len, "image_resolution": cfg.image_resolution, "scheme": cfg.prompt.scheme
+            }
+            differ = {k: (prepared.meta.get(k), v) for k, v in settings.items() if prepared.meta.get(k) != v}
+            if differ:
+                raise ValueError(
+                    f"{cfg.data.prepared_dir}: prepared with other settings than this config's "
+                    + ", ".join(f"{k}={have!r} (config: {want!r})" for k, (have, want) in differ.items())
+                    + "; re-run `g2e-jax prepare` with the config's values or override them"
+                )
             missing = [s for s in subsets if s not in prepared.subsets]
             if missing:
                 raise ValueError(f"{cfg.data.prepared_dir}: no subset(s) {missing}; has {prepared.subsets}")
-            clusters = {s: [[prepared.index(s, r)] for r in range(prepared._subsets[s]["rows"])]
-                        for s in subsets}  # fmt: skip
+            clusters = {
+                s: [[prepared.index(s, int(r))] for r in sample_rows(prepared._subsets[s]["rows"], cap)]
+                for s in subsets
+            }
             return cls(clusters, preprocessor, prepared=prepared)
         else:
             raise ValueError(f"unknown data.source {cfg.data.source!r}; expected clusters, mmeb or prepared")
@@ -79,12 +95,13 @@ class TrainData:
     def cluster_sizes(self) -> dict[str, list[int]]:
         return {s: [len(c) for c in cl] for s, cl in self.clusters.items()}
 
-    def pairs(self, subset: str, cluster_ids, wanted: set[int] | None = None) -> list:
-        """The batch's pairs in order (anchors first within each cluster); positions not in
-        ``wanted`` are returned as ``"skip"`` placeholders without preprocessing."""
-        rows = [row for i in cluster_ids for row in self.clusters[subset][int(i)]]
+    def pairs(self, clusters, wanted: set[int] | None = None) -> list:
+        """The pairs of ``clusters`` (``(subset, cluster id)`` each) in order, anchors first within
+        each cluster; positions not in ``wanted`` are returned as ``"skip"`` placeholders without
+        preprocessing."""
+        rows = [(subset, row) for subset, i in clusters for row in self.clusters[subset][int(i)]]
         out = []
-        for position, row in enumerate(rows):
+        for position, (subset, row) in enumerate(rows):
             if wanted is not None and position not in wanted:
                 out.append("skip")
                 continue

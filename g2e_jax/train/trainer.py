@@ -29,7 +29,7 @@ from ml_collections import config_dict
 from tqdm.auto import tqdm
 
 from g2e_jax.config_utils import config_to_json
-from g2e_jax.data.clusters import ClusterBatchSampler
+from g2e_jax.data.clusters import ClusterBatchSampler, batch_label
 from g2e_jax.io import write_atomic
 from g2e_jax.models import load
 from g2e_jax.paths import absolute_config_paths
@@ -47,6 +47,9 @@ def train_section() -> ml_collections.ConfigDict:
     t.steps = 1500
     t.seed = 0
     t.clusters_per_batch = 128  # global: 16 clusters per device on 8 devices
+    # "mixed": clusters of every subset drawn at random into each batch (the official run: Hugging
+    # Face's random sampler); "same": every batch from one subset.
+    t.batch_subsets = "mixed"
     t.learning_rate = 5e-5
     t.warmup_steps = 100
     t.weight_decay = 0.0
@@ -60,8 +63,9 @@ def train_section() -> ml_collections.ConfigDict:
     # Each step's sides padded to buckets of what they hold (a few programs), not to the maxima above.
     t.shape_buckets = True
     t.max_patches_per_image = 1024  # 448 x 448 images
-    t.mask_same_target = True
-    t.mask_same_query = True
+    # In-step false-negative filters (ours; the official loss has none: off in the paper recipe).
+    t.mask_same_target = False
+    t.mask_same_query = False
     t.fn_query_threshold = config_dict.placeholder(float)
     t.fn_margin = config_dict.placeholder(float)
     t.hard_k = config_dict.placeholder(int)
@@ -186,7 +190,9 @@ def setup(cfg, workdir: str | Path) -> Run:
     consts = {side: (jnp.asarray(preprocessor.system_ids(role)), jnp.asarray(preprocessor.header_ids))
               for side, role in (("query", "query"), ("target", "document"))}  # fmt: skip
     data = TrainData.from_config(cfg, preprocessor)
-    sampler = ClusterBatchSampler(data.cluster_sizes(), t.clusters_per_batch, seed=t.seed)
+    sampler = ClusterBatchSampler(
+        data.cluster_sizes(), t.clusters_per_batch, seed=t.seed, batch_subsets=t.batch_subsets
+    )
     batch_devices = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
     c = t.rows_per_cell
     cells = (
@@ -204,12 +210,12 @@ def setup(cfg, workdir: str | Path) -> Run:
 
 def global_batch(run: Run, step: int):
     """This process builds its cells of batch ``step``; the result is one global array per leaf."""
-    subset, ids = run.sampler.batch(step)
+    clusters = run.sampler.batch(step)
     g, procs, me = run.shape.cells, jax.process_count(), jax.process_index()
     cells = range(g * me // procs, g * (me + 1) // procs)
     c, k = run.shape.rows_per_cell, run.shape.chunks
     wanted = {(kk * g + cell) * c + r for kk in range(k) for cell in cells for r in range(c)}
-    pairs = run.data.pairs(subset, ids, wanted)
+    pairs = run.data.pairs(clusters, wanted)
     sides = None
     if run.cfg.train.shape_buckets:
         need = side_needs(pairs, run.shape, cells)
@@ -225,7 +231,7 @@ def global_batch(run: Run, step: int):
         shape = (x.shape[0], g) + x.shape[2:]
         return jax.make_array_from_process_local_data(sharding, x, shape)
 
-    return jax.tree.map(to_global, local), subset
+    return jax.tree.map(to_global, local), batch_label(clusters)
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------
@@ -441,8 +447,11 @@ def data_section(subsets=()) -> ml_collections.ConfigDict:
     d.prepared_dir = config_dict.placeholder(str)  # `g2e-jax prepare` output
     d.root = config_dict.placeholder(str)  # MMEB-train: one folder per subset
     d.image_dir = config_dict.placeholder(str)
-    d.split = "original"
+    d.split = "original"  # plain rows (mmeb); `g2e-jax mine` reads mine.split
     d.subsets = tuple(subsets)
+    # Plain rows (mmeb, prepared) per subset at most, as the official in-batch training samples them
+    # (g2e_jax.data.mmeb.sample_rows); None: all. Mined clusters are never capped.
+    d.num_sample_per_subset = config_dict.placeholder(int)
     return d
 
 
@@ -463,9 +472,10 @@ def training_config(subsets=()) -> ml_collections.ConfigDict:
     c.prompt.query_system = config_dict.placeholder(str)
     c.prompt.document_system = config_dict.placeholder(str)
     c.data = data_section(subsets)
+    # Training's encode settings (and the periodic eval's); `g2e-jax mine` uses its own mine.* ones.
     c.max_len = 1024
     c.image_resolution = config_dict.FieldReference(None, field_type=str)
-    c.batch_size = 16  # encode batch (mining, eval)
+    c.batch_size = 16  # encode batch of the periodic eval
     c.mine = mine_section()
     c.train = train_section()
     c.adapter = adapter_section()
@@ -475,38 +485,91 @@ def training_config(subsets=()) -> ml_collections.ConfigDict:
     return c
 
 
+RECIPES = ("saha", "filtered", "inbatch", "zero_shot", "plain")
+
+
 def backbone_recipe(preset: str = "saha") -> ml_collections.ConfigDict:
     """A backbone config file's presets: ``saha`` (mining and training, ``saha_reference_config``),
-    ``zero_shot`` and ``plain`` (MMEB evaluation with either prompt, in the released weights' bf16)."""
+    ``filtered`` (the same with our in-step false-negative filters on), ``inbatch`` (the paper's
+    in-batch baseline, ``inbatch_reference_config``), ``zero_shot`` and ``plain`` (MMEB evaluation
+    with either prompt at the official eval settings, in the released weights' bf16)."""
     from g2e_jax.eval.mmeb import eval_config
 
     if preset == "saha":
         return saha_reference_config()
+    if preset == "filtered":
+        return filtered_config()
+    if preset == "inbatch":
+        return inbatch_reference_config()
     if preset in ("zero_shot", "plain"):
         c = eval_config("hierarchical" if preset == "zero_shot" else "plain")
         c.model.dtype = "bfloat16"
         return c
-    raise ValueError(f"unknown preset {preset!r}; expected saha, zero_shot or plain")
+    raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(RECIPES)}")
 
 
 def saha_reference_config() -> ml_collections.ConfigDict:
-    """The paper's SaHa recipe (DESIGN.md §1), the same for Qwen2-VL-2B and 7B: top_k 15 x
-    pool_mult 3 mining; DoRA r=8 (alpha 64, dropout 0.1, Gaussian init) on the decoder's q/k/v/o
-    and down projections; lr 5e-5 linear with 100 warm-up steps, 1,500 steps; 16 clusters per
-    device on 8 devices; GradCache chunks of 4; 448 x 448 images; max length 1024; bf16."""
+    """The paper's SaHa recipe as the official commands run it (README of Gen2Embed), the same for
+    Qwen2-VL-2B/7B and Qwen2.5-VL. Each stage has its own settings:
+
+    - ``g2e-jax mine`` (``cli.sample_mmeb``): the ``diverse_instruction`` rows, max length 2048,
+      ``random`` (aspect-adaptive) images, batches of 16, bf16, top_k 15 x pool_mult 3.
+    - ``g2e-jax train`` (``cli.train``): the mined clusters, mixed across subsets in every batch; DoRA
+      r=8 (alpha 64, dropout 0.1, Gaussian init) on the decoder's q/k/v/o and down projections; lr
+      5e-5 linear with 100 warm-up steps, 1,500 steps; 16 clusters per device on 8 devices; GradCache
+      chunks of 4; 448 x 448 (``mid_low``) images; max length 1024; bf16; the plain InfoNCE loss at
+      temperature 0.02 (no false-negative filters: see ``filtered_config``).
+    - ``g2e-jax eval`` (``cli.evaluate``): ``configs/mmeb_eval.py`` / the ``zero_shot`` preset
+      (max length 2048, ``random`` images).
+    """
     from g2e_jax.mine import MMEB_TRAIN_SUBSETS
 
     c = training_config(subsets=MMEB_TRAIN_SUBSETS)
     c.model.dtype = "bfloat16"
     c.image_resolution = "mid_low"
-    c.mine.top_k = 15
-    c.mine.pool_mult = 3
+    c.max_len = 1024
+    c.data.split = "original"
+    c.data.num_sample_per_subset = 100_000  # official flag; applies to plain rows only
+    m = c.mine
+    m.top_k = 15
+    m.pool_mult = 3
+    m.split = "diverse_instruction"
+    m.max_len = 2048
+    m.image_resolution = "random"
+    m.batch_size = 16
     t = c.train
     t.steps = 1500
     t.clusters_per_batch = 128
+    t.batch_subsets = "mixed"
     t.learning_rate = 5e-5
     t.warmup_steps = 100
+    t.temperature = 0.02
     t.grad_cache = True
     t.rows_per_cell = 4
+    t.mask_same_target = False
+    t.mask_same_query = False
     c.adapter.kind = "dora"
+    c.adapter.rank = 8
+    c.adapter.alpha = 64.0
+    c.adapter.dropout = 0.1
+    return c
+
+
+def filtered_config() -> ml_collections.ConfigDict:
+    """The SaHa recipe with this project's in-step false-negative filters on (not the paper's run):
+    candidates equal to the anchor's positive, and rows of the same query, are masked in the loss."""
+    c = saha_reference_config()
+    c.train.mask_same_target = True
+    c.train.mask_same_query = True
+    return c
+
+
+def inbatch_reference_config() -> ml_collections.ConfigDict:
+    """The paper's in-batch negative baseline: plain MMEB-train rows (``original`` split, each row its
+    own cluster, at most 100,000 per subset as ``shuffle(seed=42).select(range(n))``), drawn at random
+    across subsets, with the SaHa recipe's optimiser, schedule, steps and encode settings. As with the
+    official command's ``--per_device_train_batch_size 16`` (no hard negatives), a batch is 16 rows
+    per device: 128 pairs on 8 devices. Needs ``data.root`` (MMEB-train), not mined clusters."""
+    c = saha_reference_config()
+    c.data.source = "mmeb"
     return c
