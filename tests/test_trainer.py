@@ -160,11 +160,10 @@ def test_checkpoints_move_between_8_devices_and_1(setup, first, then):
 
 def test_export_hf_matches_the_official_pipeline(setup, uninterrupted, tiny_dir):
     torch = pytest.importorskip("torch")
-    from hf_reference import load_hf_model, official_embeddings, official_template
+    from hf_reference import OFFICIAL_SYSTEM, load_hf_model, official_embeddings, official_template
 
     from g2e_jax import Embedder
     from g2e_jax.models.qwen2_vl.hf_files import load_hf_processor
-    from g2e_jax.prompts import PAPER_SYSTEM
 
     base, _ = setup
     out = base / "exported"
@@ -186,7 +185,7 @@ def test_export_hf_matches_the_official_pipeline(setup, uninterrupted, tiny_dir)
         texts, role="query"
     )
     strings = [
-        official_template(t, has_image=False, role="query", system=PAPER_SYSTEM, scheme="gen2embed")
+        official_template(t, has_image=False, role="query", system=OFFICIAL_SYSTEM, scheme="gen2embed")
         for t in texts
     ]
     ref = official_embeddings(
