@@ -84,8 +84,8 @@ def torch_embed(model, inputs):
     return torch.nn.functional.normalize(hidden[torch.arange(len(last)), last], dim=-1)
 
 
-def torch_trajectory(tiny_dir, folder, steps):
-    """[(loss, grad norm before clipping, {PEFT key: weight after the step})] per step."""
+def torch_trajectory(tiny_dir, folder, steps, warmup=WARMUP):
+    """{PEFT key: initial weight}, [(loss, grad norm before clipping, {PEFT key: weight after the step})]."""
     model = peft.PeftModel.from_pretrained(load_hf_model(tiny_dir), folder, is_trainable=True)
     model.eval()  # dropout 0 anyway; eval() only turns off nothing else in this model
     processor = load_hf_processor(tiny_dir)
@@ -95,7 +95,8 @@ def torch_trajectory(tiny_dir, folder, steps):
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
     from transformers import get_linear_schedule_with_warmup
 
-    schedule = get_linear_schedule_with_warmup(optimizer, WARMUP, steps)
+    schedule = get_linear_schedule_with_warmup(optimizer, warmup, steps)
+    initial = {k: v.detach().numpy().copy() for k, v in peft.get_peft_model_state_dict(model).items()}
     out = []
     for _ in range(steps):
         optimizer.zero_grad()
@@ -107,8 +108,8 @@ def torch_trajectory(tiny_dir, folder, steps):
         optimizer.step()
         schedule.step()
         weights = {k: v.detach().numpy().copy() for k, v in peft.get_peft_model_state_dict(model).items()}
-        out.append((float(loss), float(norm), weights))
-    return out
+        out.append((float(loss.detach()), float(norm), weights))
+    return initial, out
 
 
 # --- our side --------------------------------------------------------------------------------------
@@ -128,7 +129,7 @@ def our_weights(params, name_map) -> dict[str, np.ndarray]:
     return {peft_key(name_map, p): (v if p.endswith("magnitude") else v.T) for p, v in flat.items()}
 
 
-def our_trajectory(tiny_dir, folder, steps, grad_cache):
+def our_trajectory(tiny_dir, folder, steps, grad_cache, warmup=WARMUP):
     model = load(tiny_dir, progress=False)
     load_peft_adapter(model, folder, dropout=0.0)
     graphdef, params, rest = nnx.split(model, nnx.LoRAParam, ...)
@@ -145,7 +146,7 @@ def our_trajectory(tiny_dir, folder, steps, grad_cache):
               for side, role in (("query", "query"), ("target", "document"))}  # fmt: skip
     cfg = StepConfig(temperature=TEMPERATURE, grad_cache=grad_cache, mask_same_target=False, mask_same_query=False,
                      pad_id=pre.pad_id, max_patches_per_image=64)  # fmt: skip
-    tx = make_optimizer(learning_rate=LR, total_steps=steps, warmup_steps=WARMUP, weight_decay=WEIGHT_DECAY,
+    tx = make_optimizer(learning_rate=LR, total_steps=steps, warmup_steps=warmup, weight_decay=WEIGHT_DECAY,
                         max_grad_norm=MAX_NORM)  # fmt: skip
     opt_state = tx.init(params)
     step = jax.jit(lambda p, o: train_step(graphdef, p, rest, o, batch, consts, jax.random.key(0), tx=tx, cfg=cfg))
@@ -164,20 +165,21 @@ def max_relative(ours: dict, ref: dict) -> float:
 
 
 def compare(label, ours, ref):
-    initial = None
+    """Prints the table; every step within the tolerances, and the adapters moved well beyond them."""
+    initial, ref = ref
     print(f"\n[trajectory] {label}\n| step | loss ours | loss torch | grad norm ours / torch | adapter max rel diff |"
           f" moved (rel) |\n|---:|---:|---:|---:|---:|---:|")  # fmt: skip
     rows = []
     for i, ((lo, no, wo), (lt, nt, wt)) in enumerate(zip(ours, ref), start=1):
-        initial = initial or wt
         rel = max_relative(wo, wt)
-        moved = max_relative(wt, initial) if i > 1 else 0.0
+        moved = max_relative(wt, initial)
         print(f"| {i} | {lo:.7f} | {lt:.7f} | {no:.5f} / {nt:.5f} | {rel:.2e} | {moved:.2e} |")
         rows.append((abs(lo - lt), abs(no - nt) / nt, rel))
     for loss_diff, norm_rel, weight_rel in rows:
         assert loss_diff <= LOSS_TOL
         assert norm_rel <= GRAD_NORM_RTOL
         assert weight_rel <= WEIGHT_RTOL
+    assert max_relative(ref[-1][2], initial) > 100 * WEIGHT_RTOL
     return rows
 
 
@@ -196,8 +198,30 @@ def reference(tiny_dir, folders):
 @pytest.mark.parametrize("kind", ["lora", "dora"])
 def test_trajectory_matches_peft_and_torch(tiny_dir, folders, reference, kind, grad_cache):
     ours = our_trajectory(tiny_dir, folders[kind], STEPS, grad_cache)
-    ref = reference[kind]
-    compare(f"{kind}, GradCache {'on' if grad_cache else 'off'}, tiny", ours, ref)
+    initial, ref = reference[kind]
+    compare(f"{kind}, GradCache {'on' if grad_cache else 'off'}, tiny", ours, (initial, ref))
     # The run must actually move: the loss falls and clipping is active at least once.
     assert ref[-1][0] < ref[0][0] - 1e-3
     assert max(r[1] for r in ref) > MAX_NORM
+
+
+@pytest.mark.slow
+def test_one_step_at_2b_widths(tmp_path):
+    """Qwen2-VL-2B's widths (2 decoder layers, 1 vision block, the tiny tokenizer's vocabulary), DoRA,
+    GradCache, one step without warm-up: loss, gradient norm and updated adapters as torch's."""
+    from g2e_jax.models.qwen2_vl import Qwen2VLConfig, TextConfig, VisionConfig
+    from g2e_jax.models.qwen2_vl.config import special_token_ids
+    from g2e_jax.models.qwen2_vl.tiny import make_tiny, with_token_ids
+
+    cfg = with_token_ids(Qwen2VLConfig(
+        text=TextConfig(vocab_size=special_token_ids()["vocab_size"], hidden_size=1536, intermediate_size=8960,
+                        num_hidden_layers=2, num_attention_heads=12, num_key_value_heads=2, mrope_section=(16, 24, 24),
+                        rope_theta=1e6),
+        vision=VisionConfig(depth=1, embed_dim=1280, num_heads=16, mlp_ratio=4, out_hidden_size=1536),
+        tie_word_embeddings=True,
+    ))  # fmt: skip
+    model_dir = make_tiny(tmp_path / "qwen2vl_2b_width", seed=1, config=cfg)
+    folder = make_adapter(model_dir, tmp_path / "dora", "dora", seed=1)
+    ref = torch_trajectory(model_dir, folder, 1, warmup=0)
+    ours = our_trajectory(model_dir, folder, 1, grad_cache=True, warmup=0)
+    compare("dora, GradCache on, Qwen2-VL-2B widths (2 layers + 1 vision block), one step", ours, ref)
