@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
+import importlib
+import os
+
 import jax
 import numpy as np
 import pytest
 
 # Parity is judged in float32 at full matmul precision (DESIGN.md §3).
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+# The PyTorch side of the parity tests. Locally they skip without it; under CI (env CI set) a missing
+# reference is an error, so that ~40 parity tests cannot turn into skips and a green run.
+REFERENCE_PACKAGES = ("torch", "transformers", "peft")
+
+
+def pytest_sessionstart(session):
+    if not os.environ.get("CI"):
+        return
+    missing = []
+    for name in REFERENCE_PACKAGES:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            missing.append(f"{name} ({e})")
+    if missing:
+        pytest.exit(f"CI is set but the PyTorch reference cannot be imported: {', '.join(missing)}; the parity "
+                    f"tests would all be skipped", returncode=3)  # fmt: skip
 
 
 def report(case: str, **values) -> None:

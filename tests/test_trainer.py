@@ -62,7 +62,7 @@ def _params(workdir):
     return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
 
 
-def _wait_for_line(path: Path, step: int, proc, timeout=300):
+def _wait_for_line(path: Path, step: int, proc, timeout=900):  # generous: CI machines can be loaded
     start = time.time()
     while time.time() - start < timeout:
         if path.exists() and any(json.loads(x)["step"] >= step for x in path.read_text().splitlines()):
