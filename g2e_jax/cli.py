@@ -74,7 +74,8 @@ def _export_hf(args, overrides) -> int:
     from g2e_jax.train.export_hf import export_hf
 
     path = export_hf(args.checkpoint, args.output, step=args.step, format=args.format)
-    what = "the merged model in Hugging Face layout" if args.format == "merged" else "the adapters as a PEFT folder"
+    merged = args.format == "merged"
+    what = "the merged model in Hugging Face layout" if merged else "the adapters as a PEFT folder"
     print(f"wrote {what} to {path}")
     return 0
 

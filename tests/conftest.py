@@ -28,8 +28,11 @@ def pytest_sessionstart(session):
         except ImportError as e:
             missing.append(f"{name} ({e})")
     if missing:
-        pytest.exit(f"CI is set but the PyTorch reference cannot be imported: {', '.join(missing)}; the parity "
-                    f"tests would all be skipped", returncode=3)  # fmt: skip
+        pytest.exit(
+            f"CI is set but the PyTorch reference cannot be imported: {', '.join(missing)}; "
+            "the parity tests would all be skipped",
+            returncode=3,
+        )
 
 
 def report(case: str, **values) -> None:

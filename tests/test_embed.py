@@ -81,8 +81,8 @@ def test_hierarchical_template_string():
     p = get_prompt("hierarchical")
     user = p.user_text("query", "<|image_1|> What is it?", has_image=True, instruction=None)
     assert p.render("query", user) == (
-        "<|im_start|>system\nGiven an image, summarize the provided image in one word. Given only text, describe "
-        "the text in one word.<|im_end|>\n<|im_start|>user\n"
+        "<|im_start|>system\nGiven an image, summarize the provided image in one word. "
+        "Given only text, describe the text in one word.<|im_end|>\n<|im_start|>user\n"
         "<|image_pad|> What is it?\nRepresent the given text/image in one word.<|im_end|>\n<|im_start|>assistant\n"
     )
     assert p.render("document", p.user_text("document", "a dog", has_image=False)).endswith(

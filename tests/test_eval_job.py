@@ -17,15 +17,24 @@ SUBSETS = ("SynShape", "SynT2I")
 def data(tmp_path_factory):
     from g2e_jax.data.synthetic import make_synthetic
 
-    return make_synthetic(tmp_path_factory.mktemp("eval") / "syn", train_rows=2, eval_queries=3, num_candidates=4,
-                          image_size=56)  # fmt: skip
+    return make_synthetic(
+        tmp_path_factory.mktemp("eval") / "syn", train_rows=2, eval_queries=3, num_candidates=4, image_size=56
+    )
 
 
 def _eval(model, data, out, *extra):
-    args = ["eval", f"--config.model.path={model}", f"--config.data.root={data / 'eval'}",
-            f"--config.data.image_dir={data / 'images'}", f"--config.data.groups_file={data / 'groups.json'}",
-            f"--config.subsets={SUBSETS!r}", f"--config.output_dir={out}", "--config.model.dtype=float32",
-            "--config.max_len=256", *extra]  # fmt: skip
+    args = [
+        "eval",
+        f"--config.model.path={model}",
+        f"--config.data.root={data / 'eval'}",
+        f"--config.data.image_dir={data / 'images'}",
+        f"--config.data.groups_file={data / 'groups.json'}",
+        f"--config.subsets={SUBSETS!r}",
+        f"--config.output_dir={out}",
+        "--config.model.dtype=float32",
+        "--config.max_len=256",
+        *extra,
+    ]
     assert main(args) == 0
     return json.loads((out / "results.json").read_text())
 
@@ -53,7 +62,9 @@ def test_eval_end_to_end_and_its_cache(tiny_dir, data, tmp_path):
             correct += int(np.argmax(c @ q[0]) == 0)
         assert run["subsets"][subset]["precision_at_1"] == pytest.approx(correct / len(rows))
         assert run["subsets"][subset]["cached"] is False
-    assert run["summary"]["overall"] == pytest.approx(np.mean([run["subsets"][s]["precision_at_1"] for s in SUBSETS]))
+    assert run["summary"]["overall"] == pytest.approx(
+        np.mean([run["subsets"][s]["precision_at_1"] for s in SUBSETS])
+    )
 
     # The same model and prompt hit the cache with the same scores; another prompt or model misses it.
     again = next(iter(_eval(tiny_dir, data, tmp_path / "b", cache).values()))

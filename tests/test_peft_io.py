@@ -48,8 +48,9 @@ def hidden(torch_model, batch):
     from hf_reference import hf_hidden_states
 
     ids, mask, pos = batch
-    return hf_hidden_states(torch_model, {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)},
-                            pos)  # fmt: skip
+    return hf_hidden_states(
+        torch_model, {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)}, pos
+    )
 
 
 @pytest.mark.parametrize("kind", ["lora", "dora"])
@@ -87,19 +88,26 @@ def test_our_folder_loads_in_peft_unmerged(tiny_dir, tmp_path, kind):
     ours = load(tiny_dir, progress=False)
     load_peft_adapter(ours, tmp_path / "theirs")
     save_peft_adapter(ours, tmp_path / "ours", base_model=tiny_dir)
-    theirs_t, ours_t = load_file(tmp_path / "theirs/adapter_model.safetensors"), load_file(
-        tmp_path / "ours/adapter_model.safetensors"
+    theirs_t, ours_t = (
+        load_file(tmp_path / "theirs/adapter_model.safetensors"),
+        load_file(tmp_path / "ours/adapter_model.safetensors"),
     )
     assert sorted(ours_t) == sorted(theirs_t)
     assert max(float(np.abs(ours_t[k] - theirs_t[k]).max()) for k in ours_t) == 0.0
     reloaded = peft.PeftModel.from_pretrained(load_hf_model(tiny_dir), tmp_path / "ours").eval()
-    assert isinstance(reloaded.base_model.model.model.language_model.layers[0].self_attn.q_proj, peft.tuners.lora.Linear)
+    assert isinstance(
+        reloaded.base_model.model.model.language_model.layers[0].self_attn.q_proj, peft.tuners.lora.Linear
+    )
     assert reloaded.peft_config["default"].use_dora == (kind == "dora")
     ours.eval()
     batch = text_batch(ours.config)
     real = batch[1].astype(bool)
-    diff = float(np.abs(hidden(reloaded.base_model.model, batch)[real]
-                        - np.asarray(ours(batch[0], batch[1], position_ids=batch[2]))[real]).max())  # fmt: skip
+    diff = float(
+        np.abs(
+            hidden(reloaded.base_model.model, batch)[real]
+            - np.asarray(ours(batch[0], batch[1], position_ids=batch[2]))[real]
+        ).max()
+    )
     report(f"our {kind} folder -> PeftModel.from_pretrained", max_abs_diff=diff)
     assert diff <= 1e-5
     config = json.loads((tmp_path / "ours/adapter_config.json").read_text())
@@ -117,15 +125,21 @@ def test_embedder_with_adapter_matches_the_official_pipeline(tiny_dir, tmp_path)
     wrapped = peft_model(tiny_dir, "dora", seed=3)
     wrapped.save_pretrained(tmp_path / "adapter")
     texts = ["a red car", "Find a caption for the news in the given photo."]
-    strings = [official_template(t, has_image=False, role="query", system=OFFICIAL_SYSTEM, scheme="gen2embed")
-               for t in texts]  # fmt: skip
-    ref = official_embeddings(wrapped.base_model.model, load_hf_processor(tiny_dir), strings, [None, None],
-                              scheme="gen2embed")  # fmt: skip
+    strings = [
+        official_template(t, has_image=False, role="query", system=OFFICIAL_SYSTEM, scheme="gen2embed")
+        for t in texts
+    ]
+    ref = official_embeddings(
+        wrapped.base_model.model, load_hf_processor(tiny_dir), strings, [None, None], scheme="gen2embed"
+    )
     emb = Embedder.from_pretrained(tiny_dir, adapter=tmp_path / "adapter", dtype="float32", progress=False)
     plain = Embedder.from_pretrained(tiny_dir, dtype="float32", progress=False)
     ours = emb.encode(texts, role="query")
     cosine = (ref * ours).sum(-1)
-    report("Embedder(adapter=PEFT DoRA) vs official pipeline + PEFT", one_minus_min_cosine=float(1 - cosine.min()))
+    report(
+        "Embedder(adapter=PEFT DoRA) vs official pipeline + PEFT",
+        one_minus_min_cosine=float(1 - cosine.min()),
+    )
     assert cosine.min() >= 0.99999
     assert (ref * plain.encode(texts, role="query")).sum(-1).min() < 0.999  # the adapter matters
     assert emb.weights_id != plain.weights_id  # caches keyed by weights tell them apart
@@ -137,13 +151,25 @@ def test_cli_embed_takes_an_adapter(tiny_dir, tmp_path):
 
     peft_model(tiny_dir, "lora", seed=4).save_pretrained(tmp_path / "adapter")
     (tmp_path / "rows.jsonl").write_text('{"id": "a", "text": "a red car", "image": null}\n')
-    rc = main(["embed", "--input", str(tmp_path / "rows.jsonl"), "--output", str(tmp_path / "out"),
-               "--role", "document", f"--config.model.path={tiny_dir}", "--config.model.dtype=float32",
-               f"--config.model.adapter={tmp_path / 'adapter'}"])  # fmt: skip
+    rc = main(
+        [
+            "embed",
+            "--input",
+            str(tmp_path / "rows.jsonl"),
+            "--output",
+            str(tmp_path / "out"),
+            "--role",
+            "document",
+            f"--config.model.path={tiny_dir}",
+            "--config.model.dtype=float32",
+            f"--config.model.adapter={tmp_path / 'adapter'}",
+        ]
+    )
     assert rc == 0
     want = Embedder.from_pretrained(tiny_dir, adapter=tmp_path / "adapter", dtype="float32", progress=False)
-    np.testing.assert_allclose(np.load(tmp_path / "out/embeddings.npy"),
-                               want.encode(["a red car"], role="document"), atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        np.load(tmp_path / "out/embeddings.npy"), want.encode(["a red car"], role="document"), atol=1e-6
+    )
 
 
 @pytest.mark.parametrize(
@@ -210,7 +236,16 @@ def test_ci_fails_instead_of_skipping_without_torch(tmp_path):
     (tmp_path / "torch.py").write_text("raise ImportError('torch is broken here')\n")
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{root}")
-    cmd = [sys.executable, "-m", "pytest", "tests/test_loss.py", "--collect-only", "-q", "-p", "no:cacheprovider"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "tests/test_loss.py",
+        "--collect-only",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+    ]
     ci = subprocess.run(cmd, cwd=root, env=dict(env, CI="1"), capture_output=True, text=True, timeout=600)
     assert ci.returncode == 3, ci.stdout[-2000:] + ci.stderr[-2000:]
     assert "PyTorch reference cannot be imported: torch (torch is broken here)" in ci.stdout + ci.stderr

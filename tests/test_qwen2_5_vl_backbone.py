@@ -207,11 +207,11 @@ def test_config_files(size):
     assert config_to_json(cfg) == config_to_json(saha_reference_config().lock())
     # The paper's recipe (DESIGN.md section 1), written out here, not taken from the code under test.
     assert (cfg.mine.top_k, cfg.mine.pool_mult) == (15, 3)
-    assert (cfg.adapter.kind, cfg.adapter.rank, cfg.adapter.alpha, cfg.adapter.dropout, cfg.adapter.init) == (
-        "dora", 8, 64.0, 0.1, "gaussian")  # fmt: skip
-    targets = [f"text.layers.0.{m}" for m in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.down_proj")]
-    assert all(re.fullmatch(cfg.adapter.targets, t) for t in targets)
-    assert not any(re.fullmatch(cfg.adapter.targets, t) for t in ("text.layers.0.mlp.up_proj", "text.layers.0.mlp.gate_proj"))
+    a = cfg.adapter
+    assert (a.kind, a.rank, a.alpha, a.dropout, a.init) == ("dora", 8, 64.0, 0.1, "gaussian")
+    adapted = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.down_proj")
+    assert all(re.fullmatch(a.targets, f"text.layers.0.{m}") for m in adapted)
+    assert not any(re.fullmatch(a.targets, f"text.layers.0.mlp.{m}") for m in ("up_proj", "gate_proj"))
     t = cfg.train
     assert (t.learning_rate, t.warmup_steps, t.steps, t.temperature) == (5e-5, 100, 1500, 0.02)
     assert (t.clusters_per_batch, t.grad_cache, t.rows_per_cell) == (16 * 8, True, 4)

@@ -106,8 +106,9 @@ def test_sigterm_checkpoint_is_resumed_exactly(setup):
     base, args = setup
     long = ["--config.train.steps=60", "--config.train.checkpoint_every=1000"]
     workdir = base / "preempted"
-    proc = subprocess.Popen(_train_cmd(workdir, args, *long), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        _train_cmd(workdir, args, *long), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     _wait_for_line(workdir / "metrics.jsonl", 4, proc)  # a few steps have run
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
@@ -171,8 +172,11 @@ def test_checkpoints_move_between_8_devices_and_1(setup, first, then):
     # optimizer state shows here (the step-9 loss above is computed before it is used).
     pa, pb = _params(same), _params(other)
     param_diff = max(float(np.abs(pa[k] - pb[k]).max()) for k in pa)
-    report(f"checkpoint saved on {first} device(s), resumed on {then}: step 10", loss_abs_diff=abs(a[10] - b[10]),
-           params_max_abs_diff=param_diff)  # fmt: skip
+    report(
+        f"checkpoint saved on {first} device(s), resumed on {then}: step 10",
+        loss_abs_diff=abs(a[10] - b[10]),
+        params_max_abs_diff=param_diff,
+    )
     assert abs(a[10] - b[10]) <= 1e-5
     assert param_diff <= 1e-5
 
@@ -317,8 +321,9 @@ def test_dora_with_dropout_resumes_exactly_after_sigkill(setup, dora_run):
     run killed after its step-4 checkpoint and resumed ends with the uninterrupted run's adapters."""
     base, args = setup
     workdir = base / "dora_killed"
-    proc = subprocess.Popen(_train_cmd(workdir, args, *DORA), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        _train_cmd(workdir, args, *DORA), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     _wait_for_line(workdir / "metrics.jsonl", 6, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -344,20 +349,44 @@ def test_export_of_a_dora_run_merged_and_peft(setup, dora_run, tiny_dir):
     base, _ = setup
     merged, adapter = base / "dora_merged", base / "dora_peft"
     for out, fmt in ((merged, "merged"), (adapter, "peft")):
-        _run([sys.executable, "-m", "g2e_jax.cli", "export-hf", "--checkpoint", str(dora_run), "--output", str(out),
-              "--format", fmt])  # fmt: skip
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "g2e_jax.cli",
+                "export-hf",
+                "--checkpoint",
+                str(dora_run),
+                "--output",
+                str(out),
+                "--format",
+                fmt,
+            ]
+        )
     texts = ["a red circle", "Find me an everyday image that matches the given caption: a blue star"]
-    strings = [official_template(t, has_image=False, role="query", system=OFFICIAL_SYSTEM, scheme="gen2embed")
-               for t in texts]  # fmt: skip
+    strings = [
+        official_template(t, has_image=False, role="query", system=OFFICIAL_SYSTEM, scheme="gen2embed")
+        for t in texts
+    ]
     processor = load_hf_processor(tiny_dir)
     from_run = Embedder.from_pretrained(dora_run, dtype="float32", progress=False).encode(texts, role="query")
-    ref_merged = official_embeddings(load_hf_model(merged), processor, strings, [None, None], scheme="gen2embed")
+    ref_merged = official_embeddings(
+        load_hf_model(merged), processor, strings, [None, None], scheme="gen2embed"
+    )
     wrapped = peft.PeftModel.from_pretrained(load_hf_model(tiny_dir), adapter).eval()
     assert wrapped.peft_config["default"].use_dora
-    ref_peft = official_embeddings(wrapped.base_model.model, processor, strings, [None, None], scheme="gen2embed")
-    cos_merged, cos_peft = float((ref_merged * from_run).sum(-1).min()), float((ref_peft * from_run).sum(-1).min())
-    report("DoRA run: transformers (merged export) and PEFT (adapter export) vs the workdir",
-           one_minus_cos_merged=1 - cos_merged, one_minus_cos_peft=1 - cos_peft)  # fmt: skip
+    ref_peft = official_embeddings(
+        wrapped.base_model.model, processor, strings, [None, None], scheme="gen2embed"
+    )
+    cos_merged, cos_peft = (
+        float((ref_merged * from_run).sum(-1).min()),
+        float((ref_peft * from_run).sum(-1).min()),
+    )
+    report(
+        "DoRA run: transformers (merged export) and PEFT (adapter export) vs the workdir",
+        one_minus_cos_merged=1 - cos_merged,
+        one_minus_cos_peft=1 - cos_peft,
+    )
     assert cos_merged >= 0.99999 and cos_peft >= 0.99999
     base_emb = Embedder.from_pretrained(tiny_dir, dtype="float32", progress=False).encode(texts, role="query")
     assert not np.allclose(base_emb, from_run, atol=1e-3)  # training changed the model
@@ -373,8 +402,10 @@ def test_train_starts_from_a_peft_folder(setup, tiny_dir, tmp_path):
 
     from g2e_jax import Embedder
 
-    wrapped = peft.get_peft_model(load_hf_model(tiny_dir), peft.LoraConfig(
-        r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj"]))  # fmt: skip
+    wrapped = peft.get_peft_model(
+        load_hf_model(tiny_dir),
+        peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj"]),
+    )
     torch = pytest.importorskip("torch")
     with torch.no_grad():
         for name, p in wrapped.named_parameters():
@@ -383,18 +414,40 @@ def test_train_starts_from_a_peft_folder(setup, tiny_dir, tmp_path):
     wrapped.save_pretrained(tmp_path / "start")
     base, args = setup
     workdir = tmp_path / "run"
-    _run(_train_cmd(workdir, args, "--config.train.steps=1", "--config.train.learning_rate=0.0",
-                    f"--config.adapter.init_from={tmp_path / 'start'}"))  # fmt: skip
+    _run(
+        _train_cmd(
+            workdir,
+            args,
+            "--config.train.steps=1",
+            "--config.train.learning_rate=0.0",
+            f"--config.adapter.init_from={tmp_path / 'start'}",
+        )
+    )
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["adapter"]["init_from"] == str(tmp_path / "start")
     texts = ["a red circle", "a blue star"]
     a = Embedder.from_pretrained(workdir, dtype="float32", progress=False).encode(texts)
-    b = Embedder.from_pretrained(tiny_dir, adapter=tmp_path / "start", dtype="float32", progress=False).encode(texts)
+    b = Embedder.from_pretrained(
+        tiny_dir, adapter=tmp_path / "start", dtype="float32", progress=False
+    ).encode(texts)
     np.testing.assert_allclose(a, b, atol=1e-6)
-    _run([sys.executable, "-m", "g2e_jax.cli", "export-hf", "--checkpoint", str(workdir), "--output",
-          str(tmp_path / "back"), "--format", "peft"])  # fmt: skip
-    start, back = load_file(tmp_path / "start/adapter_model.safetensors"), load_file(
-        tmp_path / "back/adapter_model.safetensors"
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "g2e_jax.cli",
+            "export-hf",
+            "--checkpoint",
+            str(workdir),
+            "--output",
+            str(tmp_path / "back"),
+            "--format",
+            "peft",
+        ]
+    )
+    start, back = (
+        load_file(tmp_path / "start/adapter_model.safetensors"),
+        load_file(tmp_path / "back/adapter_model.safetensors"),
     )
     assert sorted(start) == sorted(back) and len(start) == 2 * 3 * 2  # 2 layers x (q, v) x (A, B, magnitude)
     assert max(float(np.abs(start[k] - back[k]).max()) for k in start) == 0.0

@@ -39,18 +39,34 @@ def random_image(size, seed):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
 
 
-QUERIES = ["<|image_1|> What shape is in the image?", "a red circle on white", "Find the news photo caption.",
-           "<|image_1|>\nWhich colour is the square?", "two dogs on a beach", "a city skyline at night",
-           "an apple and a pear", "what is the capital of France"]  # fmt: skip
+QUERIES = [
+    "<|image_1|> What shape is in the image?",
+    "a red circle on white",
+    "Find the news photo caption.",
+    "<|image_1|>\nWhich colour is the square?",
+    "two dogs on a beach",
+    "a city skyline at night",
+    "an apple and a pear",
+    "what is the capital of France",
+]
 QUERY_IMAGES = [random_image(56, 1), None, None, random_image(84, 2), None, None, None, None]
-TARGETS = ["circle", "a red circle", "Storm hits the coast", "blue", "dogs playing in the sand", "skyline",
-           "fruit", "Paris"]  # fmt: skip
+TARGETS = [
+    "circle",
+    "a red circle",
+    "Storm hits the coast",
+    "blue",
+    "dogs playing in the sand",
+    "skyline",
+    "fruit",
+    "Paris",
+]
 
 
 def make_adapter(tiny_dir, folder, kind, seed=0):
     """A PEFT folder with random non-zero adapters, written by PEFT itself."""
     wrapped = peft.get_peft_model(
-        load_hf_model(tiny_dir), peft.LoraConfig(r=4, lora_alpha=16, target_modules=HF_TARGETS, use_dora=kind == "dora")
+        load_hf_model(tiny_dir),
+        peft.LoraConfig(r=4, lora_alpha=16, target_modules=HF_TARGETS, use_dora=kind == "dora"),
     )
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -66,15 +82,23 @@ def make_adapter(tiny_dir, folder, kind, seed=0):
 
 
 def torch_inputs(processor, texts, images, role):
-    strings = [official_template(t, has_image=im is not None, role=role, system=OFFICIAL_SYSTEM, scheme="gen2embed")
-               for t, im in zip(texts, images)]  # fmt: skip
+    strings = [
+        official_template(t, has_image=im is not None, role=role, system=OFFICIAL_SYSTEM, scheme="gen2embed")
+        for t, im in zip(texts, images)
+    ]
     present = [im for im in images if im is not None]
     batch = processor(text=strings, images=present or None, padding=True, return_tensors="pt")
-    kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                  position_ids=torch.as_tensor(sequential_positions(batch["attention_mask"].numpy())))  # fmt: skip
+    kwargs = dict(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=torch.as_tensor(sequential_positions(batch["attention_mask"].numpy())),
+    )
     if present:
-        kwargs.update(pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
-                      mm_token_type_ids=batch["mm_token_type_ids"])  # fmt: skip
+        kwargs.update(
+            pixel_values=batch["pixel_values"],
+            image_grid_thw=batch["image_grid_thw"],
+            mm_token_type_ids=batch["mm_token_type_ids"],
+        )
     return kwargs
 
 
@@ -139,17 +163,38 @@ def our_trajectory(tiny_dir, folder, steps, grad_cache, warmup=WARMUP):
     pairs = [(q, t, content_id(a, None), content_id(b, None)) for q, t, a, b in zip(qs, ts, QUERIES, TARGETS)]
     # 8 pairs in the same order: one chunk of 2 cells x 4 rows, or GradCache's 2 chunks of 1 x 4.
     chunks, cells = (2, 1) if grad_cache else (1, 2)
-    shape = BatchShape(chunks=chunks, cells=cells, rows_per_cell=4, users=96, patches_per_cell=200,
-                       patch_dim=pre.config.vision.patch_dim)  # fmt: skip
+    shape = BatchShape(
+        chunks=chunks,
+        cells=cells,
+        rows_per_cell=4,
+        users=96,
+        patches_per_cell=200,
+        patch_dim=pre.config.vision.patch_dim,
+    )
     batch = jax.tree.map(jnp.asarray, build_batch(pairs, shape, pre.pad_id))
-    consts = {side: (jnp.asarray(pre.system_ids(role)), jnp.asarray(pre.header_ids))
-              for side, role in (("query", "query"), ("target", "document"))}  # fmt: skip
-    cfg = StepConfig(temperature=TEMPERATURE, grad_cache=grad_cache, mask_same_target=False, mask_same_query=False,
-                     pad_id=pre.pad_id, max_patches_per_image=64)  # fmt: skip
-    tx = make_optimizer(learning_rate=LR, total_steps=steps, warmup_steps=warmup, weight_decay=WEIGHT_DECAY,
-                        max_grad_norm=MAX_NORM)  # fmt: skip
+    consts = {
+        side: (jnp.asarray(pre.system_ids(role)), jnp.asarray(pre.header_ids))
+        for side, role in (("query", "query"), ("target", "document"))
+    }
+    cfg = StepConfig(
+        temperature=TEMPERATURE,
+        grad_cache=grad_cache,
+        mask_same_target=False,
+        mask_same_query=False,
+        pad_id=pre.pad_id,
+        max_patches_per_image=64,
+    )
+    tx = make_optimizer(
+        learning_rate=LR,
+        total_steps=steps,
+        warmup_steps=warmup,
+        weight_decay=WEIGHT_DECAY,
+        max_grad_norm=MAX_NORM,
+    )
     opt_state = tx.init(params)
-    step = jax.jit(lambda p, o: train_step(graphdef, p, rest, o, batch, consts, jax.random.key(0), tx=tx, cfg=cfg))
+    step = jax.jit(
+        lambda p, o: train_step(graphdef, p, rest, o, batch, consts, jax.random.key(0), tx=tx, cfg=cfg)
+    )
     name_map = backbone(model.config.model_type).name_map
     out = []
     for _ in range(steps):
@@ -167,8 +212,11 @@ def max_relative(ours: dict, ref: dict) -> float:
 def compare(label, ours, ref):
     """Prints the table; every step within the tolerances, and the adapters moved well beyond them."""
     initial, ref = ref
-    print(f"\n[trajectory] {label}\n| step | loss ours | loss torch | grad norm ours / torch | adapter max rel diff |"
-          f" moved (rel) |\n|---:|---:|---:|---:|---:|---:|")  # fmt: skip
+    print(
+        f"\n[trajectory] {label}\n"
+        "| step | loss ours | loss torch | grad norm ours / torch | adapter max rel diff | moved (rel) |\n"
+        "|---:|---:|---:|---:|---:|---:|"
+    )
     rows = []
     for i, ((lo, no, wo), (lt, nt, wt)) in enumerate(zip(ours, ref), start=1):
         rel = max_relative(wo, wt)
@@ -213,13 +261,22 @@ def test_one_step_at_2b_widths(tmp_path):
     from g2e_jax.models.qwen2_vl.config import special_token_ids
     from g2e_jax.models.qwen2_vl.tiny import make_tiny, with_token_ids
 
-    cfg = with_token_ids(Qwen2VLConfig(
-        text=TextConfig(vocab_size=special_token_ids()["vocab_size"], hidden_size=1536, intermediate_size=8960,
-                        num_hidden_layers=2, num_attention_heads=12, num_key_value_heads=2, mrope_section=(16, 24, 24),
-                        rope_theta=1e6),
-        vision=VisionConfig(depth=1, embed_dim=1280, num_heads=16, mlp_ratio=4, out_hidden_size=1536),
-        tie_word_embeddings=True,
-    ))  # fmt: skip
+    cfg = with_token_ids(
+        Qwen2VLConfig(
+            text=TextConfig(
+                vocab_size=special_token_ids()["vocab_size"],
+                hidden_size=1536,
+                intermediate_size=8960,
+                num_hidden_layers=2,
+                num_attention_heads=12,
+                num_key_value_heads=2,
+                mrope_section=(16, 24, 24),
+                rope_theta=1e6,
+            ),
+            vision=VisionConfig(depth=1, embed_dim=1280, num_heads=16, mlp_ratio=4, out_hidden_size=1536),
+            tie_word_embeddings=True,
+        )
+    )
     model_dir = make_tiny(tmp_path / "qwen2vl_2b_width", seed=1, config=cfg)
     folder = make_adapter(model_dir, tmp_path / "dora", "dora", seed=1)
     ref = torch_trajectory(model_dir, folder, 1, warmup=0)

@@ -85,8 +85,10 @@ def read_peft_config(folder: str | Path, *, dropout: float | None = None) -> tup
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON ({e})") from None
     if raw.get("peft_type") != "LORA":
-        raise ValueError(f"{path}: peft_type {raw.get('peft_type')!r} is not supported (only LORA, with or "
-                         f"without use_dora)")  # fmt: skip
+        raise ValueError(
+            f"{path}: peft_type {raw.get('peft_type')!r} is not supported (only LORA, with or "
+            f"without use_dora)"
+        )
     for field, off in _UNSUPPORTED.items():
         if field in raw and raw[field] not in off:
             raise ValueError(f"{path}: {field}={raw[field]!r} is not supported (supported: {off[0]!r})")
@@ -102,7 +104,9 @@ def read_peft_config(folder: str | Path, *, dropout: float | None = None) -> tup
     return cfg, raw
 
 
-def load_peft_adapter(model, folder: str | Path, *, dropout: float | None = None, rngs: nnx.Rngs | None = None):
+def load_peft_adapter(
+    model, folder: str | Path, *, dropout: float | None = None, rngs: nnx.Rngs | None = None
+):
     """Puts a PEFT LoRA/DoRA adapter folder's layers on ``model`` (in place, unmerged ``LoraLinear``
     layers); returns the ``AdapterConfig`` in effect (its ``targets`` list the adapted paths).
 
@@ -121,8 +125,10 @@ def load_peft_adapter(model, folder: str | Path, *, dropout: float | None = None
     for key, value in tensors.items():
         suffix = next((s for s in SUFFIXES if key.endswith(s)), None)
         if suffix is None or not key.startswith(PREFIX):
-            raise ValueError(f"{weights_path}: unexpected tensor {key!r} (only LoRA A/B and DoRA magnitudes of "
-                             f"linear layers are supported)")  # fmt: skip
+            raise ValueError(
+                f"{weights_path}: unexpected tensor {key!r} (only LoRA A/B and DoRA magnitudes of "
+                f"linear layers are supported)"
+            )
         module = key[len(PREFIX) : -len(suffix)]
         by_path.setdefault(_module_path(name_map, module, str(weights_path)), {})[SUFFIXES[suffix]] = value
     if not by_path:
@@ -130,8 +136,9 @@ def load_peft_adapter(model, folder: str | Path, *, dropout: float | None = None
     wanted = {"lora_a", "lora_b"} | ({"magnitude"} if cfg.kind == "dora" else set())
     for path, parts in by_path.items():
         if set(parts) != wanted:
-            raise ValueError(f"{weights_path}: {path} has {sorted(parts)}, expected {sorted(wanted)} for "
-                             f"{cfg.kind}")  # fmt: skip
+            raise ValueError(
+                f"{weights_path}: {path} has {sorted(parts)}, expected {sorted(wanted)} for {cfg.kind}"
+            )
     targets = "|".join(re.escape(p) for p in sorted(by_path))
     cfg = AdapterConfig(kind=cfg.kind, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=targets)
     apply_adapters(model, cfg, rngs=rngs or nnx.Rngs(params=0, dropout=1))
@@ -144,8 +151,10 @@ def load_peft_adapter(model, folder: str | Path, *, dropout: float | None = None
         for name, value in values.items():
             var = getattr(layer, name)
             if tuple(value.shape) != tuple(var.get_value().shape):
-                raise ValueError(f"{weights_path}: {path}.{name} has shape {tuple(value.shape)}, the model "
-                                 f"needs {tuple(var.get_value().shape)} (rank {cfg.rank})")  # fmt: skip
+                raise ValueError(
+                    f"{weights_path}: {path}.{name} has shape {tuple(value.shape)}, the model "
+                    f"needs {tuple(var.get_value().shape)} (rank {cfg.rank})"
+                )
             var.set_value(np.asarray(value, dtype=var.get_value().dtype))
     return cfg
 
@@ -157,7 +166,9 @@ def save_peft_adapter(model, folder: str | Path, *, base_model: str | Path | Non
 
     layers = [(".".join(map(str, p)), m) for p, m in nnx.iter_modules(model) if isinstance(m, LoraLinear)]
     if not layers:
-        raise ValueError("the model has no LoRA/DoRA layers to export (merged, or trained with adapter.kind=full)")
+        raise ValueError(
+            "the model has no LoRA/DoRA layers to export (merged, or trained with adapter.kind=full)"
+        )
     kinds = {m.is_dora for _, m in layers}
     ranks = {m.rank for _, m in layers}
     scalings = {m.scaling for _, m in layers}

@@ -33,8 +33,10 @@ def restore_newest(manager, args, *, delete_unreadable: bool = False):
         try:
             return step, manager.restore(step, args=args)
         except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: try the previous one
-            warnings.warn(f"checkpoint at step {step} is unreadable ({type(e).__name__}: {e}); trying an older one",
-                          stacklevel=2)  # fmt: skip
+            warnings.warn(
+                f"checkpoint at step {step} is unreadable ({type(e).__name__}: {e}); trying an older one",
+                stacklevel=2,
+            )
             if delete_unreadable:
                 manager.delete(step)
     return 0, None
@@ -55,7 +57,9 @@ def apply_run_adapters(model, cfg, *, rngs: nnx.Rngs) -> AdapterConfig:
     return load_peft_adapter(model, init_from, dropout=settings["dropout"], rngs=rngs)
 
 
-def load_trained(workdir: str | Path, *, step: int | None = None, dtype: str | None = None, merge: bool = True):
+def load_trained(
+    workdir: str | Path, *, step: int | None = None, dtype: str | None = None, merge: bool = True
+):
     """(model, base model dir, weights id) of a ``g2e-jax train`` workdir (latest step by default);
     adapters merged into the kernels unless ``merge=False`` (then they stay ``LoraLinear`` layers)."""
     import orbax.checkpoint as ocp

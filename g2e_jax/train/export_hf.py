@@ -10,13 +10,23 @@ from g2e_jax.adapters.trained import load_trained
 from g2e_jax.models import save
 
 # The non-weight files of a HF model directory that an export carries over.
-PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
-                   "preprocessor_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "generation_config.json")  # fmt: skip
+PROCESSOR_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+)
 FORMATS = ("merged", "peft")
 
 
-def export_hf(workdir: str | Path, output: str | Path, *, step: int | None = None, format: str = "merged") -> Path:
+def export_hf(
+    workdir: str | Path, output: str | Path, *, step: int | None = None, format: str = "merged"
+) -> Path:
     """``merged``: adapters folded in, saved in HF layout with the base model's tokenizer and processor
     files. ``peft``: the unmerged LoRA/DoRA adapters as a PEFT folder for ``PeftModel.from_pretrained``
     on the base model (``base_model_name_or_path`` is its absolute path)."""
