@@ -43,7 +43,7 @@ from common import BUSY_CORES, CpuMeter, csv_list, qwen2_vl_2b_width
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPERATURE = 0.02
-# PEFT's spelling of g2e_jax.train.lora.DEFAULT_TARGETS (transformers 5 module names).
+# PEFT's spelling of g2e_jax.adapters.lora.DEFAULT_TARGETS (transformers 5 module names).
 HF_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.down_proj)"
 TOTAL_STEPS = 1000  # only shapes the linear-decay schedule; the same in both frameworks
 
@@ -128,7 +128,7 @@ class JaxSide:
 
         from g2e_jax.models.qwen2_vl import load
         from g2e_jax.preprocess import Preprocessor
-        from g2e_jax.train.lora import AdapterConfig, apply_adapters, trainable_filter
+        from g2e_jax.adapters.lora import AdapterConfig, apply_adapters, trainable_filter
         from g2e_jax.train.step import make_optimizer
 
         model = load(path, progress=False)

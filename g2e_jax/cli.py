@@ -73,8 +73,10 @@ def _train(args, overrides) -> int:
 def _export_hf(args, overrides) -> int:
     from g2e_jax.train.export_hf import export_hf
 
-    path = export_hf(args.checkpoint, args.output, step=args.step)
-    print(f"wrote the merged model in Hugging Face layout to {path}")
+    path = export_hf(args.checkpoint, args.output, step=args.step, format=args.format)
+    merged = args.format == "merged"
+    what = "the merged model in Hugging Face layout" if merged else "the adapters as a PEFT folder"
+    print(f"wrote {what} to {path}")
     return 0
 
 
@@ -209,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", required=True, help="directory to write (weights, config, tokenizer, processor)"
     )
     export.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    export.add_argument("--format", choices=("merged", "peft"), default="merged",
+                        help="merged: adapters folded into a full model (default); peft: the LoRA/DoRA "
+                        "adapters as a PEFT folder for PeftModel.from_pretrained on the base model")
     export.set_defaults(run=_export_hf)
 
     demo = _config_command(

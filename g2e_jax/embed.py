@@ -26,8 +26,11 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from g2e_jax.adapters.lora import merge_adapters
+from g2e_jax.adapters.peft import WEIGHTS_FILE, load_peft_adapter
+from g2e_jax.adapters.trained import is_run_dir, load_trained
 from g2e_jax.data.images import ImageConfig
-from g2e_jax.io import save_npy_atomic, weights_fingerprint
+from g2e_jax.io import save_npy_atomic, sha256_file, weights_fingerprint
 from g2e_jax.models import load
 from g2e_jax.preprocess import InputError, PreparedRow, Preprocessor, bucket, collate
 from g2e_jax.prompts import PromptConfig, check_role, plural
@@ -81,11 +84,21 @@ class Embedder:
         batch_size: int = 8,
         progress: bool = True,
         prefix_cache: bool = True,
+        adapter: str | Path | None = None,
     ) -> "Embedder":
-        from g2e_jax.train.export_hf import is_run_dir, load_trained
-
+        """``path``: a Hugging Face model directory or a ``g2e-jax train`` workdir; ``adapter``: a PEFT
+        LoRA/DoRA folder (``adapter_config.json`` + ``adapter_model.safetensors``) merged onto ``path``."""
         if is_run_dir(path):  # a `g2e-jax train` workdir: base model + trained parameters, merged
+            if adapter is not None:
+                raise ValueError(f"{path} is a training workdir; adapter= applies to a base model directory")
             model, base, weights_id = load_trained(path, dtype=dtype)
+        elif adapter is not None:
+            model, base = load(path, dtype=dtype, progress=progress), Path(path)
+            load_peft_adapter(model, adapter)
+            merge_adapters(model)
+            weights_id = hashlib.sha256(
+                f"{weights_fingerprint(path)}:peft:{sha256_file(Path(adapter) / WEIGHTS_FILE)}".encode()
+            ).hexdigest()
         else:
             model, base, weights_id = (
                 load(path, dtype=dtype, progress=progress),
@@ -111,6 +124,7 @@ class Embedder:
         return cls.from_pretrained(
             cfg.model.path, dtype=cfg.model.dtype, prompt=prompt, scheme=cfg.prompt.scheme, max_len=cfg.max_len,
             image_resolution=cfg.image_resolution, batch_size=cfg.batch_size, progress=False,
+            adapter=cfg.model.get("adapter"),
         )  # fmt: skip
 
     def with_prompt(self, prompt: str | PromptConfig | None = None, **changes) -> "Embedder":

@@ -40,8 +40,9 @@ def sha256_file(path: Path) -> str:
 
 
 def weights_fingerprint(model_dir: str | Path) -> str:
-    """Hash of the weights' index: tensor names, shapes, dtypes and offsets, plus file sizes
-    (cheap for a 7B checkpoint, and changes whenever the weight files do)."""
+    """Hash of the weights' index (tensor names, shapes, dtypes and offsets), file sizes and
+    modification times: cheap for a 7B checkpoint. The index alone is the same for every checkpoint of
+    one architecture (a fine-tuned export and its base model), so the times tell rewritten files apart."""
     model_dir = Path(model_dir)
     digest = hashlib.sha256()
     index = model_dir / "model.safetensors.index.json"
@@ -54,5 +55,6 @@ def weights_fingerprint(model_dir: str | Path) -> str:
         file = model_dir / name
         with open(file, "rb") as f:
             header_len = int.from_bytes(f.read(8), "little")
-            digest.update(name.encode() + f.read(header_len) + str(file.stat().st_size).encode())
+            stat = file.stat()
+            digest.update(name.encode() + f.read(header_len) + f"{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 jax.config.update("jax_default_matmul_precision", "highest")
 
 # The PyTorch reference packages: without them the parity tests skip, which CI must not allow.
-REFERENCE_PACKAGES = ("torch", "peft")
+REFERENCE_PACKAGES = ("torch", "transformers", "peft")
 
 
 def pytest_configure(config):

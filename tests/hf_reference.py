@@ -5,6 +5,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+# The official Gen2Embed system prompt (level 1), written here by hand: a reference is never taken from
+# the code under test.
+OFFICIAL_SYSTEM = (
+    "Given an image, summarize the provided image in one word. Given only text, describe the text in one word."
+)
+
 
 def hf_model_class(path):
     """The transformers class of a model directory, by its config.json's model_type."""

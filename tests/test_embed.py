@@ -8,7 +8,7 @@ import pytest
 from conftest import report
 from g2e_jax import Embedder
 from g2e_jax.embed import InputError
-from g2e_jax.prompts import PAPER_SYSTEM, get_prompt
+from g2e_jax.prompts import get_prompt
 
 
 def random_image(height, width, seed):
@@ -36,13 +36,13 @@ IMAGES = [random_image(56, 84, 1), None, None, None, random_image(112, 56, 2)]
 @pytest.mark.parametrize("role", ["query", "document"])
 def test_matches_official_pipeline(tiny_dir, embedder, scheme, role):
     torch = pytest.importorskip("torch")
-    from hf_reference import load_hf_model, official_embeddings, official_template
+    from hf_reference import OFFICIAL_SYSTEM, load_hf_model, official_embeddings, official_template
 
     from g2e_jax.models.qwen2_vl.hf_files import load_hf_processor
 
     hf_model, processor = load_hf_model(tiny_dir), load_hf_processor(tiny_dir)
     strings = [
-        official_template(t, has_image=im is not None, role=role, system=PAPER_SYSTEM, scheme=scheme)
+        official_template(t, has_image=im is not None, role=role, system=OFFICIAL_SYSTEM, scheme=scheme)
         for t, im in zip(QUERIES, IMAGES)
     ]
     ref = official_embeddings(hf_model, processor, strings, IMAGES, scheme=scheme)
@@ -81,7 +81,8 @@ def test_hierarchical_template_string():
     p = get_prompt("hierarchical")
     user = p.user_text("query", "<|image_1|> What is it?", has_image=True, instruction=None)
     assert p.render("query", user) == (
-        f"<|im_start|>system\n{PAPER_SYSTEM}<|im_end|>\n<|im_start|>user\n"
+        "<|im_start|>system\nGiven an image, summarize the provided image in one word. "
+        "Given only text, describe the text in one word.<|im_end|>\n<|im_start|>user\n"
         "<|image_pad|> What is it?\nRepresent the given text/image in one word.<|im_end|>\n<|im_start|>assistant\n"
     )
     assert p.render("document", p.user_text("document", "a dog", has_image=False)).endswith(

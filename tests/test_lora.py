@@ -14,7 +14,7 @@ from flax import nnx
 
 from g2e_jax.models.qwen2_vl import NAME_MAP, load, rope_index, save
 from g2e_jax.models.qwen2_vl.tiny import random_model, tiny_config
-from g2e_jax.train.lora import (
+from g2e_jax.adapters.lora import (
     AdapterConfig,
     LoraLinear,
     apply_adapters,

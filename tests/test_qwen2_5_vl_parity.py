@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 
 from conftest import assert_parity, real_token_diff, report  # noqa: E402
 from hf_reference import (  # noqa: E402
+    OFFICIAL_SYSTEM,
     hf_hidden_states,
     hf_rope_index,
     load_hf_model,
@@ -148,11 +149,10 @@ def test_jit_with_padded_buckets(processor, hf_model, model):
 
 def test_embedder_matches_official_pipeline(model_dir, hf_model, processor):
     """``Embedder.from_pretrained`` works unchanged on a Qwen2.5-VL directory."""
-    from g2e_jax.prompts import PAPER_SYSTEM
 
     texts = ["<|image_1|> What is in the image?", "a red car", "<|image_1|>\nFind the dog."]
     images = [random_image(56, 84, 11), None, random_image(112, 168, 12)]
-    strings = [official_template(t, has_image=im is not None, role="query", system=PAPER_SYSTEM, scheme="gen2embed")
+    strings = [official_template(t, has_image=im is not None, role="query", system=OFFICIAL_SYSTEM, scheme="gen2embed")
                for t, im in zip(texts, images)]  # fmt: skip
     ref = official_embeddings(hf_model, processor, strings, images, scheme="gen2embed")
     embedder = Embedder.from_pretrained(model_dir, dtype="float32", batch_size=4, max_len=256, progress=False)
@@ -167,7 +167,6 @@ def test_train_then_export_hf(model_dir, tmp_path):
     work unchanged: transformers loads the export and agrees with the trained workdir."""
     from g2e_jax.data.synthetic import make_synthetic
     from g2e_jax.demo import tiny_training_config
-    from g2e_jax.prompts import PAPER_SYSTEM
     from g2e_jax.train.trainer import train
 
     data = make_synthetic(tmp_path / "syn", train_rows=8, eval_queries=1)
@@ -185,7 +184,7 @@ def test_train_then_export_hf(model_dir, tmp_path):
     hf = load_hf_model(tmp_path / "hf")
     assert type(hf).__name__ == "Qwen2_5_VLForConditionalGeneration"
     texts, images = ["<|image_1|> What shape is it?", "a red circle"], [random_image(84, 84, 13), None]
-    strings = [official_template(t, has_image=im is not None, role="query", system=PAPER_SYSTEM, scheme="gen2embed")
+    strings = [official_template(t, has_image=im is not None, role="query", system=OFFICIAL_SYSTEM, scheme="gen2embed")
                for t, im in zip(texts, images)]  # fmt: skip
     ref = official_embeddings(hf, load_hf_processor(tmp_path / "hf"), strings, images, scheme="gen2embed")
     ours = Embedder.from_pretrained(tmp_path / "run", dtype="float32", progress=False).encode(

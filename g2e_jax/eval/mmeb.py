@@ -44,6 +44,7 @@ def eval_config(preset: str = "hierarchical") -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.path = config_dict.placeholder(str)  # local Hugging Face directory (required)
     c.model.dtype = "auto"  # bfloat16 on GPU/TPU, float32 on CPU; or name one
+    c.model.adapter = config_dict.placeholder(str)  # a PEFT LoRA/DoRA folder merged onto model.path
 
     c.prompt = ml_collections.ConfigDict()
     c.prompt.preset = preset  # "hierarchical" or "plain"

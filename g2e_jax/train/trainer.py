@@ -14,7 +14,6 @@ import math
 import os
 import signal
 import time
-import warnings
 from pathlib import Path
 
 import jax
@@ -28,6 +27,8 @@ from jax.sharding import PartitionSpec as P
 from ml_collections import config_dict
 from tqdm.auto import tqdm
 
+from g2e_jax.adapters.lora import AdapterConfig, trainable_filter
+from g2e_jax.adapters.trained import apply_run_adapters, restore_newest
 from g2e_jax.config_utils import config_to_json
 from g2e_jax.data.clusters import ClusterBatchSampler, batch_label
 from g2e_jax.io import write_atomic
@@ -36,7 +37,6 @@ from g2e_jax.paths import absolute_config_paths
 from g2e_jax.preprocess import Preprocessor
 from g2e_jax.train.batch import BatchShape, build_batch, fit_sides, side_needs
 from g2e_jax.train.data import TrainData
-from g2e_jax.train.lora import AdapterConfig, apply_adapters, trainable_filter
 from g2e_jax.train.mesh import BATCH_AXES, make_mesh, shard_model
 from g2e_jax.train.step import StepConfig, make_optimizer, train_step
 
@@ -85,6 +85,8 @@ def adapter_section() -> ml_collections.ConfigDict:
     a.dropout = 0.1
     a.targets = AdapterConfig().targets
     a.init = "gaussian"
+    # A PEFT LoRA/DoRA folder to start from: it sets kind, rank, alpha and targets (dropout stays above).
+    a.init_from = config_dict.placeholder(str)
     return a
 
 
@@ -167,8 +169,7 @@ def setup(cfg, workdir: str | Path) -> Run:
                                                 max_len=cfg.max_len, image_resolution=cfg.image_resolution)  # fmt: skip
     model = load(cfg.model.path, dtype=cfg.model.dtype, compute_dtype=cfg.model.compute_dtype,
                  progress=jax.process_index() == 0)  # fmt: skip
-    adapter = AdapterConfig(**cfg.adapter.to_dict())
-    apply_adapters(model, adapter, rngs=nnx.Rngs(params=cfg.train.seed, dropout=cfg.train.seed + 1))
+    adapter = apply_run_adapters(model, cfg, rngs=nnx.Rngs(params=cfg.train.seed, dropout=cfg.train.seed + 1))
     shard_model(model, mesh)
     graphdef, params, rest = nnx.split(model, trainable_filter(adapter), ...)
     t = cfg.train
@@ -258,21 +259,6 @@ def save_checkpoint(run: Run, manager, step: int, *, wait: bool = False) -> None
         manager.wait_until_finished()
 
 
-def restore_newest(manager, args, *, delete_unreadable: bool = False):
-    """(step, restored items) of the newest checkpoint that reads back, or (0, None). Unreadable
-    (corrupted, partial) ones are skipped with a warning, and deleted if asked so that a resumed
-    run can save that step again."""
-    for step in sorted(manager.all_steps(), reverse=True):
-        try:
-            return step, manager.restore(step, args=args)
-        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: try the previous one
-            warnings.warn(f"checkpoint at step {step} is unreadable ({type(e).__name__}: {e}); trying an older one",
-                          stacklevel=2)  # fmt: skip
-            if delete_unreadable:
-                manager.delete(step)
-    return 0, None
-
-
 def restore_latest(run: Run, manager) -> int:
     """Restores the newest readable checkpoint into ``run`` (on the current mesh, whatever mesh saved
     it); returns its step, 0 when there is none."""
@@ -328,6 +314,11 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
         raise ValueError("no model: set --config.model.path=/path/to/hf_model_dir")
     # config.json and the checkpoints' meta are read back from anywhere (export-hf, eval, embed).
     cfg = absolute_config_paths(cfg)
+    if cfg.model.get("adapter") is not None:
+        raise ValueError("model.adapter is for mine/eval/embed; train starts from a PEFT folder with "
+                         "--config.adapter.init_from=DIR")
+    if cfg.adapter.get("init_from") is not None:  # config.json must not depend on the working directory
+        cfg.adapter.init_from = str(Path(cfg.adapter.init_from).absolute())
     run = setup(cfg, workdir)
     lead = jax.process_index() == 0
     run.workdir.mkdir(parents=True, exist_ok=True)
@@ -389,9 +380,9 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
 
 def evaluate_now(run: Run, step: int) -> dict:
     """MMEB on the configured held-out set with the current parameters (adapters merged on a copy)."""
+    from g2e_jax.adapters.lora import merge_adapters
     from g2e_jax.embed import Embedder
     from g2e_jax.eval.mmeb import MMEB_GROUPS, evaluate_mmeb, load_groups
-    from g2e_jax.train.lora import merge_adapters
 
     e = run.cfg.eval
     model = nnx.clone(nnx.merge(run.graphdef, run.params, run.rest))
@@ -463,6 +454,7 @@ def training_config(subsets=()) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.path = config_dict.placeholder(str)
     c.model.dtype = "float32"  # parameters (master weights)
+    c.model.adapter = config_dict.placeholder(str)  # mine: a PEFT folder merged onto model.path
     c.model.compute_dtype = config_dict.FieldReference(
         "auto", field_type=str
     )  # matmuls: auto = bf16 on GPU/TPU
