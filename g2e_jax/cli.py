@@ -178,11 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     check = _config_command(
-        sub, "check-data", _check_data, "open every image and validate every row of a config's data; report every bad row",
-        config="the train, mine or prepare config whose data to check", required=True, example="--config.data.check_workers=16",
-    )  # fmt: skip
-    check.add_argument("--source", choices=("mmeb", "clusters", "prepared"),
-                       help="what to check (default: the config's data.source, else mmeb)")  # fmt: skip
+        sub,
+        "check-data",
+        _check_data,
+        "open every image and validate every row of a config's data; report every bad row",
+        config="the train, mine or prepare config whose data to check",
+        required=True,
+        example="--config.data.check_workers=16",
+    )
+    check.add_argument(
+        "--source",
+        choices=("mmeb", "clusters", "prepared"),
+        help="what to check (default: the config's data.source, else mmeb)",
+    )
     check.add_argument("--force", action="store_true", help="re-check every subset, ignoring the cache")
 
     export = sub.add_parser("export-hf", help="a training workdir -> merged model in Hugging Face layout")

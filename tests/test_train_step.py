@@ -139,7 +139,10 @@ def test_a_non_finite_step_leaves_params_and_optimizer_state_untouched(setup, ja
     pre, pairs, consts = setup
     graphdef, params, rest = nnx.split(jax_model, nnx.Param, ...)
     batch = _batch(pre, pairs, chunks=2, cells=1, rows_per_cell=8)
-    poisoned = dict(batch, query=dict(batch["query"], pixel_values=batch["query"]["pixel_values"].at[0, 0, 0].set(jnp.nan)))
+    poisoned = dict(
+        batch,
+        query=dict(batch["query"], pixel_values=batch["query"]["pixel_values"].at[0, 0, 0].set(jnp.nan)),
+    )
     tx = make_optimizer(learning_rate=1e-3, total_steps=10, warmup_steps=0)
     cfg = _cfg(pre, grad_cache=True)
     step = jax.jit(lambda p, o, b: train_step(graphdef, p, rest, o, b, consts, tx=tx, cfg=cfg))
@@ -147,7 +150,12 @@ def test_a_non_finite_step_leaves_params_and_optimizer_state_untouched(setup, ja
     p1, o1, m1 = step(params, opt_state, batch)
     assert int(m1["finite"]) == 1
     p2, o2, m2 = step(p1, o1, poisoned)
-    report("NaN-injected step", loss=float(m2["loss"]), grad_norm=float(m2["grad_norm"]), finite=int(m2["finite"]))
+    report(
+        "NaN-injected step",
+        loss=float(m2["loss"]),
+        grad_norm=float(m2["grad_norm"]),
+        finite=int(m2["finite"]),
+    )
     assert int(m2["finite"]) == 0 and not np.isfinite(float(m2["loss"]))
     for a, b in zip(jax.tree.leaves((p1, o1)), jax.tree.leaves((p2, o2))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

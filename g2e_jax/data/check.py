@@ -37,7 +37,11 @@ def _source(cfg, source: str | None):
     d = cfg.data
     subsets = list(d.get("subsets", ()) or cfg.get("subsets", ()))
     kind = source or d.get("source", "mmeb")
-    folder = {"mmeb": d.get("root"), "clusters": d.get("clusters_dir"), "prepared": d.get("prepared_dir")}.get(kind)
+    folder = {
+        "mmeb": d.get("root"),
+        "clusters": d.get("clusters_dir"),
+        "prepared": d.get("prepared_dir"),
+    }.get(kind)
     if kind not in ("mmeb", "clusters", "prepared"):
         raise ValueError(f"unknown data.source {kind!r}; expected clusters, mmeb or prepared")
     if folder is None:
@@ -46,7 +50,13 @@ def _source(cfg, source: str | None):
     if not subsets:
         raise ValueError("check-data: no subsets configured (data.subsets)")
     image_dir = d.get("image_dir")
-    return kind, Path(folder).absolute(), subsets, d.get("split", "original"), image_dir and Path(image_dir).absolute()
+    return (
+        kind,
+        Path(folder).absolute(),
+        subsets,
+        d.get("split", "original"),
+        image_dir and Path(image_dir).absolute(),
+    )
 
 
 # --- reading rows with their provenance --------------------------------------------------------------------
@@ -66,7 +76,9 @@ def _records(kind: str, folder: Path, subset: str, split: str):
             return files, ((where, i + 1, r) for i, r in enumerate(ds))
     missing = [f for f in files if not f.is_file()]
     if missing:
-        raise FileNotFoundError(f"{missing[0]}: not found" + (" (run `g2e-jax mine` first)" if kind == "clusters" else ""))
+        raise FileNotFoundError(
+            f"{missing[0]}: not found" + (" (run `g2e-jax mine` first)" if kind == "clusters" else "")
+        )
 
     def rows():
         for f in files:
@@ -103,9 +115,8 @@ def _row_problems(record: dict, image_dir: Path | None):
             problems.append((image_key, f"expected a path, got {type(image).__name__}"))
             continue
         if image in (None, ""):
-            if isinstance(text, str) or text is None:
-                if not (text or "").strip():
-                    problems.append((text_key, "empty text and no image: nothing to embed"))
+            if (text is None or isinstance(text, str)) and not (text or "").strip():
+                problems.append((text_key, "empty text and no image: nothing to embed"))
             continue
         images.append((image_key, image))
     negative = record.get("neg_image_path")  # optional, but the MMEB reader resolves it too
@@ -113,7 +124,9 @@ def _row_problems(record: dict, image_dir: Path | None):
         images.append(("neg_image_path", negative))
     elif negative not in (None, ""):
         problems.append(("neg_image_path", f"expected a path, got {type(negative).__name__}"))
-    images = [(f, str(Path(p) if image_dir is None or Path(p).is_absolute() else image_dir / p)) for f, p in images]
+    images = [
+        (f, str(Path(p) if image_dir is None or Path(p).is_absolute() else image_dir / p)) for f, p in images
+    ]
     return problems, images
 
 
@@ -137,19 +150,38 @@ def _check_subset(kind, folder, subset, split, image_dir, pool, progress) -> dic
             bad.append({"subset": subset, "file": file, "line": line, "field": "<line>", "reason": record})
             continue
         if not isinstance(record, dict):
-            bad.append({"subset": subset, "file": file, "line": line, "field": "<line>",
-                        "reason": f"expected a JSON object, got {type(record).__name__}"})  # fmt: skip
+            bad.append(
+                {
+                    "subset": subset,
+                    "file": file,
+                    "line": line,
+                    "field": "<line>",
+                    "reason": f"expected a JSON object, got {type(record).__name__}",
+                }
+            )
             continue
         members = [record]
         if kind == "clusters":
             negatives = record.get("neg_samples", [])
             if not isinstance(negatives, list):
-                bad.append({"subset": subset, "file": file, "line": line, "field": "neg_samples",
-                            "reason": "expected a list of rows"})  # fmt: skip
+                bad.append(
+                    {
+                        "subset": subset,
+                        "file": file,
+                        "line": line,
+                        "field": "neg_samples",
+                        "reason": "expected a list of rows",
+                    }
+                )
                 negatives = []
             members += negatives
         for member, row in enumerate(members):
-            where = {"subset": subset, "file": file, "line": line, **({"member": member} if kind == "clusters" else {})}
+            where = {
+                "subset": subset,
+                "file": file,
+                "line": line,
+                **({"member": member} if kind == "clusters" else {}),
+            }
             if not isinstance(row, dict):
                 bad.append({**where, "field": "neg_samples", "reason": "expected a JSON object"})
                 continue
@@ -157,13 +189,28 @@ def _check_subset(kind, folder, subset, split, image_dir, pool, progress) -> dic
             bad += [{**where, "field": f, "reason": r} for f, r in problems]
             needs += [(where, f, p) for f, p in images]
     paths = sorted({p for _, _, p in needs})
-    found = dict(zip(paths, tqdm(pool.map(_image_problem, paths), total=len(paths), disable=not progress,
-                                 desc=f"checking {subset} images", unit="image")))  # fmt: skip
+    found = dict(
+        zip(
+            paths,
+            tqdm(
+                pool.map(_image_problem, paths),
+                total=len(paths),
+                disable=not progress,
+                desc=f"checking {subset} images",
+                unit="image",
+            ),
+        )
+    )
     bad += [{**where, "field": f, "reason": found[p]} for where, f, p in needs if found[p] is not None]
     bad.sort(key=lambda b: (b["file"], b["line"], b.get("member", 0), b["field"]))
     folders = sorted({str(Path(p).parent) for p in paths})
-    return {"files": [_stat(f) for f in files], "dirs": [_stat(d) for d in folders], "rows": rows,
-            "images": len(paths), "bad": bad}  # fmt: skip
+    return {
+        "files": [_stat(f) for f in files],
+        "dirs": [_stat(d) for d in folders],
+        "rows": rows,
+        "images": len(paths),
+        "bad": bad,
+    }
 
 
 def _check_prepared(folder: Path, subset: str, progress) -> dict:
@@ -180,8 +227,15 @@ def _check_prepared(folder: Path, subset: str, progress) -> dict:
             for side in ("qry", "pos"):
                 data.prepared_row(record, side)
         except Exception as e:  # noqa: BLE001 - any unreadable record is a bad row
-            bad.append({"subset": subset, "file": str(folder), "line": index + 1, "field": "<record>",
-                        "reason": f"{type(e).__name__}: {e}"})  # fmt: skip
+            bad.append(
+                {
+                    "subset": subset,
+                    "file": str(folder),
+                    "line": index + 1,
+                    "field": "<record>",
+                    "reason": f"{type(e).__name__}: {e}",
+                }
+            )
     files = [folder / META_FILE, *sorted(folder.glob("*.array_record*"))]
     return {"files": [_stat(f) for f in files], "dirs": [], "rows": count, "images": 0, "bad": bad}
 
@@ -231,15 +285,27 @@ def check_data(cfg, *, source: str | None = None, force: bool = False, progress:
             entry = entries.get(subset)
             cached = not force and entry is not None and _still_valid(entry)
             if not cached:
-                entry = (_check_prepared(folder, subset, progress) if kind == "prepared" else
-                         _check_subset(kind, folder, subset, split, image_dir, pool, progress))  # fmt: skip
+                entry = (
+                    _check_prepared(folder, subset, progress)
+                    if kind == "prepared"
+                    else _check_subset(kind, folder, subset, split, image_dir, pool, progress)
+                )
                 entries[subset], changed = entry, True
-            report[subset] = {"rows": entry["rows"], "images": entry["images"], "bad": len(entry["bad"]),
-                              "cached": cached}  # fmt: skip
+            report[subset] = {
+                "rows": entry["rows"],
+                "images": entry["images"],
+                "bad": len(entry["bad"]),
+                "cached": cached,
+            }
     if changed:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            meta = {"source": kind, "folder": str(folder), "split": split, "image_dir": image_dir and str(image_dir)}
+            meta = {
+                "source": kind,
+                "folder": str(folder),
+                "split": split,
+                "image_dir": image_dir and str(image_dir),
+            }
             write_atomic(path, json.dumps({"version": VERSION, **meta, "subsets": entries}, indent=1) + "\n")
         except OSError as e:  # a read-only home must not stop a run; the next start checks again
             print(f"check-data: could not write the cache {path} ({e})", flush=True)
@@ -251,8 +317,10 @@ def format_report(result: dict) -> str:
     """Human-readable: one line per subset, then one line per bad row (subset, file:line, field, reason)."""
     lines = []
     for name, s in result["subsets"].items():
-        lines.append(f"{name}: {s['rows']} rows, {s['images']} images, {s['bad']} bad"
-                     + (" (cached)" if s["cached"] else ""))  # fmt: skip
+        lines.append(
+            f"{name}: {s['rows']} rows, {s['images']} images, {s['bad']} bad"
+            + (" (cached)" if s["cached"] else "")
+        )
     for b in result["bad"]:
         member = f" member {b['member']}" if "member" in b else ""
         lines.append(f"  {b['subset']}  {b['file']}:{b['line']}{member}  {b['field']}: {b['reason']}")
@@ -280,13 +348,18 @@ def check_before_run(cfg, command: str, *, source: str | None = None) -> None:
             if not skip:
                 if jax.process_count() > 1:
                     _broadcast(bad)
-                raise ValueError(f"{bad} bad row(s) in the data; fix them, set --config.data.bad_rows=skip "
-                                 f"(train), or --config.data.check=False to start anyway:\n{text}")  # fmt: skip
-            print(f"check-data: {text}\n(data.bad_rows=skip: these rows will be skipped and recorded in "
-                  "skipped.jsonl)", flush=True)  # fmt: skip
-    if jax.process_count() > 1 and _broadcast(bad) and jax.process_index() != 0:
-        if not (command == "train" and cfg.data.get("bad_rows", "error") == "skip"):
-            raise ValueError("process 0 found bad rows in the data (see its log); stopping")
+                raise ValueError(
+                    f"{bad} bad row(s) in the data; fix them, set --config.data.bad_rows=skip "
+                    f"(train), or --config.data.check=False to start anyway:\n{text}"
+                )
+            print(
+                f"check-data: {text}\n(data.bad_rows=skip: these rows will be skipped and recorded in "
+                "skipped.jsonl)",
+                flush=True,
+            )
+    skip = command == "train" and cfg.data.get("bad_rows", "error") == "skip"
+    if jax.process_count() > 1 and _broadcast(bad) and jax.process_index() != 0 and not skip:
+        raise ValueError("process 0 found bad rows in the data (see its log); stopping")
 
 
 def _broadcast(value: int) -> int:

@@ -134,7 +134,9 @@ def _image_path(image_dir: Path | None, value, subset: str, row: int, column: st
     if value is None or value == "":
         return None
     if not isinstance(value, str):
-        raise DataError(f"subset {subset!r} row {row} ({where}), column {column!r}: expected a path, got {value!r}")
+        raise DataError(
+            f"subset {subset!r} row {row} ({where}), column {column!r}: expected a path, got {value!r}"
+        )
     return str(Path(value) if image_dir is None or Path(value).is_absolute() else image_dir / value)
 
 
@@ -161,8 +163,9 @@ def _text(value, subset: str, row: int, column: str, where: str) -> str:
     return value
 
 
-def read_train(root, subset: str, split: str = "original", *, image_dir=None,
-               check_images: bool = True) -> list[TrainRow]:  # fmt: skip
+def read_train(
+    root, subset: str, split: str = "original", *, image_dir=None, check_images: bool = True
+) -> list[TrainRow]:
     """The split's rows with absolute image paths. ``check_images=False`` leaves a missing image to be
     found when the row is used (training's ``data.bad_rows="skip"`` then drops just that row)."""
     if split not in TRAIN_SPLITS:

@@ -17,8 +17,12 @@ from g2e_jax.data.prepared import content_id
 from g2e_jax.preprocess import InputError
 
 BAD_ROWS = ("error", "skip")
-_SOURCE_FIELDS = {("query", "text"): "qry", ("query", "image"): "qry_image_path",
-                  ("document", "text"): "pos_text", ("document", "image"): "pos_image_path"}  # fmt: skip
+_SOURCE_FIELDS = {
+    ("query", "text"): "qry",
+    ("query", "image"): "qry_image_path",
+    ("document", "text"): "pos_text",
+    ("document", "image"): "pos_image_path",
+}
 
 
 class BadRowError(ValueError):
@@ -33,8 +37,16 @@ def _resolve(image_dir: Path | None, value) -> str | None:
 
 
 class TrainData:
-    def __init__(self, clusters: dict[str, list[list]], preprocessor, *, image_dir=None, cache_rows: int = 50_000,
-                 prepared=None, bad_rows: str = "error"):  # fmt: skip
+    def __init__(
+        self,
+        clusters: dict[str, list[list]],
+        preprocessor,
+        *,
+        image_dir=None,
+        cache_rows: int = 50_000,
+        prepared=None,
+        bad_rows: str = "error",
+    ):
         """``clusters[subset]``: clusters, each a list of row dicts (MMEB fields) or, with a
         ``prepared`` dataset, of its record indices (already tokenised and patchified).
 
@@ -68,11 +80,25 @@ class TrainData:
                 raise ValueError("data.source=mmeb needs --config.data.root")
             clusters = {}
             for s in subsets:
-                rows = read_train(cfg.data.root, s, cfg.data.split, image_dir=cfg.data.image_dir,
-                                  check_images=bad_rows == "error")  # absolute paths  # fmt: skip
-                clusters[s] = [[{"qry": r.qry, "qry_image_path": r.qry_image or "", "pos_text": r.pos_text,
-                                 "pos_image_path": r.pos_image or "", ORIGIN: (r.file, r.line, None)}]
-                               for r in rows]  # fmt: skip
+                rows = read_train(
+                    cfg.data.root,
+                    s,
+                    cfg.data.split,
+                    image_dir=cfg.data.image_dir,
+                    check_images=bad_rows == "error",
+                )  # absolute paths
+                clusters[s] = [
+                    [
+                        {
+                            "qry": r.qry,
+                            "qry_image_path": r.qry_image or "",
+                            "pos_text": r.pos_text,
+                            "pos_image_path": r.pos_image or "",
+                            ORIGIN: (r.file, r.line, None),
+                        }
+                    ]
+                    for r in rows
+                ]
         elif cfg.data.source == "prepared":
             from g2e_jax.data.prepared import PreparedDataset
 
@@ -117,18 +143,30 @@ class TrainData:
         if self.prepared is not None:
             try:
                 record = self.prepared[row]
-                return (self.prepared.prepared_row(record, "qry"), self.prepared.prepared_row(record, "pos"),
-                        int(record["qry_content_id"]), int(record["pos_content_id"]))  # fmt: skip
+                return (
+                    self.prepared.prepared_row(record, "qry"),
+                    self.prepared.prepared_row(record, "pos"),
+                    int(record["qry_content_id"]),
+                    int(record["pos_content_id"]),
+                )
             except (ValueError, OSError, KeyError) as e:
                 raise self._bad(subset, row, "<record>", f"{type(e).__name__}: {e}") from None
         sides = []
-        for role, text_key, image_key in (("query", "qry", "qry_image_path"), ("document", "pos_text", "pos_image_path")):
+        for role, text_key, image_key in (
+            ("query", "qry", "qry_image_path"),
+            ("document", "pos_text", "pos_image_path"),
+        ):
             try:
-                sides.append(self._prepared(row[text_key], _resolve(self.image_dir, row[image_key]), role, subset))
+                sides.append(
+                    self._prepared(row[text_key], _resolve(self.image_dir, row[image_key]), role, subset)
+                )
             except InputError as e:
                 raise self._bad(subset, row, _SOURCE_FIELDS.get((role, e.field), e.field), e.reason) from None
-        return (*sides, content_id(row["qry"], row["qry_image_path"] or None),
-                content_id(row["pos_text"], row["pos_image_path"] or None))  # fmt: skip
+        return (
+            *sides,
+            content_id(row["qry"], row["qry_image_path"] or None),
+            content_id(row["pos_text"], row["pos_image_path"] or None),
+        )
 
     def origin(self, subset: str, row) -> dict:
         """Where a row came from: file and line (and cluster member), or the prepared record."""

@@ -23,8 +23,13 @@ class TrainingStopped(ValueError):
 
 def checkpoint_bytes(*trees) -> int:
     """Bytes of one checkpoint: every array of the trees at its global size."""
-    return int(sum(np.prod(x.shape, dtype=np.int64) * np.dtype(x.dtype).itemsize
-                   for x in jax.tree.leaves(trees) if hasattr(x, "shape")))  # fmt: skip
+    return int(
+        sum(
+            np.prod(x.shape, dtype=np.int64) * np.dtype(x.dtype).itemsize
+            for x in jax.tree.leaves(trees)
+            if hasattr(x, "shape")
+        )
+    )
 
 
 def preflight_workdir(workdir: Path, need_bytes: int = 0) -> None:
@@ -40,9 +45,11 @@ def preflight_workdir(workdir: Path, need_bytes: int = 0) -> None:
     free = shutil.disk_usage(workdir).free
     need = need_bytes + (64 << 20)
     if free < need:
-        raise OSError(f"workdir {workdir}: {free / 2**30:.2f} GiB free, but a checkpoint needs about "
-                      f"{need / 2**30:.2f} GiB (trainable parameters + optimizer state); free some space "
-                      "or choose another --workdir")  # fmt: skip
+        raise OSError(
+            f"workdir {workdir}: {free / 2**30:.2f} GiB free, but a checkpoint needs about "
+            f"{need / 2**30:.2f} GiB (trainable parameters + optimizer state); free some space "
+            "or choose another --workdir"
+        )
 
 
 class BadSteps:
@@ -62,9 +69,11 @@ class BadSteps:
             return
         self.total += 1
         self.in_row += 1
-        self._log(f"step {done}: non-finite step (loss {float(metrics['loss'])}, grad norm "
-                  f"{float(metrics['grad_norm'])}); parameters and optimizer state left unchanged "
-                  f"({self.in_row} in a row, train.max_bad_steps={self.max_in_row})")  # fmt: skip
+        self._log(
+            f"step {done}: non-finite step (loss {float(metrics['loss'])}, grad norm "
+            f"{float(metrics['grad_norm'])}); parameters and optimizer state left unchanged "
+            f"({self.in_row} in a row, train.max_bad_steps={self.max_in_row})"
+        )
 
     def flush(self) -> None:
         """Resolves the step still pending (waits for it)."""
@@ -84,11 +93,13 @@ class BadSteps:
 
     def message(self, done: int, workdir: Path) -> str:
         good = "the initial state" if self.last_good is None else f"the state after step {self.last_good}"
-        return (f"stopping at step {done}: {self.in_row} non-finite steps in a row (train.max_bad_steps="
-                f"{self.max_in_row}). Saved a checkpoint at step {done} holding {good}, the last finite "
-                f"step (non-finite steps change nothing), in {workdir / 'checkpoints'}. Lower "
-                "train.learning_rate or check the data, then re-run the same command to resume past "
-                "these batches.")  # fmt: skip
+        return (
+            f"stopping at step {done}: {self.in_row} non-finite steps in a row (train.max_bad_steps="
+            f"{self.max_in_row}). Saved a checkpoint at step {done} holding {good}, the last finite "
+            f"step (non-finite steps change nothing), in {workdir / 'checkpoints'}. Lower "
+            "train.learning_rate or check the data, then re-run the same command to resume past "
+            "these batches."
+        )
 
 
 def skipped_file(workdir: Path) -> Path:

@@ -29,15 +29,21 @@ from ml_collections import config_dict
 from tqdm.auto import tqdm
 
 from g2e_jax.config_utils import config_to_json
+from g2e_jax.data.check import check_before_run
 from g2e_jax.data.clusters import ClusterBatchSampler
 from g2e_jax.io import write_atomic
 from g2e_jax.models import load
 from g2e_jax.preprocess import Preprocessor
 from g2e_jax.train.batch import BatchShape, build_batch, fit_sides, side_needs
-from g2e_jax.data.check import check_before_run
 from g2e_jax.train.data import TrainData
-from g2e_jax.train.guards import (BadSteps, TrainingStopped, checkpoint_bytes, preflight_workdir, record_skipped,
-                                  skipped_file)  # fmt: skip
+from g2e_jax.train.guards import (
+    BadSteps,
+    TrainingStopped,
+    checkpoint_bytes,
+    preflight_workdir,
+    record_skipped,
+    skipped_file,
+)
 from g2e_jax.train.lora import AdapterConfig, apply_adapters, trainable_filter
 from g2e_jax.train.mesh import BATCH_AXES, make_mesh, shard_model
 from g2e_jax.train.step import StepConfig, make_optimizer, train_step
@@ -127,21 +133,28 @@ def init_distributed(cfg) -> None:
     """``jax.distributed.initialize``: explicit coordinator, or JAX's own detection on TPU / SLURM;
     timeouts from ``cfg.distributed`` (one helper for every multi-process command)."""
     d = cfg.distributed
-    timeouts = {"heartbeat_timeout_seconds": int(d.get("heartbeat_timeout_s", 100)),
-                "initialization_timeout": int(d.get("initialization_timeout_s", 300))}  # fmt: skip
+    timeouts = {
+        "heartbeat_timeout_seconds": int(d.get("heartbeat_timeout_s", 100)),
+        "initialization_timeout": int(d.get("initialization_timeout_s", 300)),
+    }
     if d.coordinator is not None:
         jax.distributed.initialize(d.coordinator, d.num_processes, d.process_id, **timeouts)
-    elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        jax.distributed.initialize(**timeouts)
-    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID"):
+    elif (
+        ("SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1)
+        or os.environ.get("TPU_WORKER_HOSTNAMES")
+        or os.environ.get("CLOUD_TPU_TASK_ID")
+    ):
         jax.distributed.initialize(**timeouts)
     else:
         return
     import socket
 
-    print(f"distributed: process {jax.process_index()} of {jax.process_count()} (JAX 'task "
-          f"{jax.process_index()}') on {socket.gethostname()}, pid {os.getpid()}; a process silent for "
-          f"{timeouts['heartbeat_timeout_seconds']} s stops the others", flush=True)  # fmt: skip
+    print(
+        f"distributed: process {jax.process_index()} of {jax.process_count()} (JAX 'task "
+        f"{jax.process_index()}') on {socket.gethostname()}, pid {os.getpid()}; a process silent for "
+        f"{timeouts['heartbeat_timeout_seconds']} s stops the others",
+        flush=True,
+    )
 
 
 @dataclasses.dataclass
@@ -263,8 +276,12 @@ def _manager(run: Run):
 def save_checkpoint(run: Run, manager, step: int, *, wait: bool = False) -> None:
     import orbax.checkpoint as ocp
 
-    meta = {"step": step, "seed": run.cfg.train.seed, "config": json.loads(config_to_json(run.cfg)),
-            "bad_steps": run.bad_steps}  # fmt: skip
+    meta = {
+        "step": step,
+        "seed": run.cfg.train.seed,
+        "config": json.loads(config_to_json(run.cfg)),
+        "bad_steps": run.bad_steps,
+    }
     manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(nnx.to_pure_dict(run.params)),
         opt_state=ocp.args.StandardSave(run.opt_state),
@@ -386,8 +403,12 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
                 bad.flush()
             run.bad_steps = bad.total
             if done % cfg.train.log_every == 0 or done == cfg.train.steps or stop:
-                last = {"step": done, "subset": subset, "lr": schedule_lr(step),
-                        **{k: _finite_or_none(v) for k, v in metrics.items() if k != "finite"}}  # fmt: skip
+                last = {
+                    "step": done,
+                    "subset": subset,
+                    "lr": schedule_lr(step),
+                    **{k: _finite_or_none(v) for k, v in metrics.items() if k != "finite"},
+                }
                 last["masked"] = int(metrics["masked"])
                 last["bad_steps"] = bad.total
                 if lead:
