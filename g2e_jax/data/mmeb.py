@@ -64,7 +64,14 @@ def load_split(root: str | Path, subset: str, split: str) -> tuple[datasets.Data
         )
     builder, files = split_files(folder, split)
     if files:
-        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+        try:
+            ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+        except Exception as e:  # noqa: BLE001 - pyarrow/datasets errors say little about the line
+            cause = e.__cause__ or e
+            raise DataError(
+                f"subset {subset!r}: cannot read {', '.join(str(f) for f in files)} "
+                f"({type(cause).__name__}: {cause}); `g2e-jax check-data` lists every bad line"
+            ) from None
         return ds, ", ".join(str(f) for f in files)
     disk = folder / split
     if (disk / "dataset_info.json").is_file():

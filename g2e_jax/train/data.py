@@ -85,7 +85,7 @@ class TrainData:
                     s,
                     cfg.data.split,
                     image_dir=cfg.data.image_dir,
-                    check_images=bad_rows == "error",
+                    check_images=False,  # a missing image is a bad row like any other (bad_rows)
                 )  # absolute paths
                 clusters[s] = [
                     [

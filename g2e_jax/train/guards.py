@@ -59,7 +59,9 @@ class BadSteps:
         self.max_in_row = max_in_row
         self.total = total  # over the whole run (restored from the checkpoint on resume)
         self.in_row = 0
-        self.last_good: int | None = None  # the last step (1-based count of steps done) that was finite
+        self.streak = 0  # the run of non-finite steps that tripped the guard
+        self.tripped = False  # ``max_in_row`` non-finite steps came in a row: the run must stop
+        self.last_good: int | None = None  # the last finite step (count of steps done)
         self._pending = None
         self._log = log
 
@@ -74,6 +76,8 @@ class BadSteps:
             f"{float(metrics['grad_norm'])}); parameters and optimizer state left unchanged "
             f"({self.in_row} in a row, train.max_bad_steps={self.max_in_row})"
         )
+        if self.max_in_row and self.in_row >= self.max_in_row and not self.tripped:
+            self.tripped, self.streak = True, self.in_row
 
     def flush(self) -> None:
         """Resolves the step still pending (waits for it)."""
@@ -81,24 +85,22 @@ class BadSteps:
             pending, self._pending = self._pending, None
             self._resolve(*pending)
 
-    def observe(self, done: int, metrics) -> bool:
-        """Takes step ``done``'s metrics (not read yet); resolves the step before. True when the run
-        must stop: ``max_in_row`` non-finite steps in a row, the latest included."""
+    def observe(self, done: int, metrics) -> None:
+        """Takes step ``done``'s metrics (not read yet) and resolves the step before; once tripped, the
+        step just dispatched is resolved too, so that the state a stop saves is known."""
         previous, self._pending = self._pending, (done, metrics)
         if previous is not None:
             self._resolve(*previous)
-        if self.max_in_row and self.in_row >= self.max_in_row:
-            self.flush()  # the step just dispatched decides: a finite one ends the streak
-        return bool(self.max_in_row) and self.in_row >= self.max_in_row
+        if self.tripped:
+            self.flush()
 
     def message(self, done: int, workdir: Path) -> str:
         good = "the initial state" if self.last_good is None else f"the state after step {self.last_good}"
         return (
-            f"stopping at step {done}: {self.in_row} non-finite steps in a row (train.max_bad_steps="
-            f"{self.max_in_row}). Saved a checkpoint at step {done} holding {good}, the last finite "
-            f"step (non-finite steps change nothing), in {workdir / 'checkpoints'}. Lower "
-            "train.learning_rate or check the data, then re-run the same command to resume past "
-            "these batches."
+            f"stopping at step {done}: {self.streak} non-finite steps in a row (train.max_bad_steps="
+            f"{self.max_in_row}). Saved a checkpoint at step {done} holding {good}, the last finite step "
+            f"(non-finite steps change nothing), in {workdir / 'checkpoints'}. Lower train.learning_rate "
+            "or check the data, then re-run the same command to resume past these batches."
         )
 
 

@@ -398,9 +398,10 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
                                                     jax.random.fold_in(base_key, step))  # fmt: skip
             pairs_done += int(run.shape.pairs)
             done = step + 1
-            stop = bad.observe(done, metrics)
-            if done == cfg.train.steps or done % cfg.train.log_every == 0 or stop:
+            bad.observe(done, metrics)
+            if done == cfg.train.steps or done % cfg.train.log_every == 0:
                 bad.flush()
+            stop = bad.tripped
             run.bad_steps = bad.total
             if done % cfg.train.log_every == 0 or done == cfg.train.steps or stop:
                 last = {
