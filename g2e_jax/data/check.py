@@ -332,38 +332,48 @@ def format_report(result: dict) -> str:
 def check_before_run(cfg, command: str, *, source: str | None = None) -> None:
     """The check at the start of ``train``/``mine``/``prepare`` (unless ``data.check`` is False).
 
-    Process 0 checks (the others wait for its verdict). Bad rows are an error listing them all, except
-    for ``train`` with ``data.bad_rows="skip"``, which warns and skips them when it meets them."""
+    Process 0 checks; the others wait for its verdict through the coordination service's key-value
+    store (no collective that could time out during a long first check). Bad rows are an error listing
+    them all, except for ``train`` with ``data.bad_rows="skip"``, which prints them and skips each row
+    when it meets it."""
     import jax
 
     if not cfg.data.get("check", True):
         return
-    bad = 0
-    if jax.process_index() == 0:
-        result = check_data(cfg, source=source)
-        bad = len(result["bad"])
-        skip = command == "train" and cfg.data.get("bad_rows", "error") == "skip"
-        if bad:
-            text = format_report(result)
-            if not skip:
-                if jax.process_count() > 1:
-                    _broadcast(bad)
-                raise ValueError(
-                    f"{bad} bad row(s) in the data; fix them, set --config.data.bad_rows=skip "
-                    f"(train), or --config.data.check=False to start anyway:\n{text}"
-                )
-            print(
-                f"check-data: {text}\n(data.bad_rows=skip: these rows will be skipped and recorded in "
-                "skipped.jsonl)",
-                flush=True,
-            )
     skip = command == "train" and cfg.data.get("bad_rows", "error") == "skip"
-    if jax.process_count() > 1 and _broadcast(bad) and jax.process_index() != 0 and not skip:
-        raise ValueError("process 0 found bad rows in the data (see its log); stopping")
+    if jax.process_index() != 0:
+        verdict = _verdict(None)
+        if verdict < 0 or (verdict and not skip):
+            raise ValueError("process 0's data check failed or found bad rows (see its log); stopping")
+        return
+    try:
+        result = check_data(cfg, source=source)
+    except Exception:
+        _verdict(-1)  # the others stop too
+        raise
+    bad = len(result["bad"])
+    _verdict(bad)
+    if not bad:
+        return
+    text = format_report(result)
+    if not skip:
+        raise ValueError(
+            f"{bad} bad row(s) in the data; fix them, set --config.data.bad_rows=skip (train), or "
+            f"--config.data.check=False to start anyway:\n{text}"
+        )
+    print(f"check-data: {text}\n(data.bad_rows=skip: these rows are skipped and recorded in skipped.jsonl)")
 
 
-def _broadcast(value: int) -> int:
-    import numpy as np
-    from jax.experimental import multihost_utils
+def _verdict(value: int | None) -> int:
+    """Process 0 publishes the number of bad rows (-1: the check failed); the others read it."""
+    import jax
 
-    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+    if jax.process_count() == 1:
+        return value or 0
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if value is not None:
+        client.key_value_set("g2e_jax/check-data", str(value))
+        return value
+    return int(client.blocking_key_value_get("g2e_jax/check-data", 7 * 24 * 3600 * 1000))

@@ -40,6 +40,7 @@ from g2e_jax.train.guards import (
     BadSteps,
     TrainingStopped,
     checkpoint_bytes,
+    name_lost_processes,
     preflight_workdir,
     record_skipped,
     skipped_file,
@@ -429,6 +430,9 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
             if preempted.flag:
                 print(f"SIGTERM: saved a checkpoint at step {done}; stopping", flush=True)
                 break
+    except Exception as e:  # a collective failed: say which process died (multi-process runs)
+        name_lost_processes(e, 2 * cfg.distributed.get("heartbeat_timeout_s", 100))
+        raise
     finally:
         bar.close()
         manager.wait_until_finished()
