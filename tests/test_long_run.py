@@ -201,7 +201,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_a_killed_process_stops_the_other_and_the_run_resumes(tiny_dir, clean, tmp_path):
-    """2 CPU processes; SIGKILL process 1 mid-run: process 0 exits within the heartbeat timeout (5 s)
+    """2 CPU processes; SIGKILL process 1 mid-run: process 0 exits within the heartbeat timeout (10 s)
     plus a margin, naming task 1; the same command then resumes from the last checkpoint."""
     workdir = tmp_path / "pod"
     port = _free_port()
@@ -228,7 +228,7 @@ def test_a_killed_process_stops_the_other_and_the_run_resumes(tiny_dir, clean, t
             f"--config.distributed.coordinator=127.0.0.1:{port}",
             "--config.distributed.num_processes=2",
             f"--config.distributed.process_id={pid}",
-            "--config.distributed.heartbeat_timeout_s=5",
+            "--config.distributed.heartbeat_timeout_s=10",
         ]
 
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
@@ -255,7 +255,7 @@ def test_a_killed_process_stops_the_other_and_the_run_resumes(tiny_dir, clean, t
     report("2 processes, SIGKILL of process 1: process 0 exits after", seconds=seconds)
     print(err[-1500:])
     assert procs[0].returncode != 0
-    assert seconds < 5 + 30
+    assert seconds < 10 + 30
     assert "Task 1" in err or "task 1" in err or "process 1" in err
     # The same command again (fewer steps, to keep the test short) resumes from the last checkpoint.
     saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())

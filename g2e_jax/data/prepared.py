@@ -79,6 +79,7 @@ def prepare_config() -> ml_collections.ConfigDict:
     c.subsets = ()  # names under data.root, in the order they are stored
     c.data.check = True  # check every row and image first (g2e-jax check-data; cached)
     c.data.check_workers = 0  # threads opening images (0: one per CPU)
+    c.data.check_cache = config_dict.placeholder(str)  # default: under ~/.cache/g2e_jax
 
     c.max_len = 1024
     c.image_resolution = config_dict.placeholder(str)  # low | clip | mid_low | mid | mid_high | high | random

@@ -518,6 +518,7 @@ def data_section(subsets=()) -> ml_collections.ConfigDict:
     d.bad_rows = "error"  # a row that cannot be used mid-run: error (stop, naming it) | skip (skipped.jsonl)
     d.check = True  # check every row and image before the run (g2e-jax check-data; cached)
     d.check_workers = 0  # threads opening images (0: one per CPU)
+    d.check_cache = config_dict.placeholder(str)  # the check's cache file (default: under ~/.cache/g2e_jax)
     return d
 
 
