@@ -242,7 +242,7 @@ def test_a_killed_process_stops_the_other_and_the_run_resumes(tiny_dir, clean, t
         start = time.time()
         while not any(r["step"] >= 5 for r in _lines(workdir / "metrics.jsonl")):
             assert all(p.poll() is None for p in procs), procs[0].stderr.read()[-3000:]
-            assert time.time() - start < 400, "no progress"
+            assert time.time() - start < 900, "no progress"
             time.sleep(0.2)
         procs[1].send_signal(signal.SIGKILL)
         killed = time.time()
