@@ -400,8 +400,12 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
             pairs_done += int(run.shape.pairs)
             done = step + 1
             bad.observe(done, metrics)
-            if done == cfg.train.steps or done % cfg.train.log_every == 0:
-                bad.flush()
+            if (
+                done == cfg.train.steps
+                or done % cfg.train.log_every == 0
+                or done % cfg.train.checkpoint_every == 0
+            ):
+                bad.flush()  # metrics and checkpoints (which keep bad_steps) see every step counted
             stop = bad.tripped
             run.bad_steps = bad.total
             if done % cfg.train.log_every == 0 or done == cfg.train.steps or stop:
