@@ -70,6 +70,17 @@ def _train(args, overrides) -> int:
     return 0
 
 
+def _check_data(args, overrides) -> int:
+    from g2e_jax.config_utils import load_config
+    from g2e_jax.data.check import check_data, format_report
+
+    cfg = load_config(args.config, overrides)
+    result = check_data(cfg, source=args.source, force=args.force)
+    print(format_report(result))
+    print(f"(cache: {result['cache']})")
+    return 1 if result["bad"] else 0
+
+
 def _export_hf(args, overrides) -> int:
     from g2e_jax.train.export_hf import export_hf
 
@@ -204,6 +215,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--workdir", required=True, help="checkpoints, metrics.jsonl, loss.png (resumed if present)"
     )
+
+    check = _config_command(
+        sub,
+        "check-data",
+        _check_data,
+        "open every image and validate every row of a config's data; report every bad row",
+        config="the train, mine or prepare config whose data to check",
+        required=True,
+        example="--config.data.check_workers=16",
+    )
+    check.add_argument(
+        "--source",
+        choices=("mmeb", "clusters", "prepared"),
+        help="what to check (default: the config's data.source, else mmeb)",
+    )
+    check.add_argument("--force", action="store_true", help="re-check every subset, ignoring the cache")
 
     export = sub.add_parser("export-hf", help="a training workdir -> merged model in Hugging Face layout")
     export.add_argument("--checkpoint", required=True, help="the `g2e-jax train` workdir")

@@ -129,6 +129,9 @@ def run_mine(cfg) -> dict:
         raise ValueError("no data: set --config.data.root=/path/to/MMEB-train")
     if cfg.mine.output_dir is None:
         raise ValueError("no output: set --config.mine.output_dir=DIR")
+    from g2e_jax.data.check import check_before_run
+
+    check_before_run(cfg, "mine", source="mmeb", split=cfg.mine.split)
     embedder = Embedder.from_config(mine_encode_config(cfg))
     summary = {}
     for k, subset in enumerate(cfg.data.subsets, start=1):

@@ -130,3 +130,37 @@ def test_fitted_sides_give_the_same_loss_as_the_full_capacity(setup, jax_model):
     assert abs(a - b) < 1e-5
     with pytest.raises(ValueError, match="user tokens"):
         fit_sides(dataclasses.replace(shape, users=4), need)
+
+
+def test_a_non_finite_step_leaves_params_and_optimizer_state_untouched(setup, jax_model):
+    """A NaN pixel (GradCache on, as in training) makes the loss and gradients NaN: the step returns
+    the parameters and the optimizer state it got, bit for bit, and says so; the next finite step
+    trains as if the bad one had not happened."""
+    pre, pairs, consts = setup
+    graphdef, params, rest = nnx.split(jax_model, nnx.Param, ...)
+    batch = _batch(pre, pairs, chunks=2, cells=1, rows_per_cell=8)
+    poisoned = dict(
+        batch,
+        query=dict(batch["query"], pixel_values=batch["query"]["pixel_values"].at[0, 0, 0].set(jnp.nan)),
+    )
+    tx = make_optimizer(learning_rate=1e-3, total_steps=10, warmup_steps=0)
+    cfg = _cfg(pre, grad_cache=True)
+    step = jax.jit(lambda p, o, b: train_step(graphdef, p, rest, o, b, consts, tx=tx, cfg=cfg))
+    opt_state = tx.init(params)
+    p1, o1, m1 = step(params, opt_state, batch)
+    assert int(m1["finite"]) == 1
+    p2, o2, m2 = step(p1, o1, poisoned)
+    report(
+        "NaN-injected step",
+        loss=float(m2["loss"]),
+        grad_norm=float(m2["grad_norm"]),
+        finite=int(m2["finite"]),
+    )
+    assert int(m2["finite"]) == 0 and not np.isfinite(float(m2["loss"]))
+    for a, b in zip(jax.tree.leaves((p1, o1)), jax.tree.leaves((p2, o2))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # After the bad step, the same good step as without it (Adam's count was not advanced either).
+    p3, _, _ = step(p2, o2, batch)
+    p3_ref, _, _ = step(p1, o1, batch)
+    for a, b in zip(jax.tree.leaves(p3), jax.tree.leaves(p3_ref)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

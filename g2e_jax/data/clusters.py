@@ -19,6 +19,9 @@ import numpy as np
 
 ROW_FIELDS = ("qry", "qry_image_path", "pos_text", "pos_image_path")
 IMAGE_FIELDS = ("qry_image_path", "pos_image_path", "neg_image_path")
+# Key of each row read back by ``read_clusters``: (file, line, member), member 0 the anchor and k the
+# k-th of ``neg_samples``.
+ORIGIN = "_origin"
 
 
 def write_clusters(path: str | Path, clusters, rows: Sequence[Mapping]) -> None:
@@ -64,7 +67,10 @@ def read_clusters(path: str | Path, *, image_dir: str | Path | None = None) -> l
                 raise ValueError(f"{path} line {number}: missing field(s) {missing}")
             negatives = record.pop("neg_samples", [])
             record.pop("phase", None)
-            clusters.append([resolve(row) for row in (record, *negatives)])
+            members = [resolve(row) for row in (record, *negatives)]
+            for k, member in enumerate(members):  # provenance for errors and skipped.jsonl
+                member[ORIGIN] = (str(path.absolute()), number, k)
+            clusters.append(members)
     return clusters
 
 

@@ -31,6 +31,10 @@ class TrainRow:
     pos_image: str | None
     neg_text: str = ""
     neg_image: str | None = None
+    # Where the row came from (for error messages and skipped.jsonl): the file and its 1-based line
+    # (JSONL) or record number (parquet, save_to_disk folders).
+    file: str | None = dataclasses.field(default=None, compare=False)
+    line: int = dataclasses.field(default=0, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,11 +66,17 @@ def load_split(root: str | Path, subset: str, split: str) -> tuple[datasets.Data
         raise DataError(
             f"{root}: no subset {subset!r}; available: {', '.join(available_subsets(root)) or 'none'}"
         )
-    for pattern, builder in (("parquet", "parquet"), ("jsonl", "json"), ("json", "json")):
-        files = sorted(folder.glob(f"{split}.{pattern}")) + sorted(folder.glob(f"{split}-*.{pattern}"))
-        if files:
+    builder, files = split_files(folder, split)
+    if files:
+        try:
             ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
-            return ds, ", ".join(str(f) for f in files)
+        except Exception as e:  # noqa: BLE001 - pyarrow/datasets errors say little about the line
+            cause = e.__cause__ or e
+            raise DataError(
+                f"subset {subset!r}: cannot read {', '.join(str(f) for f in files)} "
+                f"({type(cause).__name__}: {cause}); `g2e-jax check-data` lists every bad line"
+            ) from None
+        return ds, ", ".join(str(f) for f in files)
     disk = folder / split
     if (disk / "dataset_info.json").is_file():
         return datasets.load_from_disk(str(disk)), str(disk)
@@ -77,6 +87,38 @@ def load_split(root: str | Path, subset: str, split: str) -> tuple[datasets.Data
     present = sorted(p.name for p in folder.iterdir())
     raise DataError(f"{folder}: no split {split!r} (looked for {split}.parquet|jsonl, {split}-*.parquet|jsonl, "
                     f"or a save_to_disk folder); found: {', '.join(present) or 'nothing'}")  # fmt: skip
+
+
+def split_files(folder: Path, split: str) -> tuple[str | None, list[Path]]:
+    """(datasets builder, files) of a split stored as parquet or JSON lines files; (None, []) if none."""
+    for pattern, builder in (("parquet", "parquet"), ("jsonl", "json"), ("json", "json")):
+        files = sorted(folder.glob(f"{split}.{pattern}")) + sorted(folder.glob(f"{split}-*.{pattern}"))
+        if files:
+            return builder, files
+    return None, []
+
+
+def row_origins(root, subset: str, split: str, count: int) -> list[tuple[str, int]]:
+    """(file, 1-based line or record number) of each of the split's ``count`` rows, in reading order:
+    JSON lines files count their lines (blank ones are not rows), parquet files their records."""
+    folder = Path(root) / subset
+    builder, files = split_files(folder, split)
+    if not files:  # a save_to_disk folder: the record number within it
+        where = str((folder / split) if (folder / split).is_dir() else folder)
+        return [(where, i + 1) for i in range(count)]
+    out = []
+    for f in files:
+        name = str(f.absolute())
+        if builder == "parquet":
+            import pyarrow.parquet as pq
+
+            out += [(name, i + 1) for i in range(pq.ParquetFile(f).metadata.num_rows)]
+        else:
+            with open(f, "rb") as fh:
+                out += [(name, n) for n, line in enumerate(fh, start=1) if line.strip()]
+    if len(out) != count:  # not expected; never attach wrong lines
+        return [(", ".join(str(f) for f in files), i + 1) for i in range(count)]
+    return out
 
 
 def _check_columns(ds: datasets.Dataset, required, subset: str, where: str) -> None:
@@ -95,10 +137,21 @@ def _image(image_dir: Path, value, subset: str, row: int, column: str, where: st
     path = resolve_in(image_dir, value)
     if not _is_file(path):
         raise DataError(
-            f"subset {subset!r} row {row}, column {column!r}: image not found: {path} "
+            f"subset {subset!r} row {row} ({where}), column {column!r}: image not found: {path} "
             "(MMEB rows name images relative to data.image_dir)"
         )
     return path
+
+
+def _image_path(image_dir: Path | None, value, subset: str, row: int, column: str, where: str) -> str | None:
+    """As ``_image``, without looking at the file."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise DataError(
+            f"subset {subset!r} row {row} ({where}), column {column!r}: expected a path, got {value!r}"
+        )
+    return resolve_in(image_dir, value)
 
 
 _KNOWN_FILES: set[str] = set()
@@ -145,28 +198,34 @@ def sample_rows(num_rows: int, limit: int | None, seed: int = SAMPLE_SEED) -> np
 
 
 def read_train(
-    root, subset: str, split: str = "original", *, image_dir=None, num_samples: int | None = None
+    root, subset: str, split: str = "original", *, image_dir=None, num_samples: int | None = None,
+    check_images: bool = True,
 ) -> list[TrainRow]:
     """The rows of one MMEB-train subset; ``num_samples`` caps them as the official in-batch training
     does (``sample_rows``; only the kept rows are read and checked). Row numbers in errors are
-    those of the file."""
+    those of the file. ``check_images=False`` leaves a missing image to be found when the row
+    is used (training's ``data.bad_rows="skip"`` then drops just that row)."""
     if split not in TRAIN_SPLITS:
         raise DataError(f"unknown MMEB-train split {split!r}; expected one of {TRAIN_SPLITS}")
     ds, where = load_split(root, subset, split)
     _check_columns(ds, TRAIN_COLUMNS, subset, where)
     image_dir = Path(root) / subset if image_dir is None else Path(image_dir)
+    origins = row_origins(root, subset, split, len(ds))
+    image = _image if check_images else _image_path
     keep = sample_rows(len(ds), num_samples)
     if len(keep) < len(ds):
         ds = ds.select(keep)
     rows = []
     for i, r in zip(keep.tolist(), ds):
+        where = f"{origins[i][0]} line {origins[i][1]}"
         rows.append(TrainRow(
             qry=_text(r["qry"], subset, i, "qry", where),
-            qry_image=_image(image_dir, r["qry_image_path"], subset, i, "qry_image_path", where),
+            qry_image=image(image_dir, r["qry_image_path"], subset, i, "qry_image_path", where),
             pos_text=_text(r["pos_text"], subset, i, "pos_text", where),
-            pos_image=_image(image_dir, r["pos_image_path"], subset, i, "pos_image_path", where),
+            pos_image=image(image_dir, r["pos_image_path"], subset, i, "pos_image_path", where),
             neg_text=_text(r.get("neg_text"), subset, i, "neg_text", where),
-            neg_image=_image(image_dir, r.get("neg_image_path"), subset, i, "neg_image_path", where),
+            neg_image=image(image_dir, r.get("neg_image_path"), subset, i, "neg_image_path", where),
+            file=origins[i][0], line=origins[i][1],
         ))  # fmt: skip
     return rows
 

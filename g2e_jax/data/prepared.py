@@ -78,6 +78,9 @@ def prepare_config() -> ml_collections.ConfigDict:
     c.data.image_dir = config_dict.placeholder(str)  # image paths in the rows are relative to it
     c.data.split = "original"  # or "diverse_instruction"
     c.subsets = ()  # names under data.root, in the order they are stored
+    c.data.check = True  # check every row and image first (g2e-jax check-data; cached)
+    c.data.check_workers = 0  # threads opening images (0: one per CPU)
+    c.data.check_cache = config_dict.placeholder(str)  # default: under ~/.cache/g2e_jax
 
     c.max_len = 1024
     c.image_resolution = config_dict.placeholder(str)  # low | clip | mid_low | mid | mid_high | high | random
@@ -217,7 +220,10 @@ def run_prepare(cfg) -> Path:
         image_resolution=cfg.image_resolution,
     )  # fmt: skip
     image_dir = None if cfg.data.image_dir is None else Path(absolute(cfg.data.image_dir))
-    # Read every subset first: a missing column or image fails before hours of preprocessing.
+    # Check and read every subset first: a bad row fails before hours of preprocessing.
+    from g2e_jax.data.check import check_before_run
+
+    check_before_run(cfg, "prepare", source="mmeb")
     sources, offset = [], 0
     for name in subsets:
         rows = read_train(cfg.data.root, name, cfg.data.split, image_dir=image_dir)

@@ -13,9 +13,22 @@ from __future__ import annotations
 from collections import OrderedDict
 from pathlib import Path
 
-from g2e_jax.data.clusters import read_clusters
+from g2e_jax.data.clusters import ORIGIN, read_clusters
 from g2e_jax.data.mmeb import read_train, sample_rows
 from g2e_jax.data.prepared import content_id
+from g2e_jax.preprocess import InputError
+
+BAD_ROWS = ("error", "skip")
+_SOURCE_FIELDS = {
+    ("query", "text"): "qry",
+    ("query", "image"): "qry_image_path",
+    ("document", "text"): "pos_text",
+    ("document", "image"): "pos_image_path",
+}
+
+
+class BadRowError(ValueError):
+    """A row that cannot be used (``data.bad_rows="error"``); the message names subset, file, line, field."""
 
 
 def _resolve(image_dir: Path | None, value) -> str | None:
@@ -26,10 +39,27 @@ def _resolve(image_dir: Path | None, value) -> str | None:
 
 
 class TrainData:
-    def __init__(self, clusters: dict[str, list[list]], preprocessor, *, image_dir=None, cache_rows: int = 50_000,
-                 prepared=None):  # fmt: skip
+    def __init__(
+        self,
+        clusters: dict[str, list[list]],
+        preprocessor,
+        *,
+        image_dir=None,
+        cache_rows: int = 50_000,
+        prepared=None,
+        bad_rows: str = "error",
+    ):
         """``clusters[subset]``: clusters, each a list of row dicts (MMEB fields) or, with a
-        ``prepared`` dataset, of its record indices (already tokenised and patchified)."""
+        ``prepared`` dataset, of its record indices (already tokenised and patchified).
+
+        ``bad_rows``: "error" raises ``BadRowError`` at a row that cannot be preprocessed; "skip" puts
+        padding in its place (the batch holds one pair less: which rows a batch holds is still a function
+        of the data, the seed and the step, so a resumed run skips the same rows) and appends a record to
+        ``self.skipped`` for the caller to log."""
+        if bad_rows not in BAD_ROWS:
+            raise ValueError(f"unknown data.bad_rows {bad_rows!r}; expected one of {BAD_ROWS}")
+        self.bad_rows = bad_rows
+        self.skipped: list[dict] = []
         self.clusters = clusters
         self.preprocessor = preprocessor
         self.prepared = prepared
@@ -43,6 +73,7 @@ class TrainData:
         mine``) or "mmeb" (plain rows of ``root/<subset>``, each its own cluster)."""
         subsets = list(cfg.data.subsets)
         cap = cfg.data.get("num_sample_per_subset")
+        bad_rows = cfg.data.get("bad_rows", "error")
         if cfg.data.source == "clusters":
             if cfg.data.clusters_dir is None:
                 raise ValueError("data.source=clusters needs --config.data.clusters_dir (the mine output)")
@@ -56,10 +87,25 @@ class TrainData:
             clusters = {}
             for s in subsets:
                 rows = read_train(  # absolute paths
-                    cfg.data.root, s, cfg.data.split, image_dir=cfg.data.image_dir, num_samples=cap
+                    cfg.data.root,
+                    s,
+                    cfg.data.split,
+                    image_dir=cfg.data.image_dir,
+                    num_samples=cap,
+                    check_images=False,  # a missing image is a bad row like any other (bad_rows)
                 )
-                clusters[s] = [[{"qry": r.qry, "qry_image_path": r.qry_image or "", "pos_text": r.pos_text,
-                                 "pos_image_path": r.pos_image or ""}] for r in rows]  # fmt: skip
+                clusters[s] = [
+                    [
+                        {
+                            "qry": r.qry,
+                            "qry_image_path": r.qry_image or "",
+                            "pos_text": r.pos_text,
+                            "pos_image_path": r.pos_image or "",
+                            ORIGIN: (r.file, r.line, None),
+                        }
+                    ]
+                    for r in rows
+                ]
         elif cfg.data.source == "prepared":
             from g2e_jax.data.prepared import PreparedDataset
 
@@ -86,11 +132,11 @@ class TrainData:
                 s: [[prepared.index(s, int(r))] for r in sample_rows(prepared._subsets[s]["rows"], cap)]
                 for s in subsets
             }
-            return cls(clusters, preprocessor, prepared=prepared)
+            return cls(clusters, preprocessor, prepared=prepared, bad_rows=bad_rows)
         else:
             raise ValueError(f"unknown data.source {cfg.data.source!r}; expected clusters, mmeb or prepared")
         # Rows already hold absolute image paths: joining data.image_dir again would double it.
-        return cls(clusters, preprocessor)
+        return cls(clusters, preprocessor, bad_rows=bad_rows)
 
     def cluster_sizes(self) -> dict[str, list[int]]:
         return {s: [len(c) for c in cl] for s, cl in self.clusters.items()}
@@ -105,20 +151,58 @@ class TrainData:
             if wanted is not None and position not in wanted:
                 out.append("skip")
                 continue
-            if self.prepared is not None:
-                record = self.prepared[row]
-                out.append((self.prepared.prepared_row(record, "qry"), self.prepared.prepared_row(record, "pos"),
-                            int(record["qry_content_id"]), int(record["pos_content_id"])))  # fmt: skip
-                continue
-            query = self._prepared(
-                row["qry"], _resolve(self.image_dir, row["qry_image_path"]), "query", subset
-            )
-            target = self._prepared(
-                row["pos_text"], _resolve(self.image_dir, row["pos_image_path"]), "document", subset
-            )
-            out.append((query, target, content_id(row["qry"], row["qry_image_path"] or None),
-                        content_id(row["pos_text"], row["pos_image_path"] or None)))  # fmt: skip
+            try:
+                out.append(self._pair(subset, row))
+            except BadRowError as e:
+                if self.bad_rows == "error":
+                    raise
+                self.skipped.append(e.record)
+                out.append(None)  # padding: the batch holds one pair less
         return out
+
+    def _pair(self, subset: str, row):
+        """(query, target, query content id, target content id) of one row, or BadRowError."""
+        if self.prepared is not None:
+            try:
+                record = self.prepared[row]
+                return (
+                    self.prepared.prepared_row(record, "qry"),
+                    self.prepared.prepared_row(record, "pos"),
+                    int(record["qry_content_id"]),
+                    int(record["pos_content_id"]),
+                )
+            except (ValueError, OSError, KeyError) as e:
+                raise self._bad(subset, row, "<record>", f"{type(e).__name__}: {e}") from None
+        sides = []
+        for role, text_key, image_key in (
+            ("query", "qry", "qry_image_path"),
+            ("document", "pos_text", "pos_image_path"),
+        ):
+            try:
+                sides.append(
+                    self._prepared(row[text_key], _resolve(self.image_dir, row[image_key]), role, subset)
+                )
+            except InputError as e:
+                raise self._bad(subset, row, _SOURCE_FIELDS.get((role, e.field), e.field), e.reason) from None
+        return (
+            *sides,
+            content_id(row["qry"], row["qry_image_path"] or None),
+            content_id(row["pos_text"], row["pos_image_path"] or None),
+        )
+
+    def origin(self, subset: str, row) -> dict:
+        """Where a row came from: file and line (and cluster member), or the prepared record."""
+        if self.prepared is not None:
+            return {"file": str(Path(self.prepared.path).absolute()), "record": int(row)}
+        file, line, member = row.get(ORIGIN, (None, None, None))
+        return {"file": file, "line": line, **({} if member is None else {"member": member})}
+
+    def _bad(self, subset: str, row, field: str, reason: str) -> BadRowError:
+        where = self.origin(subset, row)
+        place = ", ".join(f"{k} {v}" for k, v in where.items() if k != "file" and v is not None)
+        error = BadRowError(f"subset {subset!r}, {where['file']} {place}, field {field!r}: {reason}")
+        error.record = {"subset": subset, **where, "field": field, "reason": reason}
+        return error
 
     def _prepared(self, text, image, role, subset):
         key = (text, image, role, subset)

@@ -148,9 +148,19 @@ def make_optimizer(*, learning_rate: float, total_steps: int, warmup_steps: int 
 
 
 def train_step(graphdef, params, rest, opt_state, batch, consts, rng=None, *, tx, cfg: StepConfig):
-    """One optimisation step; returns (params, opt_state, metrics). Pure: jit and shard it."""
-    (_, metrics), grads = loss_and_grads(graphdef, params, rest, batch, consts, cfg, rng)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    """One optimisation step; returns (params, opt_state, metrics). Pure: jit and shard it.
+
+    A step whose loss or gradient norm is not finite changes nothing: parameters and optimizer state
+    (Adam's moments and count) come back as they went in, and ``metrics["finite"]`` is 0. A select
+    rather than ``optax.apply_if_finite``, so the optimizer state (and its checkpoints and
+    shardings) keeps one structure."""
+    (loss, metrics), grads = loss_and_grads(graphdef, params, rest, batch, consts, cfg, rng)
+    grad_norm = optax.global_norm(grads)
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    params, opt_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old), (new_params, new_opt_state), (params, opt_state)
+    )
+    metrics = dict(metrics, grad_norm=grad_norm, finite=finite.astype(jnp.int32))
     return params, opt_state, metrics

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from g2e_jax.adapters.lora import AdapterConfig, trainable_filter
 from g2e_jax.adapters.trained import apply_run_adapters, restore_newest
 from g2e_jax.config_utils import config_to_json
+from g2e_jax.data.check import check_before_run
 from g2e_jax.data.clusters import ClusterBatchSampler, batch_label
 from g2e_jax.io import write_atomic
 from g2e_jax.models import load
@@ -37,6 +38,15 @@ from g2e_jax.paths import absolute_config_paths
 from g2e_jax.preprocess import Preprocessor
 from g2e_jax.train.batch import BatchShape, build_batch, fit_sides, side_needs
 from g2e_jax.train.data import TrainData
+from g2e_jax.train.guards import (
+    BadSteps,
+    TrainingStopped,
+    checkpoint_bytes,
+    name_lost_processes,
+    preflight_workdir,
+    record_skipped,
+    skipped_file,
+)
 from g2e_jax.train.mesh import BATCH_AXES, make_mesh, shard_model
 from g2e_jax.train.step import StepConfig, make_optimizer, train_step
 
@@ -74,6 +84,8 @@ def train_section() -> ml_collections.ConfigDict:
     t.checkpoint_every = 100
     t.keep_checkpoints = 3
     t.async_checkpoint = True
+    # Non-finite steps change nothing; this many in a row stop the run with a checkpoint (0: never stop).
+    t.max_bad_steps = 10
     return t
 
 
@@ -118,18 +130,39 @@ def distributed_section() -> ml_collections.ConfigDict:
     )  # "host:port"; None: auto-detect (TPU, SLURM) or single process
     d.num_processes = config_dict.placeholder(int)
     d.process_id = config_dict.placeholder(int)
+    # A process that sends no heartbeat for this long is dead: JAX stops every other process with
+    # "Task K heartbeat timeout" (K = the lost process id), so a pod never hangs on a lost host.
+    d.heartbeat_timeout_s = 100
+    d.initialization_timeout_s = 300  # how long processes wait for each other at start
     return d
 
 
 def init_distributed(cfg) -> None:
-    """``jax.distributed.initialize``: explicit coordinator, or JAX's own detection on TPU / SLURM."""
+    """``jax.distributed.initialize``: explicit coordinator, or JAX's own detection on TPU / SLURM;
+    timeouts from ``cfg.distributed`` (one helper for every multi-process command)."""
     d = cfg.distributed
+    timeouts = {
+        "heartbeat_timeout_seconds": int(d.get("heartbeat_timeout_s", 100)),
+        "initialization_timeout": int(d.get("initialization_timeout_s", 300)),
+    }
     if d.coordinator is not None:
-        jax.distributed.initialize(d.coordinator, d.num_processes, d.process_id)
-    elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        jax.distributed.initialize()
-    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID"):
-        jax.distributed.initialize()
+        jax.distributed.initialize(d.coordinator, d.num_processes, d.process_id, **timeouts)
+    elif (
+        ("SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1)
+        or os.environ.get("TPU_WORKER_HOSTNAMES")
+        or os.environ.get("CLOUD_TPU_TASK_ID")
+    ):
+        jax.distributed.initialize(**timeouts)
+    else:
+        return
+    import socket
+
+    print(
+        f"distributed: process {jax.process_index()} of {jax.process_count()} (JAX 'task "
+        f"{jax.process_index()}') on {socket.gethostname()}, pid {os.getpid()}; a process silent for "
+        f"{timeouts['heartbeat_timeout_seconds']} s stops the others",
+        flush=True,
+    )
 
 
 @dataclasses.dataclass
@@ -150,6 +183,7 @@ class Run:
     sampler: ClusterBatchSampler
     data: TrainData
     preprocessor: Preprocessor
+    bad_steps: int = 0  # non-finite steps so far (kept in the checkpoints)
 
 
 def _batch_spec(ndim: int) -> P:
@@ -159,6 +193,8 @@ def _batch_spec(ndim: int) -> P:
 def setup(cfg, workdir: str | Path) -> Run:
     init_distributed(cfg)
     workdir = Path(workdir)
+    preflight_workdir(workdir)  # writable: fail before loading anything
+    check_before_run(cfg, "train")
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, dcn_data=cfg.mesh.dcn_data,
                      dcn_fsdp=cfg.mesh.dcn_fsdp)  # fmt: skip
     prompt = {"preset": cfg.prompt.preset, "scheme": cfg.prompt.scheme}
@@ -249,7 +285,12 @@ def _manager(run: Run):
 def save_checkpoint(run: Run, manager, step: int, *, wait: bool = False) -> None:
     import orbax.checkpoint as ocp
 
-    meta = {"step": step, "seed": run.cfg.train.seed, "config": json.loads(config_to_json(run.cfg))}
+    meta = {
+        "step": step,
+        "seed": run.cfg.train.seed,
+        "config": json.loads(config_to_json(run.cfg)),
+        "bad_steps": run.bad_steps,
+    }
     manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(nnx.to_pure_dict(run.params)),
         opt_state=ocp.args.StandardSave(run.opt_state),
@@ -277,6 +318,7 @@ def restore_latest(run: Run, manager) -> int:
         return 0
     nnx.replace_by_pure_dict(run.params, restored["params"])
     run.opt_state = restored["opt_state"]
+    run.bad_steps = int(restored["meta"].get("bad_steps", 0))
     return int(restored["meta"]["step"])
 
 
@@ -321,10 +363,14 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
         cfg.adapter.init_from = str(Path(cfg.adapter.init_from).absolute())
     run = setup(cfg, workdir)
     lead = jax.process_index() == 0
-    run.workdir.mkdir(parents=True, exist_ok=True)
+    preflight_workdir(run.workdir, checkpoint_bytes(run.params, run.opt_state))  # room for a checkpoint
     manager = _manager(run)
     start = restore_latest(run, manager)
+    if lead and start:
+        print(f"resuming from the checkpoint at step {start}", flush=True)
     metrics_file = run.workdir / "metrics.jsonl"
+    skipped = skipped_file(run.workdir)
+    _write_metrics(skipped, [], keep_until=start)  # a resumed run records the same skips again
     if lead:
         write_atomic(run.workdir / "config.json", config_to_json(cfg))
         _write_metrics(metrics_file, [], keep_until=start)
@@ -343,23 +389,43 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
                dynamic_ncols=True)  # fmt: skip
     last = {}
     started, pairs_done = time.perf_counter(), 0
+    bad = BadSteps(cfg.train.get("max_bad_steps", 0), total=run.bad_steps, log=bar.write)
     try:
         for step in range(start, cfg.train.steps):
             batch, subset = global_batch(run, step)
+            record_skipped(skipped, [dict(step=step + 1, **r) for r in run.data.skipped])
+            run.data.skipped.clear()
             run.params, run.opt_state, metrics = fn(run.params, run.rest, run.opt_state, batch, run.consts,
                                                     jax.random.fold_in(base_key, step))  # fmt: skip
             pairs_done += int(run.shape.pairs)
             done = step + 1
-            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-                last = {"step": done, "subset": subset, "lr": schedule_lr(step),
-                        **{k: round(float(v), 6) for k, v in metrics.items()}}  # fmt: skip
+            bad.observe(done, metrics)
+            if (
+                done == cfg.train.steps
+                or done % cfg.train.log_every == 0
+                or done % cfg.train.checkpoint_every == 0
+            ):
+                bad.flush()  # metrics and checkpoints (which keep bad_steps) see every step counted
+            stop = bad.tripped
+            run.bad_steps = bad.total
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps or stop:
+                last = {
+                    "step": done,
+                    "subset": subset,
+                    "lr": schedule_lr(step),
+                    **{k: _finite_or_none(v) for k, v in metrics.items() if k != "finite"},
+                }
                 last["masked"] = int(metrics["masked"])
+                last["bad_steps"] = bad.total
                 if lead:
                     _write_metrics(metrics_file, [last])
                 elapsed = time.perf_counter() - started
-                bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.3f}",
+                bar.set_postfix(loss=last["loss"], acc=last["accuracy"], bad_steps=bad.total,
                                 pairs_s=f"{pairs_done / max(elapsed, 1e-9):.1f}")  # fmt: skip
             bar.update()
+            if stop:
+                save_checkpoint(run, manager, done, wait=True)
+                raise TrainingStopped(bad.message(done, run.workdir))
             if cfg.eval.every and cfg.eval.root and (done % cfg.eval.every == 0 or done == cfg.train.steps):
                 record = evaluate_now(run, done)
                 bar.write(f"step {done}: eval overall {100 * record['overall']:.1f}")
@@ -368,6 +434,9 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
             if preempted.flag:
                 print(f"SIGTERM: saved a checkpoint at step {done}; stopping", flush=True)
                 break
+    except Exception as e:  # a collective failed: say which process died (multi-process runs)
+        name_lost_processes(e, 2 * cfg.distributed.get("heartbeat_timeout_s", 100))
+        raise
     finally:
         bar.close()
         manager.wait_until_finished()
@@ -376,6 +445,12 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
     if lead and metrics_file.exists():
         plot_losses(metrics_file, run.workdir / "loss.png")
     return last
+
+
+def _finite_or_none(value):
+    """A metric for metrics.jsonl: rounded, or null when not finite (strict JSON has no NaN)."""
+    value = float(value)
+    return round(value, 6) if math.isfinite(value) else None
 
 
 def evaluate_now(run: Run, step: int) -> dict:
@@ -419,6 +494,9 @@ def plot_losses(metrics_file: Path, path: Path) -> None:
     records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
     if not records:
         return
+    records = [r for r in records if r.get("loss") is not None]  # non-finite steps are null
+    if not records:
+        return
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([r["step"] for r in records], [r["loss"] for r in records], marker=".")
     ax.set_xlabel("step")
@@ -443,6 +521,10 @@ def data_section(subsets=()) -> ml_collections.ConfigDict:
     # Plain rows (mmeb, prepared) per subset at most, as the official in-batch training samples them
     # (g2e_jax.data.mmeb.sample_rows); None: all. Mined clusters are never capped.
     d.num_sample_per_subset = config_dict.placeholder(int)
+    d.bad_rows = "error"  # a row that cannot be used mid-run: error (stop, naming it) | skip (skipped.jsonl)
+    d.check = True  # check every row and image before the run (g2e-jax check-data; cached)
+    d.check_workers = 0  # threads opening images (0: one per CPU)
+    d.check_cache = config_dict.placeholder(str)  # the check's cache file (default: under ~/.cache/g2e_jax)
     return d
 
 
