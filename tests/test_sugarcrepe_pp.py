@@ -75,11 +75,12 @@ def test_scoring_matches_an_independent_computation(tmp_path):
     }
     # Hand-made edge cases: exact ties count as wrong in both tasks.
     e = np.eye(6, dtype=np.float32)
-    vectors.update({"img0": e[0], "same": e[0], "same2": e[0], "tie": e[0], "far": e[1]})
+    half = (e[0] + e[1]) / np.sqrt(2)
+    vectors.update({"same": e[0], "same2": e[0], "tie": e[0], "far": e[1], "half": half, "half2": half})
     subsets = {
         "swap_obj": [tuple(rng.choice(words, 3, replace=False)) for _ in range(9)],
         "replace_rel": [tuple(rng.choice(words, 3, replace=False)) for _ in range(7)],
-        "swap_att": [("same", "same2", "tie"), ("same", "same2", "far")],
+        "swap_att": [("same", "same2", "tie"), ("same", "same2", "far"), ("half2", "same", "half")],
     }
     subsets = {
         name: [
@@ -104,8 +105,13 @@ def test_scoring_matches_an_independent_computation(tmp_path):
             "text_only": pytest.approx(text),
             "total": len(items),
         }
-    # the edge cases: (tie) image ties the negative and c1.c2 ties c1.neg -> wrong; (far) both right
-    assert results["swap_att"] == {"image_to_text": 50.0, "text_only": 50.0, "total": 2}
+    # the edge cases: (tie) image ties the negative and c1.c2 ties c1.neg -> wrong; (far) both right;
+    # (half) only caption 1 ties the negative for the image -> wrong
+    assert results["swap_att"] == {
+        "image_to_text": pytest.approx(100 / 3),
+        "text_only": pytest.approx(100 / 3),
+        "total": 3,
+    }
     assert 0 < results["swap_obj"]["image_to_text"] < 100 and 0 < results["swap_obj"]["text_only"] < 100
 
     documents = [Path(im).name for role, _, im in fake.rows if role == "document"]
