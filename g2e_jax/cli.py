@@ -48,6 +48,25 @@ def _eval(args, overrides) -> int:
     return 0
 
 
+def _sugarcrepe_command(benchmark: str):
+    def run(args, overrides) -> int:
+        from g2e_jax.eval.compositional import BENCHMARKS, run_sugarcrepe, sugarcrepe_config
+
+        cfg = _config(args, overrides, sugarcrepe_config)
+        results = run_sugarcrepe(cfg, benchmark)
+        average = results["average"]
+        scores = (
+            f"accuracy {100 * average:.1f}"
+            if benchmark == "sugarcrepe"
+            else f"image-to-text {average['image_to_text']:.1f}, text-only {average['text_only']:.1f}"
+        )
+        count = len(results["subsets"])
+        print(f"{BENCHMARKS[benchmark]} over {count} subsets: {scores} -> {cfg.output_dir}/results.md")
+        return 0
+
+    return run
+
+
 def _mine(args, overrides) -> int:
     from g2e_jax.config_utils import load_config
     from g2e_jax.mine import run_mine
@@ -150,6 +169,23 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "eval", _eval, "zero-shot MMEB evaluation (Precision@1 per subset, category, IND/OOD, overall)",
         config="config file (default: built-in, as configs/mmeb_eval.py)", example="--config.data.root=DIR",
     )  # fmt: skip
+    sugarcrepe_help = "config file (default: built-in, as configs/sugarcrepe.py)"
+    _config_command(
+        sub,
+        "eval-sugarcrepe",
+        _sugarcrepe_command("sugarcrepe"),
+        "SugarCrepe: does an image score its caption above a compositional hard negative",
+        config=sugarcrepe_help,
+        example="--config.data.dir=DIR",
+    )
+    _config_command(
+        sub,
+        "eval-sugarcrepe-pp",
+        _sugarcrepe_command("sugarcrepe_pp"),
+        "SugarCrepe++: image-to-text and text-only accuracy with a paraphrased caption",
+        config=sugarcrepe_help,
+        example="--config.data.dir=DIR",
+    )
     _config_command(
         sub, "mine", _mine, "SaHa: mine mutually hard clusters per training subset with the zero-shot model",
         config="SaHa config file, e.g. configs/qwen2vl_2b_saha.py", required=True, example="--config.mine.top_k=7",

@@ -295,11 +295,8 @@ def _encode_captions(embedder, items: list[Item], fields: tuple[str, ...], progr
 # --- report ----------------------------------------------------------------------------------------
 
 
-def write_sugarcrepe_report(results: Mapping, out_dir: str | Path) -> tuple[Path, Path]:
-    """``sugarcrepe.json`` (the results as they are) and ``sugarcrepe.md`` (accuracies in %)."""
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def sugarcrepe_markdown(results: Mapping) -> str:
+    """The SugarCrepe table: accuracy (%) per subset, per group and on average."""
     subsets = results["subsets"]
     lines = ["# SugarCrepe", "", "| subset | n | accuracy (%) |", "|---|---:|---:|"]
     lines += [f"| {name} | {r['n']} | {100 * r['accuracy']:.2f} |" for name, r in subsets.items()]
@@ -309,10 +306,42 @@ def write_sugarcrepe_report(results: Mapping, out_dir: str | Path) -> tuple[Path
             lines.append(f"| **{group}** | {n} | {100 * results[group]:.2f} |")
     n = sum(r["n"] for r in subsets.values())
     lines.append(f"| **average** | {n} | {100 * results['average']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_sugarcrepe_report(results: Mapping, out_dir: str | Path) -> tuple[Path, Path]:
+    """``sugarcrepe.json`` (the results as they are) and ``sugarcrepe.md`` (accuracies in %)."""
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / "sugarcrepe.json", out_dir / "sugarcrepe.md"
     write_atomic(json_path, json.dumps(results, indent=2) + "\n")
-    write_atomic(md_path, "\n".join(lines) + "\n")
+    write_atomic(md_path, sugarcrepe_markdown(results))
     return json_path, md_path
+
+
+def pp_average(results: Mapping[str, Mapping]) -> dict:
+    """The mean of the subsets' accuracies (each subset weighs the same) and the total item count."""
+    return {
+        "image_to_text": float(np.mean([r["image_to_text"] for r in results.values()])),
+        "text_only": float(np.mean([r["text_only"] for r in results.values()])),
+        "total": int(sum(r["total"] for r in results.values())),
+    }
+
+
+def sugarcrepe_pp_markdown(results: Mapping[str, Mapping]) -> str:
+    """The SugarCrepe++ table: image-to-text and text-only accuracy (%) per subset and on average."""
+    lines = [
+        "# SugarCrepe++",
+        "",
+        "| subset | n | image-to-text (%) | text-only (%) |",
+        "|---|---:|---:|---:|",
+    ]
+    rows = list(results.items()) + [("**average**", pp_average(results))]
+    lines += [
+        f"| {name} | {r['total']} | {r['image_to_text']:.2f} | {r['text_only']:.2f} |" for name, r in rows
+    ]
+    return "\n".join(lines) + "\n"
 
 
 # --- synthetic data --------------------------------------------------------------------------------
