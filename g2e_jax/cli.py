@@ -67,6 +67,16 @@ def _sugarcrepe_command(benchmark: str):
     return run
 
 
+def _analyze_attention(args, overrides) -> int:
+    from g2e_jax.analysis import analysis_config, run_analysis
+
+    cfg = _config(args, overrides, analysis_config)
+    result = run_analysis(cfg, args.input, args.output)
+    print(f"attention of {len(result['rows'])} rows over {result['layers']} layers -> "
+          f"{args.output}/attention.json, attention.png")  # fmt: skip
+    return 0
+
+
 def _mine(args, overrides) -> int:
     from g2e_jax.config_utils import load_config
     from g2e_jax.mine import run_mine
@@ -186,6 +196,18 @@ def build_parser() -> argparse.ArgumentParser:
         config=sugarcrepe_help,
         example="--config.data.dir=DIR",
     )
+    attention = _config_command(
+        sub,
+        "analyze-attention",
+        _analyze_attention,
+        "per layer, the attention each prompt segment (system, image, user) receives",
+        config="config file (default: built-in, g2e_jax.analysis.analysis_config)",
+        example="--config.model.path=DIR",
+    )
+    attention.add_argument(
+        "--input", required=True, help='JSONL rows: {"id": ..., "text": ..., "image": path-or-null}'
+    )
+    attention.add_argument("--output", required=True, help="output directory (attention.json, attention.png)")
     _config_command(
         sub, "mine", _mine, "SaHa: mine mutually hard clusters per training subset with the zero-shot model",
         config="SaHa config file, e.g. configs/qwen2vl_2b_saha.py", required=True, example="--config.mine.top_k=7",
