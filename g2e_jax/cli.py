@@ -48,6 +48,16 @@ def _eval(args, overrides) -> int:
     return 0
 
 
+def _eval_prompts(args, overrides) -> int:
+    from g2e_jax.eval.prompt_sweep import run_prompt_sweep, sweep_config
+
+    cfg = _config(args, overrides, sweep_config)
+    runs = run_prompt_sweep(cfg)
+    scores = ", ".join(f"{name} {100 * r['summary']['overall']:.1f}" for name, r in runs.items())
+    print(f"MMEB overall Precision@1 by prompt: {scores} -> {cfg.output_dir}/results.md")
+    return 0
+
+
 def _sugarcrepe_command(benchmark: str):
     def run(args, overrides) -> int:
         from g2e_jax.eval.compositional import BENCHMARKS, run_sugarcrepe, sugarcrepe_config
@@ -179,6 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "eval", _eval, "zero-shot MMEB evaluation (Precision@1 per subset, category, IND/OOD, overall)",
         config="config file (default: built-in, as configs/mmeb_eval.py)", example="--config.data.root=DIR",
     )  # fmt: skip
+    _config_command(
+        sub,
+        "eval-prompts",
+        _eval_prompts,
+        "prompt ablation: zero-shot MMEB once per prompt preset, one table with a column per preset",
+        config="config file (default: built-in, as configs/prompt_ablation.py)",
+        example="--config.presets=\"('plain', 'hierarchical')\"",
+    )
     sugarcrepe_help = "config file (default: built-in, as configs/sugarcrepe.py)"
     _config_command(
         sub,
