@@ -50,6 +50,45 @@ def _eval(args, overrides) -> int:
     return 0
 
 
+def _eval_prompts(args, overrides) -> int:
+    from g2e_jax.eval.prompt_sweep import run_prompt_sweep, sweep_config
+
+    cfg = _config(args, overrides, sweep_config)
+    runs = run_prompt_sweep(cfg)
+    scores = ", ".join(f"{name} {100 * r['summary']['overall']:.1f}" for name, r in runs.items())
+    print(f"MMEB overall Precision@1 by prompt: {scores} -> {cfg.output_dir}/results.md")
+    return 0
+
+
+def _sugarcrepe_command(benchmark: str):
+    def run(args, overrides) -> int:
+        from g2e_jax.eval.compositional import BENCHMARKS, run_sugarcrepe, sugarcrepe_config
+
+        cfg = _config(args, overrides, sugarcrepe_config)
+        results = run_sugarcrepe(cfg, benchmark)
+        average = results["average"]
+        scores = (
+            f"accuracy {100 * average:.1f}"
+            if benchmark == "sugarcrepe"
+            else f"image-to-text {average['image_to_text']:.1f}, text-only {average['text_only']:.1f}"
+        )
+        count = len(results["subsets"])
+        print(f"{BENCHMARKS[benchmark]} over {count} subsets: {scores} -> {cfg.output_dir}/results.md")
+        return 0
+
+    return run
+
+
+def _analyze_attention(args, overrides) -> int:
+    from g2e_jax.analysis import analysis_config, run_analysis
+
+    cfg = _config(args, overrides, analysis_config)
+    result = run_analysis(cfg, args.input, args.output)
+    print(f"attention of {len(result['rows'])} rows over {result['layers']} layers -> "
+          f"{args.output}/attention.json, attention.png")  # fmt: skip
+    return 0
+
+
 def _mine(args, overrides) -> int:
     from g2e_jax.mine import run_mine
 
@@ -200,6 +239,43 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "eval", _eval, "zero-shot MMEB evaluation (Precision@1 per subset, category, IND/OOD, overall)",
         config="config file (default: built-in, as configs/mmeb_eval.py)", example="--config.data.root=DIR",
     )  # fmt: skip
+    _config_command(
+        sub,
+        "eval-prompts",
+        _eval_prompts,
+        "prompt ablation: zero-shot MMEB once per prompt preset, one table with a column per preset",
+        config="config file (default: built-in, as configs/prompt_ablation.py)",
+        example="--config.presets=\"('plain', 'hierarchical')\"",
+    )
+    sugarcrepe_help = "config file (default: built-in, as configs/sugarcrepe.py)"
+    _config_command(
+        sub,
+        "eval-sugarcrepe",
+        _sugarcrepe_command("sugarcrepe"),
+        "SugarCrepe: does an image score its caption above a compositional hard negative",
+        config=sugarcrepe_help,
+        example="--config.data.dir=DIR",
+    )
+    _config_command(
+        sub,
+        "eval-sugarcrepe-pp",
+        _sugarcrepe_command("sugarcrepe_pp"),
+        "SugarCrepe++: image-to-text and text-only accuracy with a paraphrased caption",
+        config=sugarcrepe_help,
+        example="--config.data.dir=DIR",
+    )
+    attention = _config_command(
+        sub,
+        "analyze-attention",
+        _analyze_attention,
+        "per layer, the attention each prompt segment (system, image, user) receives",
+        config="config file (default: built-in, g2e_jax.analysis.analysis_config)",
+        example="--config.model.path=DIR",
+    )
+    attention.add_argument(
+        "--input", required=True, help='JSONL rows: {"id": ..., "text": ..., "image": path-or-null}'
+    )
+    attention.add_argument("--output", required=True, help="output directory (attention.json, attention.png)")
     _config_command(
         sub, "mine", _mine, "SaHa: mine mutually hard clusters per training subset with the zero-shot model",
         config="SaHa config file, e.g. configs/qwen2vl_2b_saha.py", required=True, example="--config.mine.top_k=7",

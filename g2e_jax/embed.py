@@ -304,14 +304,16 @@ def _encode_batch(graphdef, traces, state, sys_ids, header_ids, prefix, **arrays
 
 def embed_batch(
     model, sys_ids, header_ids, user_ids, user_len, user_pos, next_pos, pixel_values, image_grid_thw, *,
-    scheme, pad_id, max_patches_per_image, prefix=None,
+    scheme, pad_id, max_patches_per_image, prefix=None, output_attentions=False,
 ):  # fmt: skip
     """Template placement, mask, positions, backbone, last-token pooling and normalisation.
 
     Pure and differentiable: the forward of both ``Embedder.encode`` and training. Arrays are those
     of ``g2e_jax.preprocess.collate``; the system segment and header are the role's constants. With
     ``prefix`` (``model.prefix_kv(sys_ids)``) the system segment is not run again: the program starts
-    at the user segment, at the same positions, and gives the same embeddings.
+    at the user segment, at the same positions, and gives the same embeddings. ``output_attentions``
+    (static, for analysis) also returns each layer's attention probabilities ``[B, H, L, L]`` over
+    the tokens the program runs (system segment, user segment, header, then padding).
     """
     batch, users = user_ids.shape
     n_sys, n_head = sys_ids.shape[0], header_ids.shape[0]
@@ -341,8 +343,10 @@ def embed_batch(
         positions = jnp.where(in_user[None], user, jnp.where(in_head, header, jnp.where(in_sys, i, 1))[None])
     hidden = model(
         ids, mask.astype(jnp.int32), pixel_values, image_grid_thw, positions, prefix=prefix,
-        max_patches_per_image=max_patches_per_image,
+        max_patches_per_image=max_patches_per_image, output_attentions=output_attentions,
     )  # fmt: skip
+    hidden, attentions = hidden if output_attentions else (hidden, None)
     last = n_sys + user_len + n_head - 1 - start
     pooled = hidden[jnp.arange(batch), last].astype(jnp.float32)
-    return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+    emb = pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+    return (emb, attentions) if output_attentions else emb

@@ -114,14 +114,45 @@ def check_role(role: str) -> str:
     return role
 
 
+# The backbone chat template's own system turn, used when a conversation brings none (Qwen2-VL's).
+CHAT_DEFAULT_SYSTEM = "You are a helpful assistant."
+
+_HIERARCHICAL = PromptConfig(name="hierarchical")  # the one definition; the ablations below derive from it
+_NO_SUFFIX = {"query_suffix_image": "", "query_suffix_text": ""}
+_NO_SYSTEM = {"query_system": None, "document_system": None}
+
+
+def _without_one_word(text: str) -> str:
+    return text.replace(" in one word", "")
+
+
 PRESETS: dict[str, PromptConfig] = {
     # The paper's zero-shot prompt: task-agnostic system level + task-specific user level.
-    "hierarchical": PromptConfig(name="hierarchical"),
+    "hierarchical": _HIERARCHICAL,
     # The baseline it is compared against: no system turn, no suffix.
-    "plain": PromptConfig(
-        name="plain", query_system=None, document_system=None, query_suffix_image="", query_suffix_text=""
+    "plain": _HIERARCHICAL.replace(name="plain", **_NO_SYSTEM, **_NO_SUFFIX),
+    # Ablations of the two levels (``g2e-jax eval-prompts`` runs them side by side):
+    # the system level alone (no "Represent ... in one word." suffix on queries);
+    "system_only": _HIERARCHICAL.replace(name="system_only", **_NO_SUFFIX),
+    # the query suffix alone, i.e. the hierarchical prompt without its system level ("no_system");
+    "suffix_only": _HIERARCHICAL.replace(name="suffix_only", **_NO_SYSTEM),
+    # the suffix under the chat template's default system turn instead of the task-agnostic one;
+    "default_system": _HIERARCHICAL.replace(
+        name="default_system", query_system=CHAT_DEFAULT_SYSTEM, document_system=CHAT_DEFAULT_SYSTEM
+    ),
+    # both levels without the one-word constraint.
+    "no_one_word": _HIERARCHICAL.replace(
+        name="no_one_word",
+        query_system=_without_one_word(_HIERARCHICAL.query_system),
+        document_system=_without_one_word(_HIERARCHICAL.document_system),
+        query_suffix_image=_without_one_word(_HIERARCHICAL.query_suffix_image),
+        query_suffix_text=_without_one_word(_HIERARCHICAL.query_suffix_text),
     ),
 }
+# Other names for the same prompt (the name the paper's ablation uses).
+PRESET_ALIASES = {"no_system": "suffix_only"}
+# The paper's ablation rows, in table order.
+ABLATION = ("plain", "system_only", "suffix_only", "hierarchical")
 
 
 def get_prompt(prompt: str | PromptConfig | Mapping[str, Any] = "hierarchical", **overrides) -> PromptConfig:
@@ -129,9 +160,12 @@ def get_prompt(prompt: str | PromptConfig | Mapping[str, Any] = "hierarchical", 
     if isinstance(prompt, PromptConfig):
         base = prompt
     elif isinstance(prompt, str):
-        if prompt not in PRESETS:
-            raise ValueError(f"unknown prompt preset {prompt!r}; available: {sorted(PRESETS)}")
-        base = PRESETS[prompt]
+        name = PRESET_ALIASES.get(prompt, prompt)
+        if name not in PRESETS:
+            raise ValueError(
+                f"unknown prompt preset {prompt!r}; available: {sorted(PRESETS)} (aliases: {PRESET_ALIASES})"
+            )
+        base = PRESETS[name]
     else:
         fields = dict(prompt)
         preset = fields.pop("preset", None)

@@ -26,12 +26,17 @@ def test_demo_runs_end_to_end(fresh_cwd):
     cwd = fresh_cwd("demo")
     result = run_cli(cwd, "demo", *REDUCED, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
-    for k in range(1, 10):
-        assert f"[demo {k}/9]" in result.stdout
+    for k in range(1, 12):
+        assert f"[demo {k}/11]" in result.stdout
     demo = cwd / "g2e_demo"
     assert f"demo finished: {demo / 'report.md'}" in result.stdout
     report = (demo / "report.md").read_text()
-    assert "| plain | hierarchical | fine-tuned (SaHa) |" in report and "| overall |" in report
+    assert (
+        "| plain | hierarchical | fine-tuned (in-batch) | fine-tuned (SaHa) |" in report
+        and "| overall |" in report
+    )
+    assert "## Zero-shot -> in-batch baseline -> SaHa" in report and "| in-batch |" in report
+    assert (demo / "train_inbatch" / "loss.png").is_file()
     assert "## Fine-tuning" in report and (demo / "train" / "loss.png").stat().st_size > 1000
     assert "## SugarCrepe" in report and "## Exported embeddings" in report and "## SaHa mining" in report
     assert (demo / "mmeb" / "results.png").stat().st_size > 1000

@@ -102,3 +102,22 @@ def attention(q, k, v, mask=None, *, kv_lengths=None):
         except (ValueError, NotImplementedError, TypeError, RuntimeError):
             pass
     return jax.nn.dot_product_attention(q, k, v, **kw)
+
+
+def attention_with_probs(q, k, v, mask=None):
+    """``attention`` computed explicitly, also returning the probabilities ``[B, Hq, Lq, Lk]``
+    (float32, as transformers' eager attention returns them with ``output_attentions=True``).
+
+    For analysis only: it materialises every score, which the fused path above never does.
+    """
+    b, lq, hq, d = q.shape
+    hk = k.shape[2]
+    qg = q.reshape(b, lq, hk, hq // hk, d).astype(jnp.float32)  # query heads grouped by their kv head
+    scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k.astype(jnp.float32)) / jnp.sqrt(jnp.float32(d))
+    scores = scores.reshape(b, hq, lq, k.shape[1])
+    if mask is not None:
+        scores = jnp.where(jnp.broadcast_to(mask, scores.shape), scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    grouped = probs.reshape(b, hk, hq // hk, lq, k.shape[1])
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", grouped.astype(v.dtype), v).reshape(b, lq, hq, d)
+    return out, probs

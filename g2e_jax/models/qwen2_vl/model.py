@@ -83,11 +83,16 @@ class Qwen2VL(nnx.Module):
         prefix=None,
         max_patches_per_image: int | None = None,
         output_hidden_states: bool = False,
+        output_attentions: bool = False,
     ):
         """Final-layer hidden states after the final norm, ``[B, L, H]``.
 
         With ``output_hidden_states`` also returns every layer's hidden states (embeddings first,
-        the last entry equal to the returned final-norm states), as transformers does. ``prefix``
+        the last entry equal to the returned final-norm states), as transformers does. With
+        ``output_attentions`` (a static flag: off, nothing is computed or compiled for it) also
+        returns every decoder layer's attention probabilities ``[B, heads, L, L]`` in float32, equal to
+        transformers' ``output_attentions=True`` with eager attention (after the hidden states when
+        both are asked for). ``prefix``
         (``prefix_kv``) stands for a text segment before every row; positions must then continue after
         it (they cannot be derived here).
         """
@@ -119,7 +124,7 @@ class Qwen2VL(nnx.Module):
             embeds = scatter_image_features(input_ids, embeds, features, self.config.image_token_id)
         return self.text(
             embeds, jnp.asarray(attention_mask), position_ids, prefix=prefix,
-            output_hidden_states=output_hidden_states,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
         )  # fmt: skip
 
     def prefix_kv(self, ids):

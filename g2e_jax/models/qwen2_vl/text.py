@@ -7,7 +7,14 @@ import numpy as np
 from flax import nnx
 
 from g2e_jax.models.qwen2_vl.config import TextConfig
-from g2e_jax.models.qwen2_vl.layers import GatedMLP, RMSNorm, apply_rotary, attention, linear
+from g2e_jax.models.qwen2_vl.layers import (
+    GatedMLP,
+    RMSNorm,
+    apply_rotary,
+    attention,
+    attention_with_probs,
+    linear,
+)
 
 
 def mrope_angles(position_ids, cfg: TextConfig):
@@ -38,9 +45,10 @@ class TextAttention(nnx.Module):
         self.v_proj = linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True, **kw)
         self.o_proj = linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False, **kw)
 
-    def __call__(self, x, cos, sin, mask, prefix=None):
+    def __call__(self, x, cos, sin, mask, prefix=None, output_attentions: bool = False):
         """Output and this call's rotated (k, v); ``prefix`` (k, v) ``[P, Hk, D]`` are keys and values of
-        earlier tokens shared by every row, attended to before the row's own."""
+        earlier tokens shared by every row, attended to before the row's own. ``output_attentions``
+        (static) adds the attention probabilities ``[B, H, L, P + L]`` as a third result."""
         b, length, _ = x.shape
         q = self.q_proj(x).reshape(b, length, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, length, self.num_kv_heads, self.head_dim)
@@ -53,6 +61,9 @@ class TextAttention(nnx.Module):
                 jnp.concatenate([jnp.broadcast_to(p.astype(t.dtype), (b,) + p.shape), t], axis=1)
                 for p, t in zip(prefix, (k, v))
             )
+        if output_attentions:
+            out, probs = attention_with_probs(q, keys, values, mask)
+            return self.o_proj(out.reshape(b, length, -1)), (k, v), probs
         return self.o_proj(attention(q, keys, values, mask).reshape(b, length, -1)), (k, v)
 
 
@@ -70,10 +81,10 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = TextMLP(cfg, **kw)
 
-    def __call__(self, x, cos, sin, mask, prefix=None):
-        out, kv = self.attn(self.input_norm(x), cos, sin, mask, prefix)
+    def __call__(self, x, cos, sin, mask, prefix=None, output_attentions: bool = False):
+        out, kv, *probs = self.attn(self.input_norm(x), cos, sin, mask, prefix, output_attentions)
         x = x + out
-        return x + self.mlp(self.post_attn_norm(x)), kv
+        return x + self.mlp(self.post_attn_norm(x)), kv, *probs
 
 
 class TextDecoder(nnx.Module):
@@ -94,16 +105,30 @@ class TextDecoder(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
 
     def __call__(
-        self, embeds, attention_mask, position_ids, *, prefix=None, output_hidden_states: bool = False
+        self,
+        embeds,
+        attention_mask,
+        position_ids,
+        *,
+        prefix=None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
     ):
         """``prefix``: per-layer (k, v) of a segment that precedes every row (``prefix_kv``); the rows'
-        positions then continue after it. The result equals running the concatenated sequence."""
-        x, hidden, _ = self._layers(embeds, attention_mask, position_ids, prefix)
+        positions then continue after it. The result equals running the concatenated sequence.
+        ``output_attentions`` (static; off, the program is unchanged) also returns each layer's
+        attention probabilities ``[B, H, L, L]`` (after the hidden states when both are asked for)."""
+        x, hidden, _, attentions = self._layers(
+            embeds, attention_mask, position_ids, prefix, output_attentions
+        )
         x = self.norm(x)
+        out = (x,)
         if output_hidden_states:
             hidden[-1] = x
-            return x, tuple(hidden)
-        return x
+            out += (tuple(hidden),)
+        if output_attentions:
+            out += (tuple(attentions),)
+        return out if len(out) > 1 else x
 
     def prefix_kv(self, embeds):
         """Per-layer rotated (k, v) ``[P, Hk, D]`` of one segment ``[P, H]`` at positions 0..P-1: computed
@@ -111,11 +136,12 @@ class TextDecoder(nnx.Module):
         it see what follows)."""
         length = embeds.shape[0]
         positions = jnp.broadcast_to(jnp.arange(length)[None, None], (3, 1, length))
-        _, _, kvs = self._layers(embeds[None], jnp.ones((1, length), bool), positions, None)
+        _, _, kvs, _ = self._layers(embeds[None], jnp.ones((1, length), bool), positions, None)
         return tuple((k[0], v[0]) for k, v in kvs)
 
-    def _layers(self, embeds, attention_mask, position_ids, prefix):
-        """Every decoder layer: (last output, embeddings + each layer's output, each layer's (k, v))."""
+    def _layers(self, embeds, attention_mask, position_ids, prefix, output_attentions: bool = False):
+        """Every decoder layer: (last output, embeddings + each layer's output, each layer's (k, v),
+        each layer's attention probabilities if asked for)."""
         length = embeds.shape[1]
         causal = jnp.tril(jnp.ones((length, length), dtype=bool))
         # [B, 1 (heads), Lq, Lk]: causal and never attending to padded keys.
@@ -124,9 +150,10 @@ class TextDecoder(nnx.Module):
             seen = jnp.ones(mask.shape[:3] + (prefix[0][0].shape[0],), bool)  # every row sees the prefix
             mask = jnp.concatenate([seen, mask], axis=-1)
         cos, sin = mrope_angles(position_ids, self.cfg)
-        x, hidden, kvs = embeds, [embeds], []
+        x, hidden, kvs, attentions = embeds, [embeds], [], []
         for i, layer in enumerate(self.layers):
-            x, kv = layer(x, cos, sin, mask, None if prefix is None else prefix[i])
+            x, kv, *probs = layer(x, cos, sin, mask, None if prefix is None else prefix[i], output_attentions)
             hidden.append(x)
             kvs.append(kv)
-        return x, hidden, kvs
+            attentions += probs
+        return x, hidden, kvs, attentions
