@@ -171,12 +171,12 @@ def test_train_data_bad_rows_policy(bad_set, tiny_dir, tmp_path):
     cfg = _cfg(data, tmp_path, subsets=("SynShape",), bad_rows="error")
     strict = TrainData.from_config(cfg, pre)
     with pytest.raises(BadRowError) as error:
-        strict.pairs("SynShape", [0, 1, 2, 3, 4])
+        strict.pairs([("SynShape", i) for i in range(5)])
     message = str(error.value)
     assert f"{data / 'train/SynShape/original.jsonl'} line 2, field 'pos_text'" in message
     assert "row 0" not in message
     lenient = TrainData.from_config(_cfg(data, tmp_path, subsets=("SynShape",), bad_rows="skip"), pre)
-    pairs = lenient.pairs("SynShape", [0, 1, 2, 3, 4])
+    pairs = lenient.pairs([("SynShape", i) for i in range(5)])
     assert [p is None for p in pairs] == [False, True, False, True, False]
     assert [(r["line"], r["field"]) for r in lenient.skipped] == [(2, "pos_text"), (4, "qry_image_path")]
     assert all(

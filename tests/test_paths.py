@@ -81,7 +81,7 @@ def test_training_rows_from_relative_paths_are_joined_once(tiny_dir, synthetic, 
         _train_cfg(tiny_dir, source="mmeb", root="syn/train", image_dir="syn/images"), pp
     )
     rows = [row for cluster in data.clusters["SynColor"] for row in cluster]
-    assert len(data.pairs("SynColor", range(len(rows)))) == len(rows)  # reads every image
+    assert len(data.pairs([("SynColor", i) for i in range(len(rows))])) == len(rows)  # reads every image
     assert all(os.path.isabs(r["qry_image_path"]) and Path(r["qry_image_path"]).is_file() for r in rows)
 
 
