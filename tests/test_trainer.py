@@ -102,6 +102,7 @@ def test_resume_after_sigkill_is_exact(setup, uninterrupted):
     assert (workdir / "loss.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoint_is_resumed_exactly(setup):
     """SIGTERM (preemption) saves a checkpoint and exits 0; re-running the command resumes from it and
     ends as an uninterrupted run does."""
