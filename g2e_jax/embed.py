@@ -31,6 +31,7 @@ from g2e_jax.io import save_npy_atomic, weights_fingerprint
 from g2e_jax.models import load
 from g2e_jax.preprocess import InputError, PreparedRow, Preprocessor, bucket, collate
 from g2e_jax.prompts import PromptConfig, check_role, plural
+from g2e_jax.train.mesh import constrain
 
 __all__ = ["Embedder", "InputError", "PreparedRow", "embed_batch"]
 
@@ -331,4 +332,5 @@ def embed_batch(
     )  # fmt: skip
     last = n_sys + user_len + n_head - 1 - start
     pooled = hidden[jnp.arange(batch), last].astype(jnp.float32)
-    return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+    pooled = pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+    return constrain(pooled, ("activation_batch", "activation_embed"))

@@ -37,6 +37,7 @@ from g2e_jax.train.batch import BatchShape, build_batch, fit_sides, side_needs
 from g2e_jax.train.data import TrainData
 from g2e_jax.train.lora import AdapterConfig, apply_adapters, trainable_filter
 from g2e_jax.train.mesh import BATCH_AXES, make_mesh, shard_model
+from g2e_jax.train.report import abstract_batch, before_first_step
 from g2e_jax.train.step import StepConfig, make_optimizer, train_step
 
 
@@ -69,6 +70,9 @@ def train_section() -> ml_collections.ConfigDict:
     t.checkpoint_every = 100
     t.keep_checkpoints = 3
     t.async_checkpoint = True
+    # Per-device memory the compiled step must fit (GiB) where the device reports none (CPU); on
+    # GPU/TPU the device's own limit is used. None: no check.
+    t.device_memory_gb = config_dict.placeholder(float)
     return t
 
 
@@ -327,6 +331,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
     metrics_file = run.workdir / "metrics.jsonl"
     if lead:
         write_atomic(run.workdir / "config.json", config_to_json(cfg))
+        write_atomic(run.workdir / "config.txt", str(cfg))  # the resolved config, readable
         _write_metrics(metrics_file, [], keep_until=start)
         _write_metrics(run.workdir / "eval.jsonl", [], keep_until=start)
     # Outputs keep the inputs' shardings, so step 2 reuses step 1's program.
@@ -337,6 +342,9 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
         out_shardings=(*shardings, None),
     )
     base_key = jax.random.key(cfg.train.seed)
+    # Sharding report and the step compiled (and its memory checked) before the first batch.
+    biggest = abstract_batch(run.shape, run.preprocessor.pad_id, lambda n: NamedSharding(run.mesh, _batch_spec(n)))
+    fn = before_first_step(run, fn, biggest, run.consts, jax.random.fold_in(base_key, start), lead=lead)
     schedule_lr = _lr(cfg)
     preempted = _Preempted()
     bar = tqdm(total=cfg.train.steps, initial=start, desc="training", unit="step", disable=not (progress and lead),

@@ -8,6 +8,9 @@ from flax import nnx
 
 from g2e_jax.models.qwen2_vl.config import TextConfig
 from g2e_jax.models.qwen2_vl.layers import GatedMLP, RMSNorm, apply_rotary, attention, linear
+from g2e_jax.train.mesh import constrain
+
+RESIDUAL = ("activation_batch", "activation_length", "activation_embed")  # logical axes of [B, L, H]
 
 
 def mrope_angles(position_ids, cfg: TextConfig):
@@ -124,9 +127,11 @@ class TextDecoder(nnx.Module):
             seen = jnp.ones(mask.shape[:3] + (prefix[0][0].shape[0],), bool)  # every row sees the prefix
             mask = jnp.concatenate([seen, mask], axis=-1)
         cos, sin = mrope_angles(position_ids, self.cfg)
-        x, hidden, kvs = embeds, [embeds], []
+        x = constrain(embeds, RESIDUAL)
+        hidden, kvs = [x], []
         for i, layer in enumerate(self.layers):
             x, kv = layer(x, cos, sin, mask, None if prefix is None else prefix[i])
+            x = constrain(x, RESIDUAL)
             hidden.append(x)
             kvs.append(kv)
         return x, hidden, kvs
