@@ -138,11 +138,6 @@ def param_rule(path: str, ndim: int) -> tuple[str | None, tuple[str | None, ...]
     return None, (None,) * ndim
 
 
-def state_names(state) -> list[tuple[str, object]]:
-    """(dotted parameter path, leaf) for every array of an NNX state, as the rules table names them."""
-    return [(_leaf_name(path), leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(state)]
-
-
 def _leaf_name(path) -> str:
     keys = [k for k in path if not isinstance(k, jax.tree_util.GetAttrKey)]  # drop Variable's ".value"
     return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)

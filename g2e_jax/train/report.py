@@ -17,9 +17,10 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from flax import nnx
 
 from g2e_jax.io import write_atomic
-from g2e_jax.train.mesh import explain_spec, param_rule, state_names
+from g2e_jax.train.mesh import explain_spec, param_rule
 
 GIB = 1 << 30
 
@@ -119,9 +120,10 @@ def sharding_report(params, rest, opt_state, mesh) -> ShardingReport:
     all either arrays or ``jax.ShapeDtypeStruct`` with shardings (abstract: no weights needed)."""
     rows = []
     for trainable, state in ((True, params), (False, rest)):
-        for path, leaf in state_names(state):
-            if not hasattr(leaf, "shape"):
-                continue
+        for keys, variable in nnx.to_flat_state(state):
+            if not isinstance(variable, nnx.Param):
+                continue  # dropout RNG state and counters
+            path, leaf = ".".join(map(str, keys)), variable.get_value()
             pattern, logical = param_rule(path, len(leaf.shape))
             _, why = explain_spec(logical, leaf.shape, mesh)
             total, local = _bytes(leaf)
@@ -132,7 +134,7 @@ def sharding_report(params, rest, opt_state, mesh) -> ShardingReport:
             rows.append(ParamRow(path, tuple(leaf.shape), str(leaf.dtype), logical,
                                  str(getattr(leaf.sharding, "spec", "")), total, local, trainable, fallback))
     rows.sort(key=lambda r: r.path)
-    opt = [_bytes(x) for x in jax.tree.leaves(opt_state) if hasattr(x, "shape")]
+    opt = [_bytes(x) for x in jax.tree.leaves(opt_state) if hasattr(x, "shape") and x.dtype != object]
     return ShardingReport(dict(mesh.shape), rows, sum(t for t, _ in opt), sum(d for _, d in opt))
 
 
@@ -263,3 +265,35 @@ def before_first_step(run, jitted, batch, consts, key, *, lead: bool) -> AheadOf
     if lead:
         print(step.describe(), flush=True)
     return step
+
+
+def abstract_train_state(build_model, adapter, tx, mesh):
+    """(graphdef, params, rest, opt_state) of a model as ``jax.ShapeDtypeStruct`` with the shardings
+    the trainer gives them: plan a 7B run on a laptop, no weights allocated. ``build_model()``
+    returns the NNX backbone (it runs under ``nnx.eval_shape``)."""
+    import optax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from g2e_jax.train.lora import apply_adapters, trainable_filter
+    from g2e_jax.train.mesh import state_shardings
+
+    def build():
+        model = build_model()
+        apply_adapters(model, adapter, rngs=nnx.Rngs(params=0, dropout=1))
+        return model
+
+    graphdef, params, rest = nnx.split(nnx.eval_shape(build), trainable_filter(adapter), ...)
+
+    def place(state):
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
+                            state_shardings(state, mesh))
+
+    params, rest = place(params), place(rest)
+    shardings = jax.tree.map(lambda x: x.sharding, params)
+    replicated = NamedSharding(mesh, P())
+    opt_state = optax.tree_map_params(
+        tx, lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), jax.eval_shape(tx.init, params),
+        shardings, transform_non_params=lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+    )
+    return graphdef, params, rest, opt_state
