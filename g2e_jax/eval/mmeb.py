@@ -38,6 +38,10 @@ MMEB_GROUPS: dict[str, tuple[str, str]] = {
 
 def eval_config(preset: str = "hierarchical") -> ml_collections.ConfigDict:
     """Defaults of `g2e-jax eval` (configs/mmeb_eval.py returns these)."""
+    from g2e_jax.prompts import PRESETS
+
+    if preset not in PRESETS:  # configs/mmeb_eval.py:NAME: a typo is an error now, not at encode time
+        raise ValueError(f"unknown prompt preset {preset!r}; available: {sorted(PRESETS)}")
     c = ml_collections.ConfigDict()
     c.model = ml_collections.ConfigDict()
     c.model.path = config_dict.placeholder(str)  # local Hugging Face directory (required)

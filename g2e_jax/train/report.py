@@ -90,7 +90,7 @@ class ShardingReport:
                          f"({_fmt(lost[1])} per device):")
             groups: dict[tuple, int] = {}
             for r in self.fallbacks:  # one line per layer pattern on the console; every one in the file
-                key = (re.sub(r"\.\d+\.", ".*.", r.path), re.sub(r"\b\d+\b", "N", r.fallback))
+                key = (re.sub(r"\.\d+\.", ".*.", r.path), r.fallback)
                 groups[key] = groups.get(key, 0) + 1
             lines += [f"  {p} (x{n}): {why}" for (p, why), n in groups.items()]
         return "\n".join(lines)
@@ -210,15 +210,19 @@ class AheadOfTime:
             compiled = lowered.compile()
             need = memory_needed(compiled)
             self.memory[key] = need
-            if need is not None and self.limit is not None and need["total"] > self.limit:
-                raise ValueError(
+            self.check(need)
+            self.executables[key] = compiled
+        return self.executables[key]
+
+    def check(self, need: dict | None) -> None:
+        """A program whose per-device need exceeds the limit is an error with the numbers and advice."""
+        if need is not None and self.limit is not None and need["total"] > self.limit:
+            raise ValueError(
                     f"the {self.what} needs {_fmt(need['total'])} per device "
                     f"(arguments {_fmt(need['argument'])}, outputs {_fmt(need['output'])}, "
                     f"temporaries {_fmt(need['temp'])}) but a device holds "
                     f"{_fmt(self.limit)} ({self.limit_source}): {self.advice}"
                 )
-            self.executables[key] = compiled
-        return self.executables[key]
 
     def __call__(self, *args):
         return self.compile(*args)(*args)
