@@ -92,5 +92,5 @@ def test_ahead_of_time_compiles_once_and_checks_memory():
     need = next(iter(aot.memory.values()))["total"]
     small = AheadOfTime(jax.jit(f), "test program", limit=need - 1, limit_source="train.device_memory_gb",
                         advice="raise mesh.fsdp")
-    with pytest.raises(ValueError, match=r"test program needs .* per device .* train\.device_memory_gb\): raise mesh"):
+    with pytest.raises(ValueError, match=r"test program needs .* per device .*train\.device_memory_gb\): raise mesh"):
         small.compile(jax.ShapeDtypeStruct((64, 64), jnp.float32))
