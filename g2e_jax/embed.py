@@ -34,6 +34,7 @@ from g2e_jax.io import save_npy_atomic, sha256_file, weights_fingerprint
 from g2e_jax.models import load
 from g2e_jax.preprocess import InputError, PreparedRow, Preprocessor, bucket, collate
 from g2e_jax.prompts import PromptConfig, check_role, plural
+from g2e_jax.mesh import constrain
 
 __all__ = ["Embedder", "InputError", "PreparedRow", "embed_batch"]
 
@@ -349,4 +350,5 @@ def embed_batch(
     last = n_sys + user_len + n_head - 1 - start
     pooled = hidden[jnp.arange(batch), last].astype(jnp.float32)
     emb = pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+    emb = constrain(emb, ("activation_batch", "activation_embed"))
     return (emb, attentions) if output_attentions else emb

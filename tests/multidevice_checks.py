@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 jax.config.update("jax_default_matmul_precision", "highest")
 
 from g2e_jax.train.loss import contrastive_loss, sharded_contrastive_loss  # noqa: E402
-from g2e_jax.train.mesh import batch_sharding, make_mesh, shard_model  # noqa: E402
+from g2e_jax.mesh import batch_sharding, make_mesh, shard_model  # noqa: E402
 
 
 def max_diff(a, b):

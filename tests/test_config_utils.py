@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import textwrap
 
 import ml_collections
@@ -81,8 +82,6 @@ def test_overrides_of_every_type(cfg_file):
             "model.use_bias=FALSE",
             "model.name=  spaced = value ",
             "model.patch=(16, 8)",
-            "model.layers=(3,)",
-            "model.extra=[1, 'a']",
             "model.lr=3",
             "model.steps=1_000",
             "data.batch=0x10",
@@ -93,8 +92,6 @@ def test_overrides_of_every_type(cfg_file):
     assert cfg.model.use_bias is False
     assert cfg.model.name == "  spaced = value "  # Strings are verbatim, '=' after the first included.
     assert cfg.model.patch == (16, 8) and isinstance(cfg.model.patch, tuple)
-    assert cfg.model.layers == [3] and isinstance(cfg.model.layers, list)
-    assert cfg.model.extra == [1, "a"]
     assert cfg.model.lr == 3.0 and isinstance(cfg.model.lr, float)  # Int literal for a float placeholder.
     assert cfg.model.steps == 1000 and isinstance(cfg.model.steps, int)
     assert cfg.data.batch == 16
@@ -104,18 +101,20 @@ def test_overrides_of_every_type(cfg_file):
 
 @pytest.mark.parametrize(
     "raw, expected",
-    [("true", True), ("1", True), ("Yes", True), ("False", False), ("0", False), ("NO", False)],
+    [("true", True), ("1", True), ("T", True), ("False", False), ("0", False), ("f", False)],
 )
 def test_bool_spellings(cfg_file, raw, expected):
+    # absl's boolean spellings (true/false/t/f/1/0); yes/no were ours and are errors now.
     assert load_config(cfg_file, [f"model.use_bias={raw}"]).model.use_bias is expected
 
 
-@pytest.mark.parametrize(
-    "raw, expected",
-    [("3", 3), ("'quoted'", "quoted"), ("plain text", "plain text"), ("None", None), ("true", True)],
-)
-def test_none_field_uses_literal_eval_or_raw_string(cfg_file, raw, expected):
-    assert load_config(cfg_file, [f"model.extra={raw}"]).model.extra == expected
+@pytest.mark.parametrize("override", ["model.layers=(3,)", "model.extra=[1, 'a']", "model.extra=3"])
+def test_list_and_none_fields_are_not_overridable(cfg_file, override):
+    # ml_collections overrides int/float/bool/str/tuple/enum fields (every field of configs/*.py);
+    # a list or a None-valued field is a clear error (declare it as a tuple or a placeholder).
+    key = override.split("=")[0]
+    with pytest.raises(ValueError, match=rf"{re.escape(key)} is not supported for overriding"):
+        load_config(cfg_file, [override])
 
 
 def test_later_override_wins(cfg_file):
@@ -136,13 +135,13 @@ def test_unknown_key_suggests_closest(cfg_file):
 @pytest.mark.parametrize(
     "override, pattern",
     [
-        ("model.width=abc", r"model\.width: expected int, got 'abc'"),
-        ("model.width=1.5", r"model\.width: expected int, got '1\.5'"),
-        ("model.dropout=high", r"model\.dropout: expected float, got 'high'"),
-        ("model.use_bias=maybe", r"model\.use_bias: expected bool, got 'maybe'"),
-        ("model.patch=14", r"model\.patch: expected tuple, got '14'"),
-        ("model.patch=(1,", r"model\.patch: expected tuple, got '\(1,'"),
-        ("model.steps=many", r"model\.steps: expected int, got 'many'"),
+        ("model.width=abc", r"model\.width=abc: invalid literal for int"),
+        ("model.width=1.5", r"model\.width=1\.5: invalid literal for int"),
+        ("model.dropout=high", r"model\.dropout=high: could not convert string to float"),
+        ("model.use_bias=maybe", r"model\.use_bias=maybe: .*Non-boolean argument"),
+        ("model.use_bias=yes", r"model\.use_bias=yes: .*Non-boolean argument"),
+        ("model.patch=(1,", r"model\.patch=\(1,: Error while parsing string"),
+        ("model.steps=many", r"model\.steps=many: invalid literal for int"),
         ("model=3", r"model=.*is a ConfigDict and cannot be replaced"),
         ("data={'batch': 4}", r"data=.*is a ConfigDict and cannot be replaced"),
         ("model.width", r"not of the form a\.b=value"),

@@ -184,7 +184,7 @@ def test_window_attention_costs_a_fraction_of_full_attention():
 
 def test_sharding_and_adapter_rules_cover_the_vision_mlp():
     from g2e_jax.adapters.lora import AdapterConfig, apply_adapters
-    from g2e_jax.train.mesh import param_axes
+    from g2e_jax.mesh import param_axes
 
     assert param_axes("visual.blocks.3.mlp.gate_proj.kernel", 2) == ("vision_embed", "vision_mlp")
     assert param_axes("visual.blocks.3.mlp.up_proj.bias", 1) == ("vision_mlp",)

@@ -83,6 +83,26 @@ def uninterrupted(setup):
     return workdir
 
 
+def test_reports_before_step_one(uninterrupted):
+    """sharding.txt (every parameter's axes and sharding) and the resolved config.txt in the workdir."""
+    sharding = (uninterrupted / "sharding.txt").read_text()
+    assert sharding.startswith("mesh data=1 x fsdp=1 x tensor=1") and "optimizer state:" in sharding
+    assert "text.embed_tokens.embedding" in sharding and "vocab,embed" in sharding
+    assert "clusters_dir:" in (uninterrupted / "config.txt").read_text()
+
+
+@pytest.mark.slow
+def test_step_that_does_not_fit_fails_before_step_one(setup, tmp_path):
+    base, args = setup
+    workdir = tmp_path / "too_small"
+    proc = subprocess.run(_train_cmd(workdir, args, "--config.train.device_memory_gb=0.001"), capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "g2e-jax train: error: the training step needs" in proc.stderr
+    assert "but a device holds 1.02 MiB (train.device_memory_gb)" in proc.stderr
+    assert not (workdir / "metrics.jsonl").exists()  # no step ran
+
+
 def test_resume_after_sigkill_is_exact(setup, uninterrupted):
     base, args = setup
     workdir = base / "killed"

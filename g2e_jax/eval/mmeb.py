@@ -40,6 +40,9 @@ MMEB_GROUPS: dict[str, tuple[str, str]] = {
 def eval_config(preset: str = "hierarchical") -> ml_collections.ConfigDict:
     """Defaults of `g2e-jax eval` (configs/mmeb_eval.py returns these): the official evaluation
     settings; ``model.dtype`` "auto" is the official bf16 on GPU/TPU."""
+    from g2e_jax.prompts import get_prompt
+
+    get_prompt(preset)  # configs/mmeb_eval.py:NAME: a typo is an error here, not at encode time
     c = ml_collections.ConfigDict()
     c.model = ml_collections.ConfigDict()
     c.model.path = config_dict.placeholder(str)  # local Hugging Face directory (required)

@@ -17,6 +17,7 @@ from flax import nnx
 
 from g2e_jax.embed import embed_batch
 from g2e_jax.train.loss import contrastive_loss
+from g2e_jax.mesh import local_rows
 
 REMAT_POLICIES = {
     "none": None,
@@ -57,7 +58,8 @@ def _embed_chunk(model, side: dict, consts, cfg: StepConfig):
         return embed_batch(model, sys_ids, header_ids, **arrays, scheme=cfg.scheme, pad_id=cfg.pad_id,
                            max_patches_per_image=cfg.max_patches_per_image, prefix=prefix)  # fmt: skip
 
-    emb = jax.vmap(cell)(side)
+    with local_rows():  # a cell's rows stay on its devices; the cells are what is sharded
+        emb = jax.vmap(cell)(side)
     return emb.reshape(-1, emb.shape[-1])
 
 

@@ -47,7 +47,8 @@ from g2e_jax.train.guards import (
     record_skipped,
     skipped_file,
 )
-from g2e_jax.train.mesh import BATCH_AXES, make_mesh, shard_model
+from g2e_jax.mesh import BATCH_AXES, make_mesh, shard_model
+from g2e_jax.train.report import abstract_batch, before_first_step
 from g2e_jax.train.step import StepConfig, make_optimizer, train_step
 
 
@@ -86,6 +87,9 @@ def train_section() -> ml_collections.ConfigDict:
     t.async_checkpoint = True
     # Non-finite steps change nothing; this many in a row stop the run with a checkpoint (0: never stop).
     t.max_bad_steps = 10
+    # Per-device memory the compiled step must fit (GiB) where the device reports none (CPU); on
+    # GPU/TPU the device's own limit is used. None: no check.
+    t.device_memory_gb = config_dict.placeholder(float)
     return t
 
 
@@ -373,6 +377,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
     _write_metrics(skipped, [], keep_until=start)  # a resumed run records the same skips again
     if lead:
         write_atomic(run.workdir / "config.json", config_to_json(cfg))
+        write_atomic(run.workdir / "config.txt", str(cfg))  # the resolved config, readable
         _write_metrics(metrics_file, [], keep_until=start)
         _write_metrics(run.workdir / "eval.jsonl", [], keep_until=start)
     # Outputs keep the inputs' shardings, so step 2 reuses step 1's program.
@@ -383,6 +388,9 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
         out_shardings=(*shardings, None),
     )
     base_key = jax.random.key(cfg.train.seed)
+    # Sharding report and the step compiled (and its memory checked) before the first batch.
+    biggest = abstract_batch(run.shape, run.preprocessor.pad_id, lambda n: NamedSharding(run.mesh, _batch_spec(n)))
+    fn = before_first_step(run, fn, biggest, run.consts, jax.random.fold_in(base_key, start), lead=lead)
     schedule_lr = _lr(cfg)
     preempted = _Preempted()
     bar = tqdm(total=cfg.train.steps, initial=start, desc="training", unit="step", disable=not (progress and lead),

@@ -15,6 +15,9 @@ from g2e_jax.models.qwen2_vl.layers import (
     attention_with_probs,
     linear,
 )
+from g2e_jax.mesh import constrain
+
+RESIDUAL = ("activation_batch", "activation_length", "activation_embed")  # logical axes of [B, L, H]
 
 
 def mrope_angles(position_ids, cfg: TextConfig):
@@ -150,9 +153,11 @@ class TextDecoder(nnx.Module):
             seen = jnp.ones(mask.shape[:3] + (prefix[0][0].shape[0],), bool)  # every row sees the prefix
             mask = jnp.concatenate([seen, mask], axis=-1)
         cos, sin = mrope_angles(position_ids, self.cfg)
-        x, hidden, kvs, attentions = embeds, [embeds], [], []
+        x = constrain(embeds, RESIDUAL)
+        hidden, kvs, attentions = [x], [], []
         for i, layer in enumerate(self.layers):
             x, kv, *probs = layer(x, cos, sin, mask, None if prefix is None else prefix[i], output_attentions)
+            x = constrain(x, RESIDUAL)
             hidden.append(x)
             kvs.append(kv)
             attentions += probs

@@ -33,6 +33,12 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "patch": None,
     "norm": None,
     "rank": None,
+    # Activations: rows over the batch axes; the residual stream's width is never sharded over
+    # ``fsdp`` (that axis only shards weights, gathered per layer), so GSPMD cannot follow a
+    # weight's sharding into the hidden dimension.
+    "activation_batch": BATCH_AXES,
+    "activation_length": None,
+    "activation_embed": None,
 }
 
 # Parameter path (regex, full match) -> logical axes of each dimension. The first match wins;
@@ -55,7 +61,7 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"visual\.blocks\.\d+\.mlp\.(gate|up)_proj\.kernel", ("vision_embed", "vision_mlp")),  # Qwen2.5-VL
     (r"visual\.blocks\.\d+\.mlp\.(gate|up)_proj\.bias", ("vision_mlp",)),
     (r"visual\.blocks\.\d+\.mlp\.down_proj\.kernel", ("vision_mlp", "vision_embed")),
-    (r"visual\.merger\.fc1\.kernel", ("merge", None)),
+    (r"visual\.merger\.fc1\.kernel", ("merge", "vision_embed")),
     (r"visual\.merger\.fc2\.kernel", ("merge", "embed")),
     (r".*\.(scale|bias)", ("norm",)),
     (r".*\.(lora_a|lora_b|magnitude)", ("rank", "rank")),
@@ -99,35 +105,82 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, dcn_data: int =
 
 def logical_spec(names, shape, mesh: Mesh) -> P:
     """Logical names -> PartitionSpec; a dimension the mesh axes do not divide stays replicated."""
-    out, used = [], set()
-    for name, size in zip(names, shape):
+    return explain_spec(names, shape, mesh)[0]
+
+
+def explain_spec(names, shape, mesh) -> tuple[P, list[str]]:
+    """``logical_spec`` and, per dimension whose rule asked for sharding but could not get it, why."""
+    out, used, why = [], set(), []
+    for dim, (name, size) in enumerate(zip(names, shape)):
         axes = LOGICAL_RULES.get(name) if name is not None else None
         axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
         axes = tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1 and a not in used)
         degree = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+        if axes and size % degree:
+            why.append(f"dim {dim} ({name}) = {size} is not divisible by {'x'.join(axes)} = {degree}")
         if not axes or size % degree:
             out.append(None)
             continue
         used.update(axes)
         out.append(axes[0] if len(axes) == 1 else axes)
-    return P(*out)
+    return P(*out), why
 
 
 def param_axes(path: str, ndim: int) -> tuple[str | None, ...]:
+    return param_rule(path, ndim)[1]
+
+
+def param_rule(path: str, ndim: int) -> tuple[str | None, tuple[str | None, ...]]:
+    """(the PARAM_AXES pattern that matched, or None, and the logical axes of each dimension)."""
     for pattern, names in PARAM_AXES:
         if re.fullmatch(pattern, path):
-            return tuple(names[:ndim]) + (None,) * max(0, ndim - len(names))
-    return (None,) * ndim
+            return pattern, tuple(names[:ndim]) + (None,) * max(0, ndim - len(names))
+    return None, (None,) * ndim
+
+
+def _leaf_name(path) -> str:
+    keys = [k for k in path if not isinstance(k, jax.tree_util.GetAttrKey)]  # drop Variable's ".value"
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)
+
+
+def constrain(x, names):
+    """``with_sharding_constraint`` by logical names under ``jax.set_mesh``; a no-op without a mesh.
+
+    The model calls it on its activations (as MaxText and flax's gemma example do), so the layout of
+    the residual stream is what the table says, not whatever GSPMD propagates from the weights.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_spec(_activation_names(names), x.shape, mesh))
+
+
+_LOCAL_ROWS = []  # >0 while tracing inside a per-cell vmap (see ``local_rows``)
+
+
+def _activation_names(names):
+    if _LOCAL_ROWS:
+        return tuple(None if n == "activation_batch" else n for n in names)
+    return tuple(names)
+
+
+class local_rows:
+    """Within a ``vmap`` over cells that are sharded over the batch axes (the training step), a
+    cell's rows live on one device group: ``activation_batch`` is then left replicated."""
+
+    def __enter__(self):
+        _LOCAL_ROWS.append(1)
+
+    def __exit__(self, *exc):
+        _LOCAL_ROWS.pop()
 
 
 def state_shardings(state: nnx.State, mesh: Mesh):
     """A NamedSharding for every array of an NNX state (same tree structure)."""
 
     def sharding(path, leaf):
-        keys = [k for k in path if not isinstance(k, jax.tree_util.GetAttrKey)]  # drop Variable's ".value"
-        name = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)
         shape = getattr(leaf, "shape", ())
-        return NamedSharding(mesh, logical_spec(param_axes(name, len(shape)), shape, mesh))
+        return NamedSharding(mesh, logical_spec(param_axes(_leaf_name(path), len(shape)), shape, mesh))
 
     return jax.tree_util.tree_map_with_path(sharding, state)
 

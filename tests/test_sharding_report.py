@@ -1,0 +1,96 @@
+"""Know before you pay: sharding report, ahead-of-time memory check, activation constraints.
+
+The 8-device checks run in one subprocess (tests/sharding_checks.py) on abstract arrays: no weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import report
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sc") / "results.json"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    proc = subprocess.run([sys.executable, str(HERE / "sharding_checks.py"), str(out)], env=env,
+                          capture_output=True, text=True, timeout=900, cwd=HERE.parent)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", ["2b", "7b"])
+def test_fsdp8_shards_everything_it_should(results, size):
+    r = results[f"widths/{size}"]
+    report(f"{size} widths, fsdp=8 (abstract)", total=r["total"], per_device=r["per_device"],
+           replicated_by_rule=r["replicated_by_rule"])
+    assert r["per_device"] <= r["total"] / 8 + r["replicated_by_rule"]
+    assert r["fallbacks"] == []
+    assert r["sharded_kernels"] == r["frozen_kernels"] > 0
+
+
+@pytest.mark.slow
+def test_tiny_sharding_dump_matches_golden(results):
+    # tests/golden/sharding_tiny.txt; regenerate with tests/sharding_checks.py OUT --update-golden
+    assert results["tiny/golden_equal"], results["tiny/text"]
+
+
+@pytest.mark.slow
+def test_fallbacks_are_reported_with_reasons(results):
+    rows = results["fallback/rows"]
+    assert rows["mystery.kernel"] == "no rule in PARAM_AXES matched"
+    assert rows["text.embed_tokens.embedding"] == "dim 1 (embed) = 36 is not divisible by fsdp = 8"
+    assert "WARNING: 2 parameters fell back to replication" in results["fallback/summary"]
+
+
+@pytest.mark.slow
+def test_activation_constraints_change_nothing_but_layout(results):
+    assert results["constraints/no mesh/sharding_constraints"] == 0
+    assert results["constraints/mesh/sharding_constraints"] > 0
+    assert results["constraints/loss_diff"] <= 1e-5
+    assert results["constraints/grad_relative_l2"] <= 1e-5
+
+
+@pytest.mark.slow
+def test_step_that_does_not_fit_is_refused_with_numbers(results):
+    need = results["memory/7b_1_layer"]["need"]
+    assert need["temp"] > 0 and need["argument"] > 0
+    message = results["memory/too_small"]
+    assert message is not None and "training step needs" in message and "per device" in message
+    assert "--config.mesh.fsdp=8" in results["memory/advice_data8"]
+
+
+def test_ahead_of_time_compiles_once_and_checks_memory():
+    """In process (one device): the executable compiled ahead of time is the one a call runs, and a
+    limit below the program's need is an error naming both numbers."""
+    import jax
+    import jax.numpy as jnp
+
+    from g2e_jax.train.report import AheadOfTime
+
+    traces = []
+
+    def f(x):
+        traces.append(x.shape)
+        return jnp.tanh(x @ x.T).sum()
+
+    aot = AheadOfTime(jax.jit(f), "test program")
+    aot.compile(jax.ShapeDtypeStruct((64, 64), jnp.float32))
+    for _ in range(3):
+        aot(jnp.ones((64, 64)))
+    assert traces == [(64, 64)] and len(aot.executables) == 1
+    need = next(iter(aot.memory.values()))["total"]
+    small = AheadOfTime(jax.jit(f), "test program", limit=need - 1, limit_source="train.device_memory_gb",
+                        advice="raise mesh.fsdp")
+    with pytest.raises(ValueError, match=r"test program needs .* per device .*train\.device_memory_gb\): raise mesh"):
+        small.compile(jax.ShapeDtypeStruct((64, 64), jnp.float32))
