@@ -12,13 +12,19 @@ from g2e_jax.config_utils import load_config
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # file -> the variants its get_config(arg) accepts (None: the file itself, no argument).
 VARIANTS = {
+    "compare.py": [None],
     "demo.py": [None],
     "embed.py": [None],
-    "mmeb_eval.py": [None, "hierarchical", "plain"],
-    "qwen2_5vl_3b.py": [None, "saha", "zero_shot", "plain"],
-    "qwen2_5vl_7b.py": [None, "saha", "zero_shot", "plain"],
-    "qwen2vl_2b_saha.py": [None],
-    "qwen2vl_7b_saha.py": [None],
+    "mmeb_eval.py": [
+        None, "hierarchical", "plain", "system_only", "suffix_only", "default_system", "no_one_word"
+    ],
+    "prompt_ablation.py": [None],
+    "qwen2_5vl_3b.py": [None, "saha", "filtered", "inbatch", "zero_shot", "plain"],
+    "qwen2_5vl_7b.py": [None, "saha", "filtered", "inbatch", "zero_shot", "plain"],
+    "qwen2vl_2b_inbatch.py": [None],
+    "qwen2vl_2b_saha.py": [None, "saha", "filtered", "inbatch", "zero_shot", "plain"],
+    "qwen2vl_7b_saha.py": [None, "saha", "filtered", "inbatch", "zero_shot", "plain"],
+    "sugarcrepe.py": [None],
     "tiny.py": [None],
 }
 CASES = [f"{name}:{v}" if v else name for name, variants in VARIANTS.items() for v in variants]

@@ -136,7 +136,7 @@ def test_mine_encodes_and_reads_with_the_mine_settings(monkeypatch, tmp_path):
 
     monkeypatch.setattr(g2e_jax.embed.Embedder, "from_config", staticmethod(fake_embedder))
     monkeypatch.setattr(g2e_jax.mine, "read_train", fake_read)
-    overrides = ["model.path=/m", f"data.root={tmp_path}", f"mine.output_dir={tmp_path}"]
+    overrides = ["model.path=/m", f"data.root={tmp_path}", f"mine.output_dir={tmp_path}", "data.check=False"]
     cfg = load_config("configs/qwen2vl_2b_saha.py", overrides)
     with pytest.raises(Stop):
         g2e_jax.mine.run_mine(cfg)
