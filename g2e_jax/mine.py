@@ -4,6 +4,10 @@ Per subset: read the MMEB-train rows, deduplicate queries and positives, encode 
 Embedder (cached on disk in chunks: an interrupted run resumes without re-encoding), search the
 nearest positives, mine, and write ``<output>/<subset>/original.jsonl`` (anchor row +
 ``neg_samples``) and ``stats.json``.
+
+Multi-host (``--config.distributed.*``, the launchers of ``train``): every process encodes its share
+of the rows, the exact search is sharded over every device, every process mines the same
+clusters, and process 0 writes the cache and the outputs.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import ml_collections
 import numpy as np
 from ml_collections import config_dict
 
+from g2e_jax import distributed
 from g2e_jax.data.clusters import write_clusters
 from g2e_jax.data.mmeb import TrainRow, read_train
 from g2e_jax.io import write_atomic
@@ -90,11 +95,12 @@ def mine_subset(embedder, rows: list[TrainRow], subset: str, cfg, *, image_dir=N
         "encode_seconds": round(encode_seconds, 2), "embeddings_from_cache": bool(q_cached and c_cached),
         "mine_seconds": round(time.perf_counter() - started, 2),
     }  # fmt: skip
-    out = Path(cfg.mine.output_dir) / subset
-    out.mkdir(parents=True, exist_ok=True)
-    image_dir = None if image_dir is None else Path(image_dir)
-    write_clusters(out / "original.jsonl", clusters, [_raw_row(r, image_dir) for r in rows])
-    write_atomic(out / "stats.json", json.dumps(info, indent=2) + "\n")
+    if distributed.is_lead():
+        out = Path(cfg.mine.output_dir) / subset
+        out.mkdir(parents=True, exist_ok=True)
+        image_dir = None if image_dir is None else Path(image_dir)
+        write_clusters(out / "original.jsonl", clusters, [_raw_row(r, image_dir) for r in rows])
+        write_atomic(out / "stats.json", json.dumps(info, indent=2) + "\n")
     return clusters, info
 
 
@@ -106,17 +112,21 @@ def run_mine(cfg) -> dict:
         raise ValueError("no data: set --config.data.root=/path/to/MMEB-train")
     if cfg.mine.output_dir is None:
         raise ValueError("no output: set --config.mine.output_dir=DIR")
+    distributed.init_distributed(cfg)
+    lead = distributed.is_lead()
     embedder = Embedder.from_config(cfg)
     summary = {}
     for k, subset in enumerate(cfg.data.subsets, start=1):
         rows = read_train(cfg.data.root, subset, cfg.data.split, image_dir=cfg.data.image_dir)
-        print(f"[mine {k}/{len(cfg.data.subsets)}] {subset}: {len(rows)} rows", flush=True)
-        _, info = mine_subset(embedder, rows, subset, cfg, image_dir=cfg.data.image_dir)
+        if lead:
+            print(f"[mine {k}/{len(cfg.data.subsets)}] {subset}: {len(rows)} rows", flush=True)
+        _, info = mine_subset(embedder, rows, subset, cfg, image_dir=cfg.data.image_dir, progress=lead)
         summary[subset] = info
-        print(f"[mine {k}/{len(cfg.data.subsets)}] {subset}: {info['clusters']} clusters "
-              f"({info['phase2_clusters']} in phase 2), recall@1 {info['recall'].get('recall@1', float('nan')):.3f}",
-              flush=True)  # fmt: skip
+        if lead:
+            print(f"[mine {k}/{len(cfg.data.subsets)}] {subset}: {info['clusters']} clusters ({info['phase2_clusters']} "
+                  f"in phase 2), recall@1 {info['recall'].get('recall@1', float('nan')):.3f}", flush=True)  # fmt: skip
     meta = {"prompt": dataclasses.asdict(embedder.prompt), "model_path": str(embedder.model_path),
             "top_k": cfg.mine.top_k, "pool_mult": cfg.mine.pool_mult, "subsets": summary}  # fmt: skip
-    write_atomic(Path(cfg.mine.output_dir) / "stats.json", json.dumps(meta, indent=2) + "\n")
+    if lead:
+        write_atomic(Path(cfg.mine.output_dir) / "stats.json", json.dumps(meta, indent=2) + "\n")
     return summary

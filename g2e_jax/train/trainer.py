@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import signal
 import time
 import warnings
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 
 from g2e_jax.config_utils import config_to_json
 from g2e_jax.data.clusters import ClusterBatchSampler
+from g2e_jax.distributed import distributed_section, init_distributed
 from g2e_jax.io import write_atomic
 from g2e_jax.models import load
 from g2e_jax.preprocess import Preprocessor
@@ -102,27 +102,6 @@ def eval_section() -> ml_collections.ConfigDict:
     e.subsets = ()
     e.groups_file = config_dict.placeholder(str)  # None: the MMEB table
     return e
-
-
-def distributed_section() -> ml_collections.ConfigDict:
-    d = ml_collections.ConfigDict()
-    d.coordinator = config_dict.placeholder(
-        str
-    )  # "host:port"; None: auto-detect (TPU, SLURM) or single process
-    d.num_processes = config_dict.placeholder(int)
-    d.process_id = config_dict.placeholder(int)
-    return d
-
-
-def init_distributed(cfg) -> None:
-    """``jax.distributed.initialize``: explicit coordinator, or JAX's own detection on TPU / SLURM."""
-    d = cfg.distributed
-    if d.coordinator is not None:
-        jax.distributed.initialize(d.coordinator, d.num_processes, d.process_id)
-    elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        jax.distributed.initialize()
-    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID"):
-        jax.distributed.initialize()
 
 
 @dataclasses.dataclass
@@ -379,7 +358,8 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
 
 
 def evaluate_now(run: Run, step: int) -> dict:
-    """MMEB on the configured held-out set with the current parameters (adapters merged on a copy)."""
+    """MMEB on the configured held-out set with the current parameters (adapters merged on a copy),
+    data-parallel on the training mesh: each process encodes its share of the rows."""
     from g2e_jax.embed import Embedder
     from g2e_jax.eval.mmeb import MMEB_GROUPS, evaluate_mmeb, load_groups
     from g2e_jax.train.lora import merge_adapters
@@ -387,7 +367,7 @@ def evaluate_now(run: Run, step: int) -> dict:
     e = run.cfg.eval
     model = nnx.clone(nnx.merge(run.graphdef, run.params, run.rest))
     merge_adapters(model)
-    embedder = Embedder(model, run.preprocessor, batch_size=run.cfg.batch_size)
+    embedder = Embedder(model, run.preprocessor, batch_size=run.cfg.batch_size, mesh=run.mesh)
     groups = MMEB_GROUPS if e.groups_file is None else load_groups(e.groups_file)
     result = evaluate_mmeb(
         embedder, e.root, list(e.subsets), image_dir=e.image_dir, groups=groups, progress=False
@@ -463,7 +443,8 @@ def training_config(subsets=()) -> ml_collections.ConfigDict:
     c.data = data_section(subsets)
     c.max_len = 1024
     c.image_resolution = config_dict.FieldReference(None, field_type=str)
-    c.batch_size = 16  # encode batch (mining, eval)
+    c.batch_size = 16  # encode batch (mining, eval), over all devices
+    c.model.shard_weights = False  # mining: weights sharded over every device (fsdp), not replicated
     c.mine = mine_section()
     c.train = train_section()
     c.adapter = adapter_section()
