@@ -147,7 +147,7 @@ class Embedder:
         return cls.from_pretrained(
             cfg.model.path, dtype=cfg.model.dtype, prompt=prompt, scheme=cfg.prompt.scheme, max_len=cfg.max_len,
             image_resolution=cfg.image_resolution, batch_size=cfg.batch_size, progress=False,
-            shard_weights=bool(cfg.model.get("shard_weights", False)), workers=cfg.get("workers") or None,
+            shard_weights=bool(cfg.model.get("shard_weights", False)),
         )  # fmt: skip
 
     def with_prompt(self, prompt: str | PromptConfig | None = None, **changes) -> "Embedder":
