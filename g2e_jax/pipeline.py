@@ -12,10 +12,11 @@ Memory: at most two windows of prepared rows plus ``prefetch`` batches live at o
 number of rows (the embeddings themselves, ``[N, D]`` float32, are the caller's).
 
 Threads, not processes: the image work (PIL decode and resize, numpy normalise and patchify)
-releases the GIL for most of its time, and a worker process would have to pickle every row's
-float32 patches back (4.7 MB per 448 x 448 image); on the 2-core development machine, 2 threads
-prepare 448 x 448 rows 1.6x as fast as 1 and 2 processes no faster than 2 threads
-(``bench/bench_host.py``).
+releases the GIL for most of its time, while a worker process must pickle every row's float32
+patches back (4.8 MB per 448 x 448 image) and pay for its start. ``bench/bench_host.py`` on the
+2-core development machine (448 x 448 JPEG rows, tiny model's tokenizer; the other ~1.8 cores busy
+with other jobs, so the pool had little to spread over): 1 thread 22.9 rows/s, 2 threads 23.4,
+2 processes 7.8.
 """
 
 from __future__ import annotations
