@@ -36,7 +36,8 @@ def runs(tiny_dir, tmp_path_factory):
     rows = [{"id": f"c{i}", "text": t, "image": im} for i, (t, im) in enumerate(
         (t, im) for r in read_eval(data / "eval", "SynT2I", image_dir=data / "images")
         for t, im in zip(r.tgt_texts, r.tgt_images))][:13]  # fmt: skip
-    rows.insert(7, {"id": "bad", "text": "", "image": str(data / "missing.png")})  # on process 1 of 2: gathered to 0
+    # A bad row in process 1's share of its shard: its report must reach process 0's skipped.jsonl.
+    rows.insert(7, {"id": "bad", "text": "", "image": str(data / "missing.png")})
     (data / "embed_rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     single, multi = base / "single", base / "multi"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
