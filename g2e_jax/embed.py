@@ -9,6 +9,13 @@ Prefix cache: the system segment is the same for every row of a role and, under 
 sees nothing after it, so its keys and values are computed once per (weights, prompt, role) and each
 batch runs only the user segment and the header against them: the same embeddings for a fraction of
 the work when documents are short.
+
+Scale: rows stream from a worker pool through a bounded queue (``g2e_jax.pipeline``), so host
+memory does not grow with the number of rows; each batch is cut into one cell per device of the
+mesh's data axes (``[cells, rows_per_cell, ...]``, each cell with its own packed images) and the
+cells run data-parallel, weights replicated or sharded by the training table (``mesh.py``).
+In a multi-process job ``encode`` is collective: every process passes the same rows, prepares
+only its share and receives all the embeddings.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,17 +32,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+from g2e_jax import distributed
 from g2e_jax.adapters.lora import merge_adapters
 from g2e_jax.adapters.peft import WEIGHTS_FILE, load_peft_adapter
 from g2e_jax.adapters.trained import is_run_dir, load_trained
 from g2e_jax.data.images import ImageConfig
 from g2e_jax.io import save_npy_atomic, sha256_file, weights_fingerprint
+from g2e_jax.mesh import BATCH_AXES, constrain, make_mesh, state_shardings
 from g2e_jax.models import load
+from g2e_jax.pipeline import RowStream
 from g2e_jax.preprocess import InputError, PreparedRow, Preprocessor, bucket, collate
 from g2e_jax.prompts import PromptConfig, check_role, plural
-from g2e_jax.mesh import constrain
 
 __all__ = ["Embedder", "InputError", "PreparedRow", "embed_batch"]
 
@@ -53,9 +65,23 @@ class Embedder:
         model_path: str | Path | None = None,
         weights_id: str | None = None,
         prefix_cache: bool = True,
+        mesh: Mesh | None = None,
+        workers: int | None = None,
+        window: int | None = None,
     ):
+        """``mesh``: default, every device on the data axis (weights replicated); a mesh with an
+        ``fsdp``/``tensor`` axis shards the weights by the training table. ``batch_size`` rows per
+        batch in all, rounded up to a multiple of the data-axis size. ``workers`` image threads
+        (default: one per core) and a sort window of ``window`` rows (default 8 batches)."""
         self.config = model.config
-        self.graphdef, self.state = nnx.split(model)
+        self.mesh = make_mesh() if mesh is None else mesh
+        self.graphdef, state = nnx.split(model)
+        self.state = jax.device_put(state, state_shardings(state, self.mesh))
+        self.batch_axes = tuple(a for a in BATCH_AXES if a in self.mesh.axis_names)
+        self.cells = int(np.prod([self.mesh.shape[a] for a in self.batch_axes]))
+        self.rows_per_cell = max(1, -(-batch_size // self.cells))
+        self._cell_sharding = NamedSharding(self.mesh, P(self.batch_axes))
+        self.workers, self.window = workers, window
         self.dtype = str(jax.tree.leaves(self.state)[0].dtype)
         self.model_path = None if model_path is None else Path(model_path)
         # Identifies the weights in on-disk caches and export metadata (None: no caching).
@@ -70,6 +96,7 @@ class Embedder:
         self._encode = jax.jit(
             functools.partial(_encode_batch, self.graphdef, self.traces),
             static_argnames=("scheme", "pad_id", "max_patches_per_image"),
+            out_shardings=self._cell_sharding,
         )
 
     @classmethod
@@ -86,9 +113,14 @@ class Embedder:
         progress: bool = True,
         prefix_cache: bool = True,
         adapter: str | Path | None = None,
+        mesh: Mesh | None = None,
+        shard_weights: bool = False,
+        workers: int | None = None,
     ) -> "Embedder":
         """``path``: a Hugging Face model directory or a ``g2e-jax train`` workdir; ``adapter``: a PEFT
-        LoRA/DoRA folder (``adapter_config.json`` + ``adapter_model.safetensors``) merged onto ``path``."""
+        LoRA/DoRA folder (``adapter_config.json`` + ``adapter_model.safetensors``) merged onto ``path``.
+        ``mesh=None``: every device JAX sees, on the data axis, or with ``shard_weights`` on the fsdp
+        axis (weights sharded by the training table: a model too big for one device)."""
         if is_run_dir(path):  # a `g2e-jax train` workdir: base model + trained parameters, merged
             if adapter is not None:
                 raise ValueError(f"{path} is a training workdir; adapter= applies to a base model directory")
@@ -109,8 +141,10 @@ class Embedder:
         preprocessor = Preprocessor.from_pretrained(
             base, prompt=prompt, scheme=scheme, max_len=max_len, image_resolution=image_resolution
         )
+        if mesh is None and shard_weights:
+            mesh = make_mesh(data=1, fsdp=jax.device_count())
         return cls(model, preprocessor, batch_size=batch_size, model_path=path, weights_id=weights_id,
-                   prefix_cache=prefix_cache)  # fmt: skip
+                   prefix_cache=prefix_cache, mesh=mesh, workers=workers)  # fmt: skip
 
     @classmethod
     def from_config(cls, cfg) -> "Embedder":
@@ -126,6 +160,7 @@ class Embedder:
             cfg.model.path, dtype=cfg.model.dtype, prompt=prompt, scheme=cfg.prompt.scheme, max_len=cfg.max_len,
             image_resolution=cfg.image_resolution, batch_size=cfg.batch_size, progress=False,
             adapter=cfg.model.get("adapter"),
+            shard_weights=bool(cfg.model.get("shard_weights", False)),
         )  # fmt: skip
 
     def with_prompt(self, prompt: str | PromptConfig | None = None, **changes) -> "Embedder":
@@ -167,12 +202,44 @@ class Embedder:
 
         ``images[i]`` is a PIL image, a path or None; an MMEB ``<|image_1|>`` marker in a text says
         where its image goes (otherwise the image goes first). ``subset`` applies the prompt's
-        Matching rule (candidates of such subsets use the query template).
+        Matching rule (candidates of such subsets use the query template). Collective in a
+        multi-process job (see the module docstring).
         """
-        rows = self.preprocessor.prepare(
-            texts, images, role=role, instruction=instruction, subset=subset, progress=progress
-        )
-        return self.encode_prepared(rows, role=self.prompt.template_role(role, subset), progress=progress)
+        emb, _ = self.encode_rows(texts, images, role=role, instruction=instruction, subset=subset,
+                                  errors="raise", progress=progress)  # fmt: skip
+        return emb
+
+    def encode_rows(
+        self,
+        texts: str | Sequence[str],
+        images: Sequence[Any] | None = None,
+        *,
+        role: str = "query",
+        instruction: str | Sequence[str | None] | None = None,
+        subset: str | None = None,
+        errors: str = "collect",
+        progress: bool | None = None,
+    ) -> tuple[np.ndarray, dict[int, InputError]]:
+        """``encode`` through the streaming pipeline, also returning the bad rows ({row: error}; with
+        ``errors="collect"`` their embeddings are zeros, with ``"raise"`` the first one raises)."""
+        texts, images, instructions = self.preprocessor.columns(texts, images, instruction)
+        role = self.prompt.template_role(role, subset)
+        check_role(role)
+        n, mine = len(texts), distributed.share(len(texts))
+        stream = RowStream(self.preprocessor, texts, images, instructions, mine, role=role, errors=errors,
+                           batch_size=self.local_cells * self.rows_per_cell, window=self.window,
+                           workers=self.workers)  # fmt: skip
+        show = (n > self.batch_size if progress is None else progress) and distributed.is_lead()
+        local = self._run(stream, len(mine), mine.start, role, show)
+        bad = {}
+        for part in distributed.allgather_json([[i, e.field, e.reason] for i, e in stream.bad.items()]):
+            bad.update({int(i): InputError(int(i), field, reason) for i, field, reason in part})
+        truncated = distributed.allgather_json(stream.truncated)
+        if any(truncated) and distributed.is_lead():
+            longest = max(max(t) for t in truncated if t)
+            warnings.warn(f"{sum(map(len, truncated))} of {n} {role} rows exceeded max_len={self.max_len} and were "
+                          f"truncated inside their content (longest user segment: {longest} tokens)", stacklevel=2)  # fmt: skip
+        return distributed.gather_shares(local, n), dict(sorted(bad.items()))
 
     def encode_cached(
         self,
@@ -194,20 +261,31 @@ class Embedder:
             return self.encode(texts, images, role=role, subset=subset, progress=progress), False
         key = self._cache_key(texts, images, role, subset)
         folder = Path(cache_dir) / f"{name}-{key}"
-        folder.mkdir(parents=True, exist_ok=True)
-        parts, all_cached = [], True
-        for k, start in enumerate(range(0, len(texts), chunk)):
+        lead = distributed.is_lead()
+        if lead:
+            folder.mkdir(parents=True, exist_ok=True)
+        starts = list(range(0, len(texts), chunk))
+        # Process 0 holds the cache (no shared file system needed); the others learn what it holds.
+        cached = distributed.broadcast(np.array([lead and (folder / f"{k:05d}.npy").is_file()
+                                                 for k in range(len(starts))], np.int32))  # fmt: skip
+        parts = []
+        for k, start in enumerate(starts):
             file = folder / f"{k:05d}.npy"
-            if file.is_file():
-                parts.append(np.load(file))
+            if cached[k]:
+                emb = (
+                    np.load(file)
+                    if lead
+                    else np.zeros((min(chunk, len(texts) - start), self.dim), np.float32)
+                )
+                parts.append(distributed.broadcast(emb))
                 continue
-            all_cached = False
             emb = self.encode(texts[start : start + chunk], images[start : start + chunk], role=role, subset=subset,
                               progress=progress)  # fmt: skip
-            save_npy_atomic(file, emb)
+            if lead:
+                save_npy_atomic(file, emb)
             parts.append(emb)
         out = np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
-        return out, all_cached
+        return out, bool(cached.all())
 
     def _cache_key(self, texts, images, role, subset) -> str:
         digest = hashlib.sha256()
@@ -227,40 +305,132 @@ class Embedder:
     def encode_prepared(
         self, rows: Sequence[PreparedRow], *, role: str, progress: bool | None = None
     ) -> np.ndarray:
+        """Rows this process already prepared, sorted by shape and encoded (collective: in a
+        multi-process job each process passes its own rows and gets their embeddings)."""
         check_role(role)
-        out = np.zeros((len(rows), self.dim), np.float32)
-        if not rows:
-            return out
+        size = self.local_cells * self.rows_per_cell
+        order = sorted(range(len(rows)), key=lambda i: _shape_key(rows[i]))
+        batches = (
+            (order[s : s + size], [rows[i] for i in order[s : s + size]]) for s in range(0, len(order), size)
+        )
+        show = len(rows) > self.batch_size if progress is None else progress
+        return self._run(batches, len(rows), 0, role, show and distributed.is_lead())
+
+    @functools.cached_property
+    def _local_cell_range(self) -> tuple[int, int]:
+        """This process's cells: a contiguous range of the data axes (the process-local batch)."""
+        index = self._cell_sharding.addressable_devices_indices_map((self.cells,))
+        spans = {sl[0].indices(self.cells)[:2] for sl in index.values()}
+        lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+        if sum(b - a for a, b in spans) != hi - lo:
+            raise ValueError(
+                f"this process's devices do not hold a contiguous part of the mesh's data axes: {spans}"
+            )
+        return lo, hi
+
+    @property
+    def local_cells(self) -> int:
+        lo, hi = self._local_cell_range
+        return hi - lo
+
+    def _run(self, batches, n: int, offset: int, role: str, progress: bool) -> np.ndarray:
+        """Encodes ``(positions, rows)`` batches into an ``[n, D]`` array (row ``positions - offset``).
+
+        With several processes every step first agrees on the shapes (an all-gather of each
+        process's needs), so all run the same program, also when one has no rows left or hit a bad
+        row (then every process raises the lowest such row's error)."""
+        out = np.zeros((n, self.dim), np.float32)
         sys_ids = jnp.asarray(self.preprocessor.system_ids(role))
         header_ids = jnp.asarray(self.preprocessor.header_ids)
         prefix = self.system_prefix(role)
         max_user = self.max_len - len(sys_ids) - len(header_ids)
-        # Similar shapes together: text-only rows first, then by image size, then by length.
-        order = sorted(
-            range(len(rows)),
-            key=lambda i: (0 if rows[i].patches is None else len(rows[i].patches), len(rows[i].user_ids)),
-        )
-        bar = tqdm(
-            total=len(rows),
-            desc=f"encoding {plural(role)}",
-            unit="row",
-            disable=not (len(rows) > self.batch_size if progress is None else progress),
-        )
+        bar = tqdm(total=n, desc=f"encoding {plural(role)}", unit="row", disable=not progress)
+        many = jax.process_count() > 1
+        batches = iter(batches)
         pending = None  # the batch on the device while the host collates the next one
-        for start in range(0, len(order), self.batch_size):
-            index = order[start : start + self.batch_size]
-            batch = self._collate([rows[i] for i in index], max_user)
+        while True:
+            failed = None
+            try:
+                positions, rows = next(batches, ((), ()))
+            except InputError as e:
+                if not many:
+                    raise
+                positions, rows, failed = (), (), e
+            need = distributed.allgather_max(self._needs(rows) + [failed is not None])
+            if need[-1]:
+                reports = distributed.allgather_json(
+                    None if failed is None else [failed.row, failed.field, failed.reason]
+                )
+                raise InputError(*min(r for r in reports if r is not None))
+            if not need[0]:
+                break
+            batch = self._collate_cells(rows, need, max_user)
             emb = self._encode(
-                self.state, sys_ids, header_ids, prefix, **batch["arrays"], scheme=self.prompt.scheme, pad_id=self.preprocessor.pad_id,
-                max_patches_per_image=batch["max_patches_per_image"],
+                self.state, sys_ids, header_ids, prefix, **batch["arrays"], scheme=self.prompt.scheme,
+                pad_id=self.preprocessor.pad_id, max_patches_per_image=batch["max_patches_per_image"],
             )  # fmt: skip
             if pending is not None:
-                bar.update(_fetch(out, *pending))
-            pending = (index, emb)
+                bar.update(self._fetch(out, *pending))
+            pending = ([p - offset for p in positions], batch["slots"], emb)
         if pending is not None:
-            bar.update(_fetch(out, *pending))
+            bar.update(self._fetch(out, *pending))
         bar.close()
         return out
+
+    def _needs(self, rows: Sequence[PreparedRow]) -> list[int]:
+        """[any rows, rows per cell, longest user segment, most patches / images in a cell, largest
+        image]: maxima over processes give every process the same shapes."""
+        if not rows:
+            return [0] * 6
+        per_cell = min(self.rows_per_cell, bucket(-(-len(rows) // self.local_cells), 1))
+        cells = [rows[c : c + per_cell] for c in range(0, len(rows), per_cell)]
+        sizes = [[len(r.patches) for r in cell if r.patches is not None] for cell in cells]
+        return [1, per_cell, max(len(r.user_ids) for r in rows), max(sum(s) for s in sizes),
+                max(len(s) for s in sizes), max((max(s) for s in sizes if s), default=0)]  # fmt: skip
+
+    def _collate(self, rows: Sequence[PreparedRow], max_user: int) -> dict:
+        """This process's part of one batch of ``rows`` (see ``_collate_cells``)."""
+        return self._collate_cells(rows, self._needs(rows) + [0], max_user)
+
+    def _collate_cells(self, rows: Sequence[PreparedRow], need, max_user: int) -> dict:
+        """Buckets for the batch's shapes, then ``[local cells, rows per cell, ...]`` arrays, each cell
+        with its own packed images, placed on the mesh."""
+        _, per_cell, longest, patches, images, largest, _ = (int(v) for v in need)
+        # This process's rows fill its cells as _needs measured them; cells are padded to per_cell.
+        mine = self._needs(rows)[1] or 1
+        users = min(bucket(longest, self.seq_bucket_base), max(max_user, longest))
+        # Image slots: the cell's images rounded up to a power of two, not one per row (the vision
+        # tower's attention runs per slot).
+        patches = bucket(patches, self.patch_bucket_base) if patches else None
+        images = bucket(images, 1) if images else None
+        cells = []
+        for c in range(self.local_cells):
+            # A short last batch (or a single query) runs at the next power of two rows, not a full one.
+            # Pixels in the weights' dtype (the patch embedding's first cast): half the transfer in bf16.
+            cells.append(collate(rows[c * mine : (c + 1) * mine], batch_size=per_cell, users=users,
+                                 patches=patches, images=images, pad_id=self.preprocessor.pad_id,
+                                 patch_dim=self.config.vision.patch_dim, pixel_dtype=self.dtype))  # fmt: skip
+        arrays = {k: None if cells[0][k] is None else self._to_mesh(np.stack([c[k] for c in cells]))
+                  for k in cells[0]}  # fmt: skip
+        max_per_image = bucket(largest, self.patch_bucket_base) if largest else None
+        slots = [(j // mine) * per_cell + j % mine for j in range(len(rows))]  # rows in the flat output
+        return {"arrays": arrays, "max_patches_per_image": max_per_image, "slots": slots}
+
+    def _to_mesh(self, local: np.ndarray):
+        return jax.make_array_from_process_local_data(
+            self._cell_sharding, local, (self.cells, *local.shape[1:])
+        )
+
+    def _fetch(self, out: np.ndarray, index: list[int], slots: list[int], emb) -> int:
+        """Writes this process's rows of a finished batch into ``out`` (waits for the device)."""
+        lo, hi = self._local_cell_range
+        if emb.is_fully_addressable:
+            local = np.asarray(emb)[lo:hi]
+        else:
+            shards = {s.index[0].indices(self.cells)[0]: s.data for s in emb.addressable_shards}
+            local = np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
+        out[index] = local.reshape(-1, local.shape[-1])[slots]
+        return len(index)
 
     def system_prefix(self, role: str):
         """The role's system-segment keys and values, computed on first use (None: cache off)."""
@@ -271,36 +441,26 @@ class Embedder:
             self._prefixes[ids] = self._prefix_kv(self.state, jnp.asarray(ids, jnp.int32))
         return self._prefixes[ids]
 
-    def _collate(self, rows: Sequence[PreparedRow], max_user: int) -> dict:
-        """Buckets for this batch's shapes, then the fixed-shape arrays."""
-        longest = max(len(r.user_ids) for r in rows)
-        users = min(bucket(longest, self.seq_bucket_base), max(max_user, longest))
-        sizes = [len(r.patches) for r in rows if r.patches is not None]
-        patches = bucket(sum(sizes), self.patch_bucket_base) if sizes else None
-        # Image slots: the batch's images rounded up to a power of two, not one per row (the vision
-        # tower's attention runs per slot).
-        images = bucket(len(sizes), 1) if sizes else None
-        # A short last batch (or a single query) runs at the next power of two rows, not a full one.
-        batch = min(self.batch_size, bucket(len(rows), 1))
-        # Pixels in the weights' dtype (the patch embedding's first cast): half the transfer in bf16.
-        arrays = collate(rows, batch_size=batch, users=users, patches=patches, images=images,
-                         pad_id=self.preprocessor.pad_id, patch_dim=self.config.vision.patch_dim,
-                         pixel_dtype=self.dtype)  # fmt: skip
-        max_per_image = bucket(max(sizes), self.patch_bucket_base) if sizes else None
-        return {"arrays": arrays, "max_patches_per_image": max_per_image}
 
-
-def _fetch(out: np.ndarray, index: list[int], emb) -> int:
-    """Writes a finished batch's rows into ``out`` (blocks until the device is done with it)."""
-    out[index] = np.asarray(emb)[: len(index)]
-    return len(index)
+def _shape_key(row: PreparedRow) -> tuple[int, int]:
+    """Similar shapes together: text-only rows first, then by image size, then by length."""
+    return (0 if row.patches is None else len(row.patches), len(row.user_ids))
 
 
 def _encode_batch(graphdef, traces, state, sys_ids, header_ids, prefix, **arrays):
-    """The Embedder's jitted program: weights as an argument (not constants), traces counted."""
+    """The Embedder's jitted program over ``[cells, rows, ...]`` arrays: the cells vmapped (sharded
+    over the data axes); weights as an argument (not constants), traces counted per cell shape."""
     pixels = arrays["pixel_values"]
-    traces.append((sys_ids.shape, arrays["user_ids"].shape, None if pixels is None else pixels.shape))
-    return embed_batch(nnx.merge(graphdef, state), sys_ids, header_ids, **arrays, prefix=prefix)
+    traces.append((sys_ids.shape, arrays["user_ids"].shape[1:], None if pixels is None else pixels.shape[1:]))
+    model = nnx.merge(graphdef, state)
+    statics = {k: arrays.pop(k) for k in ("scheme", "pad_id", "max_patches_per_image")}
+
+    def cell(a):
+        return embed_batch(model, sys_ids, header_ids, **a, **statics, prefix=prefix)
+
+    if arrays["user_ids"].shape[0] == 1:  # one cell: no batching transform at all
+        return cell({k: None if v is None else v[0] for k, v in arrays.items()})[None]
+    return jax.vmap(cell)(arrays)
 
 
 def embed_batch(

@@ -6,6 +6,10 @@ without re-encoding), search the nearest positives, mine, and write
 ``<output>/<subset>/original.jsonl`` (anchor row + ``neg_samples``) and ``stats.json``. The cluster
 file keeps the name ``original`` (the split the train readers take) whatever split it was mined
 from; its rows carry that split's instructions, which training then sees, as in the official run.
+
+Multi-host (``--config.distributed.*``, the launchers of ``train``): every process encodes its share
+of the rows, the exact search is sharded over every device, every process mines the same
+clusters, and process 0 writes the cache and the outputs.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import ml_collections
 import numpy as np
 from ml_collections import config_dict
 
+from g2e_jax import distributed
 from g2e_jax.data.clusters import write_clusters
 from g2e_jax.data.mmeb import TrainRow, read_train
 from g2e_jax.io import write_atomic
@@ -103,10 +108,11 @@ def mine_subset(embedder, rows: list[TrainRow], subset: str, cfg, *, progress=Tr
         "encode_seconds": round(encode_seconds, 2), "embeddings_from_cache": bool(q_cached and c_cached),
         "mine_seconds": round(time.perf_counter() - started, 2),
     }  # fmt: skip
-    out = Path(cfg.mine.output_dir) / subset
-    out.mkdir(parents=True, exist_ok=True)
-    write_clusters(out / "original.jsonl", clusters, [_raw_row(r) for r in rows])
-    write_atomic(out / "stats.json", json.dumps(info, indent=2) + "\n")
+    if distributed.is_lead():
+        out = Path(cfg.mine.output_dir) / subset
+        out.mkdir(parents=True, exist_ok=True)
+        write_clusters(out / "original.jsonl", clusters, [_raw_row(r) for r in rows])
+        write_atomic(out / "stats.json", json.dumps(info, indent=2) + "\n")
     return clusters, info
 
 
@@ -131,20 +137,24 @@ def run_mine(cfg) -> dict:
         raise ValueError("no output: set --config.mine.output_dir=DIR")
     from g2e_jax.data.check import check_before_run
 
+    distributed.init_distributed(cfg)
+    lead = distributed.is_lead()
     check_before_run(cfg, "mine", source="mmeb", split=cfg.mine.split)
     embedder = Embedder.from_config(mine_encode_config(cfg))
     summary = {}
     for k, subset in enumerate(cfg.data.subsets, start=1):
         rows = read_train(cfg.data.root, subset, cfg.mine.split, image_dir=cfg.data.image_dir)
-        print(f"[mine {k}/{len(cfg.data.subsets)}] {subset}: {len(rows)} rows", flush=True)
-        _, info = mine_subset(embedder, rows, subset, cfg)
+        if lead:
+            print(f"[mine {k}/{len(cfg.data.subsets)}] {subset}: {len(rows)} rows", flush=True)
+        _, info = mine_subset(embedder, rows, subset, cfg, progress=lead)
         summary[subset] = info
-        print(f"[mine {k}/{len(cfg.data.subsets)}] {subset}: {info['clusters']} clusters "
-              f"({info['phase2_clusters']} in phase 2), recall@1 {info['recall'].get('recall@1', float('nan')):.3f}",
-              flush=True)  # fmt: skip
+        if lead:
+            print(f"[mine {k}/{len(cfg.data.subsets)}] {subset}: {info['clusters']} clusters ({info['phase2_clusters']} "
+                  f"in phase 2), recall@1 {info['recall'].get('recall@1', float('nan')):.3f}", flush=True)  # fmt: skip
     meta = {"prompt": dataclasses.asdict(embedder.prompt), "model_path": absolute(embedder.model_path),
             "top_k": cfg.mine.top_k, "pool_mult": cfg.mine.pool_mult, "split": cfg.mine.split,
             "max_len": embedder.max_len, "image_resolution": cfg.mine.image_resolution,
             "subsets": summary}  # fmt: skip
-    write_atomic(Path(cfg.mine.output_dir) / "stats.json", json.dumps(meta, indent=2) + "\n")
+    if lead:
+        write_atomic(Path(cfg.mine.output_dir) / "stats.json", json.dumps(meta, indent=2) + "\n")
     return summary

@@ -111,18 +111,7 @@ class Preprocessor:
     ) -> list[PreparedRow | InputError]:
         """Host preprocessing of every row. ``errors="collect"`` returns an InputError in place of
         each bad row instead of raising, so a caller can skip it and keep ids aligned."""
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = list(texts)
-        images = [None] * len(texts) if images is None else list(images)
-        if len(images) != len(texts):
-            raise ValueError(f"got {len(texts)} texts but {len(images)} images")
-        if instruction is None or isinstance(instruction, str):
-            instructions = [instruction] * len(texts)
-        else:
-            instructions = list(instruction)
-            if len(instructions) != len(texts):
-                raise ValueError(f"got {len(texts)} texts but {len(instructions)} instructions")
+        texts, images, instructions = self.columns(texts, images, instruction)
         role = self.prompt.template_role(role, subset)
         system_len = len(self.system_ids(role))
         rows: list[PreparedRow | InputError] = []
@@ -153,6 +142,23 @@ class Preprocessor:
             )
         return rows
 
+    @staticmethod
+    def columns(texts, images=None, instruction=None) -> tuple[list, list, list]:
+        """texts, images and instructions as three lists of one length (one text: a list of one)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        images = [None] * len(texts) if images is None else list(images)
+        if len(images) != len(texts):
+            raise ValueError(f"got {len(texts)} texts but {len(images)} images")
+        if instruction is None or isinstance(instruction, str):
+            instructions = [instruction] * len(texts)
+        else:
+            instructions = list(instruction)
+            if len(instructions) != len(texts):
+                raise ValueError(f"got {len(texts)} texts but {len(instructions)} instructions")
+        return texts, images, instructions
+
     def system_ids(self, role: str) -> np.ndarray:
         return self._tokenize(self.prompt.system_segment(role))
 
@@ -167,7 +173,16 @@ class Preprocessor:
             self._user_cache.move_to_end(text)
         return ids
 
-    def _prepare_row(self, i, text, image, role, instruction, system_len) -> PreparedRow:
+    def image_features(self, i: int, image) -> tuple[np.ndarray, np.ndarray]:
+        """Decode, resize and patchify row ``i``'s image: ``(patches, grid_thw)``. Thread-safe (the
+        image work of ``g2e_jax.pipeline``'s worker pool)."""
+        try:
+            return preprocess(image, self.image_config, source="image")
+        except ImageError as e:
+            raise InputError(i, "image", str(e)) from None
+
+    def _prepare_row(self, i, text, image, role, instruction, system_len, features=None) -> PreparedRow:
+        """``features``: the image's ``image_features`` when already computed (by a worker)."""
         if text is None:
             text = ""
         if not isinstance(text, str):
@@ -176,10 +191,7 @@ class Preprocessor:
             raise InputError(i, "instruction", f"expected a string, got {type(instruction).__name__}")
         patches = grid = None
         if image is not None:
-            try:
-                patches, grid = preprocess(image, self.image_config, source="image")
-            except ImageError as e:
-                raise InputError(i, "image", str(e)) from None
+            patches, grid = self.image_features(i, image) if features is None else features
         elif not text.strip():
             raise InputError(i, "text", "empty text and no image: nothing to embed")
         n_image = 0 if grid is None else num_image_tokens(grid, self.image_config.merge_size)

@@ -24,12 +24,15 @@ and to Python set order).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import Counter
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,12 +66,16 @@ class MiningStats:
 
 
 def nearest(queries: np.ndarray, cands: np.ndarray, k: int, *, query_block: int = 1024,
-            cand_block: int = 16384) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+            cand_block: int = 16384, devices=None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Exact top-``k`` candidates by inner product for every query: ``(scores, indices)``, both
     ``[Q, k]`` sorted by descending score, ties by lower index; ``-1`` where fewer than k exist.
 
-    Streams over candidate blocks: memory is bounded by ``query_block * (cand_block + k)``, never a
-    full ``[Q, C]`` matrix. Block shapes are fixed (the tails are padded), so it compiles once.
+    Sharded over ``devices`` (default: every device of every process): each holds one contiguous
+    block of the candidates and streams over it in blocks of ``cand_block``, keeping a running
+    top-k; the per-device top-k lists are gathered and merged. Memory per device is bounded by
+    ``query_block * (cand_block + k)``, never a full ``[Q, C]`` matrix. Block shapes are fixed (the
+    tails are padded), so it compiles once. In a multi-process job it is collective: every process
+    passes the same arrays and gets the whole result.
     """
     queries = np.asarray(queries, np.float32)
     cands = np.asarray(cands, np.float32)
@@ -78,27 +85,54 @@ def nearest(queries: np.ndarray, cands: np.ndarray, k: int, *, query_block: int 
     out_index = np.full((n_q, k), -1, np.int64)
     if n_q == 0 or k_eff == 0:
         return out_scores, out_index
-    cand_block = min(cand_block, n_c)
+    devices = list(jax.devices() if devices is None else devices)
+    mesh = Mesh(np.array(devices), ("cands",), axis_types=(AxisType.Auto,))
+    per_device = -(-n_c // len(devices))
+    cand_block = min(cand_block, per_device)
+    per_device = -(-per_device // cand_block) * cand_block  # whole blocks on every device
     query_block = min(query_block, n_q)
-    n_blocks = -(-n_c // cand_block)
-    padded = np.zeros((n_blocks * cand_block, cands.shape[1]), np.float32)
+    padded = np.zeros((len(devices) * per_device, cands.shape[1]), np.float32)
     padded[:n_c] = cands
+    cands_on_mesh = jax.device_put(padded, NamedSharding(mesh, P("cands")))
+    search = _sharded_search(mesh, k_eff, cand_block)
+    replicated = NamedSharding(mesh, P())
     for qs in range(0, n_q, query_block):
         q = np.zeros((query_block, queries.shape[1]), np.float32)
         q[: min(query_block, n_q - qs)] = queries[qs : qs + query_block]
-        best = jnp.full((query_block, k_eff), -jnp.inf, jnp.float32)
-        best_i = jnp.full((query_block, k_eff), -1, jnp.int32)
-        for b in range(n_blocks):
-            block = padded[b * cand_block : (b + 1) * cand_block]
-            valid = min(cand_block, n_c - b * cand_block)  # padded tail rows must never win
-            best, best_i = _merge_block(q, block, b * cand_block, valid, best, best_i)
+        best, best_i = search(jax.device_put(q, replicated), cands_on_mesh, np.int32(n_c))
         rows = min(query_block, n_q - qs)
         out_scores[qs : qs + rows, :k_eff] = np.asarray(best)[:rows]
         out_index[qs : qs + rows, :k_eff] = np.asarray(best_i)[:rows]
     return out_scores, out_index
 
 
-@jax.jit
+@functools.lru_cache(maxsize=16)
+def _sharded_search(mesh: Mesh, k: int, cand_block: int):
+    """The jitted search of one query block against every device's candidates."""
+
+    def local(q, cands, n_c):
+        start = jax.lax.axis_index("cands") * cands.shape[0]
+        best = jnp.full((q.shape[0], k), -jnp.inf, jnp.float32)
+        best_i = jnp.full((q.shape[0], k), -1, jnp.int32)
+        blocks = cands.reshape(-1, cand_block, cands.shape[1])
+
+        def step(carry, b):
+            offset = start + b * cand_block
+            return _merge_block(q, blocks[b], offset, n_c - offset, *carry), None
+
+        (best, best_i), _ = jax.lax.scan(step, (best, best_i), jnp.arange(blocks.shape[0]))
+        # Every device's list, lower candidate blocks first: top_k keeps the lower index on ties.
+        all_best = jax.lax.all_gather(best, "cands", axis=1, tiled=True)
+        all_index = jax.lax.all_gather(best_i, "cands", axis=1, tiled=True)
+        top, where = jax.lax.top_k(all_best, k)
+        return top, jnp.take_along_axis(all_index, where, axis=1)
+
+    fn = jax.shard_map(
+        local, mesh=mesh, in_specs=(P(), P("cands"), P()), out_specs=(P(), P()), check_vma=False
+    )
+    return jax.jit(fn)
+
+
 def _merge_block(queries, cands, offset, valid, best_scores, best_index):
     """Merges one candidate block into the running top-k. Running entries come from earlier
     (lower-index) blocks and go first, and top_k prefers the lower position on ties, so exact
@@ -106,7 +140,7 @@ def _merge_block(queries, cands, offset, valid, best_scores, best_index):
     k = best_scores.shape[1]
     scores = jnp.dot(queries, cands.T, precision=jax.lax.Precision.HIGHEST)
     local = jnp.arange(cands.shape[0], dtype=jnp.int32)
-    scores = jnp.where((local < valid)[None, :], scores, -jnp.inf)
+    scores = jnp.where((local < valid)[None, :], scores, -jnp.inf)  # padded tail rows must never win
     index = jnp.broadcast_to((offset + local)[None, :], scores.shape)
     all_scores = jnp.concatenate([best_scores, scores], axis=1)
     all_index = jnp.concatenate([best_index, index], axis=1)

@@ -21,7 +21,7 @@ from g2e_jax.models.qwen2_vl.config import tiny_config
 from g2e_jax.models.qwen2_vl.model import Qwen2VL
 from g2e_jax.models.qwen2_vl.tiny import with_token_ids
 from g2e_jax.train.batch import BatchShape
-from g2e_jax.train.lora import AdapterConfig
+from g2e_jax.adapters.lora import AdapterConfig
 from g2e_jax.mesh import BATCH_AXES, make_mesh
 from g2e_jax.train.report import AheadOfTime, abstract_batch, abstract_train_state, mesh_advice, sharding_report
 from g2e_jax.train.step import StepConfig, make_optimizer, train_step

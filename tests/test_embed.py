@@ -204,7 +204,7 @@ def test_bfloat16_embedder_sends_bf16_pixels_and_stays_close(tiny_dir, embedder)
     emb16 = Embedder.from_pretrained(tiny_dir, dtype="bfloat16", batch_size=4, max_len=256, progress=False)
     rows = emb16.preprocessor.prepare(QUERIES, IMAGES, role="query")
     with_image = [r for r in rows if r.patches is not None]
-    arrays = emb16._collate(with_image, 200)["arrays"]
+    arrays = {k: v[0] for k, v in emb16._collate(with_image, 200)["arrays"].items() if v is not None}
     assert arrays["pixel_values"].dtype == jnp.bfloat16  # half the host->device bytes
     assert arrays["image_grid_thw"].shape[0] == len(with_image) <= 2  # slots: images rounded up to 2**k
     cosine = (emb16.encode(QUERIES, IMAGES) * embedder.encode(QUERIES, IMAGES)).sum(-1)

@@ -200,7 +200,9 @@ def test_nearest_is_exact_streaming_and_breaks_ties_by_index():
     c[20] = c[5]
     c[30] = c[5]
     scores, index = nearest(q, c, 12, query_block=16, cand_block=10)
-    full = q @ c.T
+    # Each pair summed in the same order (float64): identical candidates tie exactly, as they must
+    # (a BLAS matmul may round equal columns differently and so reorder them).
+    full = (q[:, None, :].astype(np.float64) * c[None, :, :]).sum(-1)
     expected = np.argsort(-full, axis=1, kind="stable")[:, :12]
     np.testing.assert_array_equal(index, expected)
     np.testing.assert_allclose(scores, np.take_along_axis(full, expected, 1), atol=1e-5)

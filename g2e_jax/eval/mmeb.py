@@ -17,7 +17,9 @@ import ml_collections
 import numpy as np
 from ml_collections import config_dict
 
+from g2e_jax import distributed
 from g2e_jax.data.mmeb import EvalRow, read_eval
+from g2e_jax.distributed import distributed_section
 from g2e_jax.io import write_atomic
 from g2e_jax.paths import absolute
 
@@ -66,7 +68,9 @@ def eval_config(preset: str = "hierarchical") -> ml_collections.ConfigDict:
     # The official cli.evaluate settings (--max_len 2048 --image_resolution random), zero-shot and fine-tuned.
     c.max_len = 2048
     c.image_resolution = config_dict.FieldReference("random", field_type=str)  # None: native size
-    c.batch_size = 8
+    c.batch_size = 8  # rows per batch over all devices
+    c.model.shard_weights = False  # True: weights sharded over every device (fsdp), not replicated
+    c.distributed = distributed_section()  # multi-host, as in `g2e-jax train`
     return c
 
 
@@ -147,7 +151,7 @@ def evaluate_mmeb(embedder, data_root, subsets, *, image_dir=None, groups=None, 
     per_subset = {}
     for subset in subsets:
         rows = read_eval(data_root, subset, image_dir=image_dir)
-        if progress:
+        if progress and distributed.is_lead():
             print(f"[eval] {subset}: {len(rows)} queries", flush=True)
         per_subset[subset] = evaluate_subset(embedder, rows, subset, cache_dir=cache_dir, progress=progress)
     summary = summarize({s: r["precision_at_1"] for s, r in per_subset.items()}, groups)
@@ -247,12 +251,14 @@ def run_eval(cfg) -> dict:
     if cfg.output_dir is None:
         raise ValueError("no output: set --config.output_dir=DIR")
     groups = MMEB_GROUPS if cfg.data.groups_file is None else load_groups(cfg.data.groups_file)
+    distributed.init_distributed(cfg)
     embedder = Embedder.from_config(cfg)
     cache_dir = cfg.cache_dir or str(Path(cfg.output_dir) / "cache")
     subsets = list(cfg.subsets) or list(groups)
     results = evaluate_mmeb(embedder, cfg.data.root, subsets, image_dir=cfg.data.image_dir,
-                            groups=groups, cache_dir=cache_dir)  # fmt: skip
+                            groups=groups, cache_dir=cache_dir, progress=distributed.is_lead())  # fmt: skip
     results["model_path"] = absolute(embedder.model_path)
     results["prompt"] = dataclasses.asdict(embedder.prompt)
-    write_report({embedder.prompt.name: results}, cfg.output_dir)
+    if distributed.is_lead():  # every process holds the same results; one writes them
+        write_report({embedder.prompt.name: results}, cfg.output_dir)
     return results

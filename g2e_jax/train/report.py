@@ -279,7 +279,7 @@ def abstract_train_state(build_model, adapter, tx, mesh):
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from g2e_jax.train.lora import apply_adapters, trainable_filter
+    from g2e_jax.adapters.lora import apply_adapters, trainable_filter
     from g2e_jax.mesh import state_shardings
 
     def build():

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import signal
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from g2e_jax.adapters.trained import apply_run_adapters, restore_newest
 from g2e_jax.config_utils import config_to_json
 from g2e_jax.data.check import check_before_run
 from g2e_jax.data.clusters import ClusterBatchSampler, batch_label
+from g2e_jax.distributed import distributed_section, init_distributed
 from g2e_jax.io import write_atomic
 from g2e_jax.models import load
 from g2e_jax.paths import absolute_config_paths
@@ -125,48 +125,6 @@ def eval_section() -> ml_collections.ConfigDict:
     e.subsets = ()  # (): every subset of the groups table
     e.groups_file = config_dict.placeholder(str)  # None: the MMEB table
     return e
-
-
-def distributed_section() -> ml_collections.ConfigDict:
-    d = ml_collections.ConfigDict()
-    d.coordinator = config_dict.placeholder(
-        str
-    )  # "host:port"; None: auto-detect (TPU, SLURM) or single process
-    d.num_processes = config_dict.placeholder(int)
-    d.process_id = config_dict.placeholder(int)
-    # A process that sends no heartbeat for this long is dead: JAX stops every other process with
-    # "Task K heartbeat timeout" (K = the lost process id), so a pod never hangs on a lost host.
-    d.heartbeat_timeout_s = 100
-    d.initialization_timeout_s = 300  # how long processes wait for each other at start
-    return d
-
-
-def init_distributed(cfg) -> None:
-    """``jax.distributed.initialize``: explicit coordinator, or JAX's own detection on TPU / SLURM;
-    timeouts from ``cfg.distributed`` (one helper for every multi-process command)."""
-    d = cfg.distributed
-    timeouts = {
-        "heartbeat_timeout_seconds": int(d.get("heartbeat_timeout_s", 100)),
-        "initialization_timeout": int(d.get("initialization_timeout_s", 300)),
-    }
-    if d.coordinator is not None:
-        jax.distributed.initialize(d.coordinator, d.num_processes, d.process_id, **timeouts)
-    elif (
-        ("SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1)
-        or os.environ.get("TPU_WORKER_HOSTNAMES")
-        or os.environ.get("CLOUD_TPU_TASK_ID")
-    ):
-        jax.distributed.initialize(**timeouts)
-    else:
-        return
-    import socket
-
-    print(
-        f"distributed: process {jax.process_index()} of {jax.process_count()} (JAX 'task "
-        f"{jax.process_index()}') on {socket.gethostname()}, pid {os.getpid()}; a process silent for "
-        f"{timeouts['heartbeat_timeout_seconds']} s stops the others",
-        flush=True,
-    )
 
 
 @dataclasses.dataclass
@@ -462,7 +420,8 @@ def _finite_or_none(value):
 
 
 def evaluate_now(run: Run, step: int) -> dict:
-    """MMEB on the configured held-out set with the current parameters (adapters merged on a copy)."""
+    """MMEB on the configured held-out set with the current parameters (adapters merged on a copy),
+    data-parallel on the training mesh: each process encodes its share of the rows."""
     from g2e_jax.adapters.lora import merge_adapters
     from g2e_jax.embed import Embedder
     from g2e_jax.eval.mmeb import MMEB_GROUPS, evaluate_mmeb, load_groups
@@ -470,7 +429,7 @@ def evaluate_now(run: Run, step: int) -> dict:
     e = run.cfg.eval
     model = nnx.clone(nnx.merge(run.graphdef, run.params, run.rest))
     merge_adapters(model)
-    embedder = Embedder(model, run.preprocessor, batch_size=run.cfg.batch_size)
+    embedder = Embedder(model, run.preprocessor, batch_size=run.cfg.batch_size, mesh=run.mesh)
     groups = MMEB_GROUPS if e.groups_file is None else load_groups(e.groups_file)
     subsets = list(e.subsets) or list(groups)
     result = evaluate_mmeb(embedder, e.root, subsets, image_dir=e.image_dir, groups=groups, progress=False)
@@ -557,7 +516,8 @@ def training_config(subsets=()) -> ml_collections.ConfigDict:
     # Training's encode settings (and the periodic eval's); `g2e-jax mine` uses its own mine.* ones.
     c.max_len = 1024
     c.image_resolution = config_dict.FieldReference(None, field_type=str)
-    c.batch_size = 16  # encode batch of the periodic eval
+    c.batch_size = 16  # encode batch (mining, eval), over all devices
+    c.model.shard_weights = False  # mining: weights sharded over every device (fsdp), not replicated
     c.mine = mine_section()
     c.train = train_section()
     c.adapter = adapter_section()
