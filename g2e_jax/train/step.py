@@ -49,17 +49,27 @@ class StepConfig:
             raise ValueError(f"unknown remat policy {self.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
 
 
-def _embed_chunk(model, side: dict, consts, cfg: StepConfig):
-    """One chunk ``[G, c, ...]`` -> embeddings ``[G * c, D]`` (cells vmapped: sharded over devices)."""
+def _embed_chunk(model, side: dict, consts, cfg: StepConfig, rng=None):
+    """One chunk ``[G, c, ...]`` -> embeddings ``[G * c, D]`` (cells vmapped: sharded over devices).
+
+    With ``rng`` (adapter dropout) each cell merges its own copy of the model, seeded with
+    ``fold_in(rng, cell)``: NNX random streams are mutable state, and a stream of the outer trace
+    cannot advance inside the vmap."""
     sys_ids, header_ids = consts
     prefix = model.prefix_kv(sys_ids) if cfg.prefix_cache and sys_ids.shape[0] else None
+    graph, state = nnx.split(model)
 
-    def cell(arrays):
-        return embed_batch(model, sys_ids, header_ids, **arrays, scheme=cfg.scheme, pad_id=cfg.pad_id,
+    def cell(arrays, index):
+        m = model
+        if rng is not None:
+            m = nnx.merge(graph, state, copy=True)
+            nnx.reseed(m, dropout=jax.random.fold_in(rng, index))
+        return embed_batch(m, sys_ids, header_ids, **arrays, scheme=cfg.scheme, pad_id=cfg.pad_id,
                            max_patches_per_image=cfg.max_patches_per_image, prefix=prefix)  # fmt: skip
 
+    cells = jax.tree.leaves(side)[0].shape[0]
     with local_rows():  # a cell's rows stay on its devices; the cells are what is sharded
-        emb = jax.vmap(cell)(side)
+        emb = jax.vmap(cell)(side, jnp.arange(cells))
     return emb.reshape(-1, emb.shape[-1])
 
 
@@ -89,10 +99,13 @@ def loss_and_grads(graphdef, params, rest, batch, consts, cfg: StepConfig, rng=N
 
     def embed(p, side, side_consts, index):
         def forward(p, side):
-            model = nnx.merge(graphdef, p, rest)
+            # A fresh copy per trace: the random streams in ``rest`` belong to the caller's trace.
+            model = nnx.merge(graphdef, p, rest, copy=True)
+            key = None
             if rng is not None:
-                nnx.reseed(model, dropout=jax.random.fold_in(rng, index))
-            return _embed_chunk(model, side, side_consts, cfg)
+                key = jax.random.fold_in(rng, index)
+                nnx.reseed(model, dropout=key)  # the prefix's dropout
+            return _embed_chunk(model, side, side_consts, cfg, key)
 
         if cfg.remat != "none":
             forward = jax.checkpoint(forward, policy=policy)
