@@ -16,15 +16,15 @@ from g2e_jax.data.synthetic import caption, generate_synthetic
 
 mteb = pytest.importorskip("mteb")  # the `mteb` extra; .ci/run installs it, so CI runs these
 
-from datasets import Dataset  # noqa: E402
-from mteb.abstasks.retrieval import AbsTaskRetrieval  # noqa: E402
-from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData  # noqa: E402
-from mteb.abstasks.task_metadata import TaskMetadata  # noqa: E402
-from mteb.types import PromptType  # noqa: E402
-from PIL import Image  # noqa: E402
+from datasets import Dataset
+from mteb.abstasks.retrieval import AbsTaskRetrieval
+from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
+from mteb.abstasks.task_metadata import TaskMetadata
+from mteb.types import PromptType
+from PIL import Image
 
-from g2e_jax.embed import Embedder  # noqa: E402
-from g2e_jax.integrations.mteb import G2EEncoder  # noqa: E402
+from g2e_jax.embed import Embedder
+from g2e_jax.integrations.mteb import G2EEncoder
 
 T2I_INSTRUCTION = "Find me an everyday image that matches the given caption: "
 
@@ -41,31 +41,35 @@ def _image(data, rel):
     return Image.open(io.BytesIO(data.files[f"images/{rel}"])).convert("RGB")
 
 
-_COMMON = dict(
-    description="Local test task built from g2e_jax.data.synthetic (no download).",
-    reference=None,
-    dataset={"path": "g2e_jax/synthetic", "revision": "seed0"},
-    eval_splits=["test"],
-    eval_langs=["eng-Latn"],
-    main_score="ndcg_at_10",
-    date=None,
-    domains=None,
-    task_subtypes=None,
-    license=None,
-    annotations_creators=None,
-    dialect=None,
-    sample_creation=None,
-    bibtex_citation=None,
-)
+_COMMON = {
+    "description": "Local test task built from g2e_jax.data.synthetic (no download).",
+    "reference": None,
+    "dataset": {"path": "g2e_jax/synthetic", "revision": "seed0"},
+    "eval_splits": ["test"],
+    "eval_langs": ["eng-Latn"],
+    "main_score": "ndcg_at_10",
+    "date": None,
+    "domains": None,
+    "task_subtypes": None,
+    "license": None,
+    "annotations_creators": None,
+    "dialect": None,
+    "sample_creation": None,
+    "bibtex_citation": None,
+}
 
 
 class SynCaptionRetrieval(AbsTaskRetrieval):
     """Text to text: a SynT2I caption -> descriptions of the candidate scenes."""
 
     metadata = TaskMetadata(
-        name="G2ESynCaptionRetrieval", type="Retrieval", category="t2t", modalities=["text"],
-        prompt="Retrieve the description of the scene in the caption", **_COMMON,
-    )  # fmt: skip
+        name="G2ESynCaptionRetrieval",
+        type="Retrieval",
+        category="t2t",
+        modalities=["text"],
+        prompt="Retrieve the description of the scene in the caption",
+        **_COMMON,
+    )
 
     def load_data(self, num_proc=None, **kwargs):
         data = _synthetic()
@@ -76,8 +80,9 @@ class SynCaptionRetrieval(AbsTaskRetrieval):
                 corpus[rel] = f"A picture showing {caption(data.truth[rel])}."
             relevant[f"q{i}"] = {row["tgt_img_path"][0]: 1}
         docs = Dataset.from_list([{"id": k, "text": v, "title": ""} for k, v in corpus.items()])
-        split = RetrievalSplitData(queries=Dataset.from_list(queries), corpus=docs, relevant_docs=relevant,
-                                   top_ranked=None)  # fmt: skip
+        split = RetrievalSplitData(
+            queries=Dataset.from_list(queries), corpus=docs, relevant_docs=relevant, top_ranked=None
+        )
         self.dataset = {"default": {"test": split}}
         self.data_loaded = True
 
@@ -86,9 +91,13 @@ class SynImageToCaption(AbsTaskRetrieval):
     """Image to text (MIEB's Any2AnyRetrieval): a SynI2T image -> its caption among the candidates."""
 
     metadata = TaskMetadata(
-        name="G2ESynImageToCaption", type="Any2AnyRetrieval", category="i2t", modalities=["image", "text"],
-        prompt={"query": "Find an image caption describing the given everyday image."}, **_COMMON,
-    )  # fmt: skip
+        name="G2ESynImageToCaption",
+        type="Any2AnyRetrieval",
+        category="i2t",
+        modalities=["image", "text"],
+        prompt={"query": "Find an image caption describing the given everyday image."},
+        **_COMMON,
+    )
 
     def load_data(self, num_proc=None, **kwargs):
         data = _synthetic()
@@ -96,7 +105,10 @@ class SynImageToCaption(AbsTaskRetrieval):
         texts = sorted({t for row in rows for t in row["tgt_text"]})
         ids = {t: f"d{j}" for j, t in enumerate(texts)}
         queries = Dataset.from_dict(
-            {"id": [f"q{i}" for i in range(len(rows))], "image": [_image(data, r["qry_img_path"]) for r in rows]}
+            {
+                "id": [f"q{i}" for i in range(len(rows))],
+                "image": [_image(data, r["qry_img_path"]) for r in rows],
+            }
         )
         corpus = Dataset.from_dict({"id": [ids[t] for t in texts], "text": texts})
         relevant = {f"q{i}": {ids[r["tgt_text"][0]]: 1} for i, r in enumerate(rows)}
@@ -154,8 +166,10 @@ def test_evaluate_local_tasks_end_to_end(encoder, embedder, tmp_path):
         q = embedder.encode(
             queries["text"] if "text" in queries.column_names else [""] * len(queries),
             queries["image"] if "image" in queries.column_names else None,
-            role="query", instruction=instruction, progress=False,
-        )  # fmt: skip
+            role="query",
+            instruction=instruction,
+            progress=False,
+        )
         d = embedder.encode(corpus["text"], role="document", progress=False)
         sims = q @ d.T
         ranks = []
@@ -169,9 +183,8 @@ def test_evaluate_local_tasks_end_to_end(encoder, embedder, tmp_path):
 
 
 def _loader(rows):
-    from torch.utils.data import DataLoader
-
     from mteb._create_dataloaders import _custom_collate_fn
+    from torch.utils.data import DataLoader
 
     return DataLoader(rows, batch_size=2, collate_fn=_custom_collate_fn)
 
@@ -196,24 +209,38 @@ def test_encoder_equals_embedder_encode(encoder, embedder, prompt_type):
         (batches[4:], [""] * 3, images[:3]),
         (both, texts, images),
     ):
-        out = encoder.encode(_loader(inputs), task_metadata=task, hf_split="test", hf_subset="default",
-                             prompt_type=prompt_type)  # fmt: skip
+        out = encoder.encode(
+            _loader(inputs), task_metadata=task, hf_split="test", hf_subset="default", prompt_type=prompt_type
+        )
         want = embedder.encode(want_texts, want_images, role=role, instruction=instruction, progress=False)
         np.testing.assert_array_equal(out, want)  # bit for bit
     # The two templates differ (the role suffix and the instruction are really applied).
-    q = encoder.encode(_loader(batches[:4]), task_metadata=task, hf_split="test", hf_subset="default",
-                       prompt_type=PromptType.query)  # fmt: skip
-    d = encoder.encode(_loader(batches[:4]), task_metadata=task, hf_split="test", hf_subset="default",
-                       prompt_type=PromptType.document)  # fmt: skip
+    q = encoder.encode(
+        _loader(batches[:4]),
+        task_metadata=task,
+        hf_split="test",
+        hf_subset="default",
+        prompt_type=PromptType.query,
+    )
+    d = encoder.encode(
+        _loader(batches[:4]),
+        task_metadata=task,
+        hf_split="test",
+        hf_subset="default",
+        prompt_type=PromptType.document,
+    )
     assert not np.allclose(q, d)
 
 
 def test_instructions_per_task_type(embedder):
     enc = G2EEncoder(
         embedder,
-        instructions={"Any2AnyRetrieval": {"query": "Q instr", "document": "D instr"}, "Retrieval": "T instr",
-                      "G2ESynCaptionRetrieval": ""},
-    )  # fmt: skip
+        instructions={
+            "Any2AnyRetrieval": {"query": "Q instr", "document": "D instr"},
+            "Retrieval": "T instr",
+            "G2ESynCaptionRetrieval": "",
+        },
+    )
     i2t, t2t = SynImageToCaption.metadata, SynCaptionRetrieval.metadata
     assert enc.task_instruction(i2t, PromptType.query) == "Q instr"
     assert enc.task_instruction(i2t, PromptType.document) == "D instr"
@@ -227,8 +254,9 @@ def test_instructions_per_task_type(embedder):
     assert plain.task_instruction(t2t, PromptType.document) is None
     # A row's own instruction (mteb's instruction retrieval) follows the task's.
     rows = [{"text": "q text", "query": "q text", "instruction": "row instr"}]
-    out = enc.encode(_loader(rows), task_metadata=i2t, hf_split="test", hf_subset="default",
-                     prompt_type=PromptType.query)  # fmt: skip
+    out = enc.encode(
+        _loader(rows), task_metadata=i2t, hf_split="test", hf_subset="default", prompt_type=PromptType.query
+    )
     want = embedder.encode(["q text"], role="query", instruction="Q instr row instr", progress=False)
     np.testing.assert_array_equal(out, want)
     with pytest.raises(ValueError, match="'query' and/or 'document'"):

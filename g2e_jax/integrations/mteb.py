@@ -19,8 +19,9 @@ How mteb's arguments map onto our prompt (``g2e_jax.prompts``):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -33,7 +34,7 @@ try:
 except ImportError as e:  # mteb is an optional extra
     raise ImportError(
         "g2e_jax.integrations.mteb needs the 'mteb' package: install the extra with "
-        "`pip install -e \".[mteb]\"` (or `pip install \"g2e_jax[mteb]\"`)"
+        '`pip install -e ".[mteb]"` (or `pip install "g2e_jax[mteb]"`)'
     ) from e
 
 from g2e_jax.embed import Embedder
@@ -152,7 +153,7 @@ def _rows(batch: Mapping[str, Any], task: str) -> tuple[list[str], list[Any], li
         raise ValueError(f"mteb task {task}: a batch has {len(texts)} texts but {len(images)} images")
     for i, text in enumerate(texts):
         if not isinstance(text, str):
-            raise ValueError(f"mteb task {task}: row text must be a string, got {type(text).__name__} ({i})")
+            raise TypeError(f"mteb task {task}: row text must be a string, got {type(text).__name__} ({i})")
     return texts, images, own
 
 
