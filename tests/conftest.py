@@ -36,9 +36,10 @@ def pytest_configure(config):
         try:
             __import__(name)
         except ImportError as e:
+            how = f'pip install -e ".[{name}]"' if name in CI_EXTRAS else "README, Install"
             raise pytest.UsageError(
                 f"CI=true but {name} cannot be imported ({e}): the tests that need it would be skipped. "
-                "Install it (README, Install) or unset CI for a local run."
+                f"Install it ({how}) or unset CI for a local run."
             ) from e
 
 

@@ -272,3 +272,31 @@ def test_missing_mteb_names_the_extra(monkeypatch):
         importlib.import_module("g2e_jax.integrations.mteb")
     monkeypatch.undo()
     assert importlib.import_module("g2e_jax.integrations.mteb").G2EEncoder is G2EEncoder
+
+
+@pytest.mark.slow
+def test_from_a_peft_adapter_like_embedder(tiny_dir, tmp_path, embedder):
+    """``G2EEncoder(base, adapter=DIR)`` loads as ``Embedder.from_pretrained(base, adapter=DIR)`` does
+    and is named after both folders, with the merged weights' fingerprint as its revision."""
+    from test_peft_io import peft_model
+
+    peft_model(tiny_dir, "lora", seed=5).save_pretrained(tmp_path / "adapter")
+    enc = G2EEncoder(tiny_dir, adapter=tmp_path / "adapter", progress=False, batch_size=4)
+    want_embedder = Embedder.from_pretrained(
+        tiny_dir, adapter=tmp_path / "adapter", progress=False, batch_size=4
+    )
+    assert enc.mteb_model_meta.name == f"g2e_jax/{tiny_dir.name}+adapter"
+    assert enc.mteb_model_meta.revision == want_embedder.weights_id[:16] != embedder.weights_id[:16]
+    rows = [{"text": "a red circle"}, {"text": "two blue squares"}]
+    out = enc.encode(
+        _loader(rows),
+        task_metadata=SynCaptionRetrieval.metadata,
+        hf_split="test",
+        hf_subset="default",
+        prompt_type=PromptType.document,
+    )
+    texts = [r["text"] for r in rows]
+    np.testing.assert_array_equal(out, want_embedder.encode(texts, role="document", progress=False))
+    assert not np.allclose(
+        out, embedder.encode(texts, role="document", progress=False)
+    )  # the adapter applies
