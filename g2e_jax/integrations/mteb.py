@@ -121,7 +121,10 @@ class G2EEncoder(AbsEncoder):
         **kwargs: Any,
     ) -> np.ndarray:
         """``[N, D]`` float32 embeddings of every row of ``inputs`` (mteb's DataLoader of
-        ``BatchedInput``: ``text`` and/or ``image``; queries may bring ``query`` + ``instruction``)."""
+        ``BatchedInput``: ``text`` and/or ``image``; queries may bring ``query`` + ``instruction``).
+
+        The rows are gathered and encoded in one ``Embedder.encode`` call: its own batches and shape
+        buckets then match a direct call (mteb's ``batch_size`` only sizes its DataLoader)."""
         task = self.task_instruction(task_metadata, prompt_type)
         texts, images, instructions = [], [], []
         for batch in inputs:
