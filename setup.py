@@ -33,6 +33,8 @@ setup(
         "test": ["pytest", "torch", "peft"],
         # `g2e-jax compare` live mode (the PyTorch reference; peft for adapters).
         "torch": ["torch", "peft"],
+        # MTEB / MIEB evaluation (g2e_jax.integrations.mteb); pulls sentence-transformers and torch.
+        "mteb": ["mteb>=2.0,<3"],
     },
     entry_points={"console_scripts": ["g2e-jax=g2e_jax.cli:main"]},
 )

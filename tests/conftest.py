@@ -24,19 +24,22 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 # The PyTorch reference packages: without them the parity tests skip, which CI must not allow.
 REFERENCE_PACKAGES = ("torch", "transformers", "peft")
+# Optional extras whose tests skip without them locally but must run in CI (.ci/run installs them).
+CI_EXTRAS = ("mteb",)
 
 
 def pytest_configure(config):
     """Under CI (``CI=true``, as .ci/run and most CI services set it) a missing reference package is fatal."""
     if os.environ.get("CI", "").lower() not in ("true", "1"):
         return
-    for name in REFERENCE_PACKAGES:
+    for name in REFERENCE_PACKAGES + CI_EXTRAS:
         try:
             __import__(name)
         except ImportError as e:
+            how = f'pip install -e ".[{name}]"' if name in CI_EXTRAS else "README, Install"
             raise pytest.UsageError(
-                f"CI=true but {name} cannot be imported ({e}): the PyTorch reference tests would be skipped. "
-                "Install it (README, Install) or unset CI for a local run."
+                f"CI=true but {name} cannot be imported ({e}): the tests that need it would be skipped. "
+                f"Install it ({how}) or unset CI for a local run."
             ) from e
 
 

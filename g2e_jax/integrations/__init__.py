@@ -1,0 +1,1 @@
+"""Adapters to third-party evaluation harnesses (optional extras; each module imports its harness)."""
