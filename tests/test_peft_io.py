@@ -225,30 +225,3 @@ def test_merge_after_load_equals_unmerged(tiny_dir, tmp_path):
     merge_adapters(ours)
     after = np.asarray(ours(batch[0], batch[1], position_ids=batch[2]))
     assert np.abs(before - after)[batch[1].astype(bool)].max() <= 1e-5
-
-
-def test_ci_fails_instead_of_skipping_without_torch(tmp_path):
-    """With CI set, a PyTorch that cannot be imported stops the session with an error (exit 3)."""
-    import os
-    import subprocess
-    from pathlib import Path
-
-    (tmp_path / "torch.py").write_text("raise ImportError('torch is broken here')\n")
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{root}")
-    cmd = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "tests/test_loss.py",
-        "--collect-only",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-    ]
-    ci = subprocess.run(cmd, cwd=root, env=dict(env, CI="1"), capture_output=True, text=True, timeout=600)
-    assert ci.returncode == 3, ci.stdout[-2000:] + ci.stderr[-2000:]
-    assert "PyTorch reference cannot be imported: torch (torch is broken here)" in ci.stdout + ci.stderr
-    env.pop("CI", None)
-    local = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert local.returncode == 0, local.stdout[-2000:] + local.stderr[-2000:]
