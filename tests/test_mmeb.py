@@ -127,7 +127,7 @@ def test_reader_errors_name_subset_row_and_path(tmp_path):
         [_eval_row("q", ["a"]), {**_eval_row("q", ["a"]), "qry_img_path": "x.png"}],
     )
     with pytest.raises(
-        DataError, match=r"subset 'NoImg' row 1, column 'qry_img_path': image not found: .*x\.png"
+        DataError, match=r"subset 'NoImg' row 1 \(.*test\.jsonl\), column 'qry_img_path': image not found: .*x\.png"
     ):
         read_eval(root, "NoImg", image_dir=tmp_path)
     with pytest.raises(DataError, match=r"no split 'original'"):

@@ -229,7 +229,8 @@ def test_bad_row_names_subset_and_row(tiny_dir, synthetic, tmp_path):
     (root / "Bad" / "original.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = _cfg(tiny_dir, synthetic, tmp_path / "out", subsets=("Bad",))
     cfg.data.root = str(root)
-    with pytest.raises(ValueError, match=r"subset 'Bad' row 2, qry text"):
+    # The data check before preprocessing names the subset, file, line and field.
+    with pytest.raises(ValueError, match=r"Bad\s+\S+original\.jsonl:3\s+qry: empty text"):
         run_prepare(cfg)
     assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["train"]
     # An image that exists but does not decode: named with its subset, row, side and path.
@@ -239,7 +240,7 @@ def test_bad_row_names_subset_and_row(tiny_dir, synthetic, tmp_path):
     rows[2] = {"qry": "fine", "qry_image_path": "", "pos_text": "<|image_1|>", "pos_image_path": "cut.png"}
     (root / "Bad" / "original.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg.data.image_dir = str(tmp_path / "img")
-    with pytest.raises(ValueError, match=r"subset 'Bad' row 2, pos image \('.*cut.png'\): cannot read"):
+    with pytest.raises(ValueError, match=r"Bad\s+\S+original\.jsonl:3\s+pos_image_path: image \('.*cut.png'\): cannot read"):
         run_prepare(cfg)
     assert not (tmp_path / "out").exists()
 

@@ -457,4 +457,22 @@ def _cluster_stats(official_dir, ours_dir) -> tuple[dict, dict]:
         "official_only": sorted(set(theirs) - set(ours)),
         "g2e_jax_only": sorted(set(ours) - set(theirs)),
     }
-    return {s: off.compare_clusters(theirs[s], ours[s]) for s in common}, unmatched
+    return {s: off.compare_clusters(theirs[s], _align_paths(theirs[s], ours[s])) for s in common}, unmatched
+
+
+def _align_paths(theirs: list[tuple], ours: list[tuple]) -> list[tuple]:
+    """The official files name images relative to MMEB's image folder, ``g2e-jax mine``'s absolutely:
+    a path of ours that ends with an official path of the same query is that image."""
+    by_query: dict[str, set[str]] = {}
+    for cluster in theirs:
+        for q, path in cluster:
+            by_query.setdefault(q, set()).add(path)
+
+    def align(key):
+        q, path = key
+        for rel in by_query.get(q, ()):
+            if rel and (path == rel or path.replace("\\", "/").endswith("/" + rel.lstrip("./"))):
+                return (q, rel)
+        return key
+
+    return [tuple(align(k) for k in cluster) for cluster in ours]
