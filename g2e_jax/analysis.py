@@ -30,7 +30,7 @@ from flax import nnx
 from ml_collections import config_dict
 from tqdm.auto import tqdm
 
-from g2e_jax.io import write_atomic
+from g2e_jax.io import save_figure_atomic, write_atomic
 from g2e_jax.preprocess import bucket, collate
 
 SEGMENTS = ("system", "image", "user")
@@ -182,7 +182,4 @@ def plot_shares(average: dict, path: Path, title: str) -> None:
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure_atomic(fig, path)

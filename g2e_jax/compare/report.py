@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from g2e_jax.io import write_atomic
+from g2e_jax.io import save_figure_atomic, write_atomic
 
 
 def row_metrics(official: np.ndarray, ours: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -213,7 +213,4 @@ def histogram(cosines: np.ndarray, path: Path, threshold=None) -> None:
     ax.set_xlabel("1 - cosine(official, g2e_jax)  (floored at 1e-12)")
     ax.set_ylabel("rows")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure_atomic(fig, path)

@@ -16,7 +16,7 @@ import numpy as np
 from ml_collections import config_dict
 
 from g2e_jax.eval import sugarcrepe as sc
-from g2e_jax.io import write_atomic
+from g2e_jax.io import save_figure_atomic, write_atomic
 
 BENCHMARKS = {"sugarcrepe": "SugarCrepe", "sugarcrepe_pp": "SugarCrepe++"}
 
@@ -117,7 +117,4 @@ def _bar_chart(bars: dict[str, dict[str, float]], path: Path, title: str) -> Non
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure_atomic(fig, path)

@@ -20,7 +20,7 @@ from ml_collections import config_dict
 from g2e_jax import distributed
 from g2e_jax.data.mmeb import EvalRow, read_eval
 from g2e_jax.distributed import distributed_section
-from g2e_jax.io import write_atomic
+from g2e_jax.io import save_figure_atomic, write_atomic
 from g2e_jax.paths import absolute
 
 CATEGORIES = ("Classification", "VQA", "Retrieval", "Grounding")
@@ -204,10 +204,7 @@ def bar_chart(runs: dict[str, dict], path: Path, title: str = "MMEB Precision@1"
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure_atomic(fig, path)
 
 
 def write_report(runs: dict[str, dict], out_dir: str | Path) -> dict[str, Path]:

@@ -32,7 +32,8 @@ from g2e_jax.config_utils import config_to_json
 from g2e_jax.data.check import check_before_run
 from g2e_jax.data.clusters import ClusterBatchSampler, batch_label
 from g2e_jax.distributed import distributed_section, init_distributed
-from g2e_jax.io import write_atomic
+from g2e_jax.io import save_figure_atomic, write_atomic
+from g2e_jax.mesh import BATCH_AXES, make_mesh, shard_model
 from g2e_jax.models import load
 from g2e_jax.paths import absolute_config_paths
 from g2e_jax.preprocess import Preprocessor
@@ -47,7 +48,6 @@ from g2e_jax.train.guards import (
     record_skipped,
     skipped_file,
 )
-from g2e_jax.mesh import BATCH_AXES, make_mesh, shard_model
 from g2e_jax.train.report import abstract_batch, before_first_step
 from g2e_jax.train.step import StepConfig, make_optimizer, train_step
 
@@ -470,10 +470,7 @@ def plot_losses(metrics_file: Path, path: Path) -> None:
     ax.set_ylabel("contrastive loss")
     ax.set_title("training loss")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure_atomic(fig, path)
 
 
 def data_section(subsets=()) -> ml_collections.ConfigDict:
