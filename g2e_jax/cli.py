@@ -360,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"g2e-jax {args.command}: error: takes no --config.* overrides", file=sys.stderr)
         return 2
     try:
+        from g2e_jax.compile_cache import enable_compile_cache
+
+        enable_compile_cache()  # every program compiled once per machine, not once per start
         return args.run(args, overrides)
     except (ValueError, OSError) as e:
         print(f"g2e-jax {args.command}: error: {e}", file=sys.stderr)

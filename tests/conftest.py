@@ -22,6 +22,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # Parity is judged in float32 at full matmul precision (DESIGN.md §3).
 jax.config.update("jax_default_matmul_precision", "highest")
 
+# As every g2e-jax command does (and so do the commands the tests run in subprocesses): a program
+# compiled once on this machine is read back, not compiled again, by the next test that builds it.
+from g2e_jax.compile_cache import enable_compile_cache  # noqa: E402
+
+enable_compile_cache()
+
 # The PyTorch reference packages: without them the parity tests skip, which CI must not allow.
 REFERENCE_PACKAGES = ("torch", "transformers", "peft")
 # Optional extras whose tests skip without them locally but must run in CI (.ci/run installs them).

@@ -118,8 +118,8 @@ def test_non_finite_steps_change_nothing_and_stop_the_run(tiny_dir, clean, tmp_p
     poison = {3, 5, 6}
     original = trainer.global_batch
 
-    def global_batch(run, step):
-        batch, subset = original(run, step)
+    def global_batch(run, step, rows=None):
+        batch, subset = original(run, step, rows)
         if step + 1 in poison:
             batch["query"] = dict(batch["query"], pixel_values=batch["query"]["pixel_values"] * jnp.nan)
         return batch, subset

@@ -120,6 +120,11 @@ def test_resume_after_sigkill_is_exact(setup, uninterrupted):
     assert diff <= 1e-6
     assert (workdir / "metrics.jsonl").read_text() == (uninterrupted / "metrics.jsonl").read_text()
     assert (workdir / "loss.png").stat().st_size > 1000
+    # The same config's step was compiled before (``uninterrupted``, the killed run): the resumed run
+    # reads it from the persistent compilation cache instead of compiling it (issue 23).
+    timing = json.loads((workdir / "timing.json").read_text())
+    assert timing["first_compile_programs"] == 0, timing
+    assert timing["steps"] > 0 and timing["step_s"] > 0
 
 
 @pytest.mark.slow

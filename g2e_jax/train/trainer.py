@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from g2e_jax.adapters.lora import AdapterConfig, trainable_filter
 from g2e_jax.adapters.trained import apply_run_adapters, restore_newest
+from g2e_jax.compile_cache import CompileClock
 from g2e_jax.config_utils import config_to_json
 from g2e_jax.data.check import check_before_run
 from g2e_jax.data.clusters import ClusterBatchSampler, batch_label
@@ -207,21 +208,41 @@ def setup(cfg, workdir: str | Path) -> Run:
                preprocessor)  # fmt: skip
 
 
-def global_batch(run: Run, step: int):
-    """This process builds its cells of batch ``step``; the result is one global array per leaf."""
+@dataclasses.dataclass
+class LocalRows:
+    """This process's preprocessed pairs of one batch: host work only, no device and no collective."""
+
+    pairs: list
+    cells: range
+    label: str
+    skipped: list  # bad rows met (data.bad_rows=skip), for skipped.jsonl
+
+
+def local_rows(run: Run, step: int) -> LocalRows:
+    """The pairs of batch ``step`` that this process's cells hold, preprocessed."""
     clusters = run.sampler.batch(step)
     g, procs, me = run.shape.cells, jax.process_count(), jax.process_index()
     cells = range(g * me // procs, g * (me + 1) // procs)
     c, k = run.shape.rows_per_cell, run.shape.chunks
     wanted = {(kk * g + cell) * c + r for kk in range(k) for cell in cells for r in range(c)}
     pairs = run.data.pairs(clusters, wanted)
+    skipped = list(run.data.skipped)
+    run.data.skipped.clear()
+    return LocalRows(pairs, cells, batch_label(clusters), skipped)
+
+
+def global_batch(run: Run, step: int, rows: LocalRows | None = None):
+    """This process builds its cells of batch ``step`` (from ``rows`` when already prepared); the
+    result is one global array per leaf, and the batch's label."""
+    rows = local_rows(run, step) if rows is None else rows
+    g, procs = run.shape.cells, jax.process_count()
     sides = None
     if run.cfg.train.shape_buckets:
-        need = side_needs(pairs, run.shape, cells)
+        need = side_needs(rows.pairs, run.shape, rows.cells)
         if procs > 1:  # every process must build the same shapes
             need = np.asarray(multihost_utils.process_allgather(need)).max(axis=0)
         sides = fit_sides(run.shape, need)
-    local = build_batch(pairs, run.shape, run.preprocessor.pad_id, cells=cells, sides=sides)
+    local = build_batch(rows.pairs, run.shape, run.preprocessor.pad_id, cells=rows.cells, sides=sides)
 
     def to_global(x):
         if x is None:
@@ -230,7 +251,44 @@ def global_batch(run: Run, step: int):
         shape = (x.shape[0], g) + x.shape[2:]
         return jax.make_array_from_process_local_data(sharding, x, shape)
 
-    return jax.tree.map(to_global, local), batch_label(clusters)
+    return jax.tree.map(to_global, local), rows.label
+
+
+class BatchesAhead:
+    """Batch ``s + 1`` built on a host thread while the device runs step ``s``.
+
+    Measured: on the tiny model the host's share of a step (preprocessing, collation, transfers) was
+    about as long as the step itself, and ran in series with it. The thread does what involves no
+    collective: everything with one process, the rows (preprocessing, the bulk) with several, where
+    the shape-bucket all-gather stays on the main thread so that every process issues its
+    collectives in the same order. The data order is unchanged: batch ``s`` is still a function of
+    (seed, step) only."""
+
+    def __init__(self, run: Run, steps: range):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.run, self.steps = run, steps
+        self.whole = jax.process_count() == 1 or not run.cfg.train.shape_buckets
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="g2e-batches")
+        self._ahead = {}
+
+    def _build(self, step: int):
+        rows = local_rows(self.run, step)
+        # Looked up at call time (module global), so a test can wrap it.
+        return (*global_batch(self.run, step, rows), rows.skipped) if self.whole else rows
+
+    def get(self, step: int):
+        """(batch, label, skipped rows) of ``step``; starts building ``step + 1``."""
+        future = self._ahead.pop(step, None) or self._pool.submit(self._build, step)
+        if step + 1 in self.steps:
+            self._ahead[step + 1] = self._pool.submit(self._build, step + 1)
+        built = future.result()
+        if self.whole:
+            return built
+        return (*global_batch(self.run, step, built), built.skipped)
+
+    def close(self):
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------
@@ -323,6 +381,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
                          "--config.adapter.init_from=DIR")
     if cfg.adapter.get("init_from") is not None:  # config.json must not depend on the working directory
         cfg.adapter.init_from = str(Path(cfg.adapter.init_from).absolute())
+    clock = RunClock()
     run = setup(cfg, workdir)
     lead = jax.process_index() == 0
     preflight_workdir(run.workdir, checkpoint_bytes(run.params, run.opt_state))  # room for a checkpoint
@@ -348,7 +407,9 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
     base_key = jax.random.key(cfg.train.seed)
     # Sharding report and the step compiled (and its memory checked) before the first batch.
     biggest = abstract_batch(run.shape, run.preprocessor.pad_id, lambda n: NamedSharding(run.mesh, _batch_spec(n)))
+    clock.mark("setup_s")
     fn = before_first_step(run, fn, biggest, run.consts, jax.random.fold_in(base_key, start), lead=lead)
+    clock.mark("first_compile_s")
     schedule_lr = _lr(cfg)
     preempted = _Preempted()
     bar = tqdm(total=cfg.train.steps, initial=start, desc="training", unit="step", disable=not (progress and lead),
@@ -356,11 +417,11 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
     last = {}
     started, pairs_done = time.perf_counter(), 0
     bad = BadSteps(cfg.train.get("max_bad_steps", 0), total=run.bad_steps, log=bar.write)
+    batches = BatchesAhead(run, range(start, cfg.train.steps))
     try:
         for step in range(start, cfg.train.steps):
-            batch, subset = global_batch(run, step)
-            record_skipped(skipped, [dict(step=step + 1, **r) for r in run.data.skipped])
-            run.data.skipped.clear()
+            batch, subset, skipped_rows = batches.get(step)
+            record_skipped(skipped, [dict(step=step + 1, **r) for r in skipped_rows])
             run.params, run.opt_state, metrics = fn(run.params, run.rest, run.opt_state, batch, run.consts,
                                                     jax.random.fold_in(base_key, step))  # fmt: skip
             pairs_done += int(run.shape.pairs)
@@ -383,6 +444,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
                 }
                 last["masked"] = int(metrics["masked"])
                 last["bad_steps"] = bad.total
+                clock.interval(done)  # the device has finished step ``done``: its values were read
                 if lead:
                     _write_metrics(metrics_file, [last])
                 elapsed = time.perf_counter() - started
@@ -404,13 +466,76 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
         name_lost_processes(e, 2 * cfg.distributed.get("heartbeat_timeout_s", 100))
         raise
     finally:
+        batches.close()
         bar.close()
         manager.wait_until_finished()
         manager.close()
         preempted.restore()
+        clock.close()
+    if lead:
+        timing = clock.summary()
+        write_atomic(run.workdir / "timing.json", json.dumps(timing, indent=1) + "\n")
+        how = "compiled" if timing["first_compile_programs"] else "read from the compilation cache"
+        print(f"timing: set-up {timing['setup_s']} s, step {how} in {timing['first_compile_s']} s, "
+              f"steady state {timing['step_s']} s/step over {timing['steps']} steps, "
+              f"{timing['compiles_in_loop']} more programs compiled in the loop ({timing['compile_s_in_loop']} s)",
+              flush=True)  # fmt: skip
     if lead and metrics_file.exists():
         plot_losses(metrics_file, run.workdir / "loss.png")
     return last
+
+
+class RunClock:
+    """Where a run's time goes: set-up, the step's first compile, and the steady-state seconds per
+    step between metric records with any compile in between (a new shape bucket) taken out, so
+    that ``step_s`` compares with the step alone (``bench/bench_train.py``)."""
+
+    def __init__(self):
+        self.compiles = CompileClock()
+        self.t0 = self._last = time.perf_counter()
+        self.marks: dict = {}
+        self._done = None
+        self._compiled = self._loop_start = (0, 0.0)  # (programs, seconds) compiled before
+        self.intervals: list = []
+
+    def _compile_totals(self):
+        return self.compiles.count, self.compiles.seconds
+
+    def mark(self, name: str) -> None:
+        """The time since the previous mark, and the programs XLA compiled meanwhile (a program
+        read from the persistent compilation cache is not compiled); the last mark starts the loop."""
+        now, compiled = time.perf_counter(), self._compile_totals()
+        self.marks[name] = round(now - self._last, 3)
+        self.marks[name.removesuffix("_s") + "_programs"] = compiled[0] - self._compiled[0]
+        self._last = now
+        self._compiled = self._loop_start = compiled
+
+    def interval(self, done: int) -> None:
+        """At a metrics record, once step ``done`` has finished on the device. Kept out of
+        metrics.jsonl, which a resumed run reproduces exactly."""
+        now, compiled = time.perf_counter(), self._compile_totals()
+        if self._done is not None:
+            steps = done - self._done
+            step_s = (now - self._last - (compiled[1] - self._compiled[1])) / max(steps, 1)
+            self.intervals.append((done, steps, step_s))
+        # The first interval holds the first steps' one-off costs (allocation, warm-up): not timed.
+        self._done, self._last, self._compiled = done, now, compiled
+
+    def summary(self) -> dict:
+        steps = sum(n for _, n, _ in self.intervals)
+        count, seconds = self._compile_totals()
+        return {
+            **self.marks,
+            "steps": steps,
+            "step_s": round(sum(n * t for _, n, t in self.intervals) / steps, 4) if steps else None,
+            "compiles_in_loop": count - self._loop_start[0],
+            "compile_s_in_loop": round(seconds - self._loop_start[1], 3),
+            "total_s": round(time.perf_counter() - self.t0, 3),
+            "step_s_by_record": [[done, round(t, 4)] for done, _, t in self.intervals],
+        }
+
+    def close(self) -> None:
+        self.compiles.close()
 
 
 def _finite_or_none(value):
