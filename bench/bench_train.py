@@ -281,7 +281,7 @@ class JaxRun:
 
 
 class TorchSide:
-    """transformers Qwen2-VL (+ PEFT LoRA), the official pipeline's tokenisation, AdamW."""
+    """transformers Qwen2-VL (+ PEFT LoRA or DoRA), the official pipeline's tokenisation, AdamW."""
 
     def __init__(self, path: Path, adapter: str, args):
         import torch
@@ -292,7 +292,7 @@ class TorchSide:
         torch.manual_seed(args.seed)
         model = load_hf_model(path)
         self.lora_init = None
-        if adapter == "lora":
+        if adapter in ("lora", "dora"):
             import peft
 
             peft_config = peft.LoraConfig(
@@ -301,6 +301,7 @@ class TorchSide:
                 lora_dropout=0.0,
                 target_modules=HF_TARGETS,
                 init_lora_weights="gaussian",
+                use_dora=adapter == "dora",
             )
             model = peft.get_peft_model(model, peft_config)
             inner = model.base_model.model
@@ -598,7 +599,7 @@ def main():
         "--image-subsets", default="SynI2T,SynT2I", help="synthetic subsets of the image workload"
     )
     parser.add_argument("--image-size", type=int, default=84)
-    parser.add_argument("--adapter", default="lora", help="lora, full, or both as 'lora,full'")
+    parser.add_argument("--adapter", default="lora", help="lora, dora, full, or several as 'lora,dora,full'")
     parser.add_argument("--grad-cache", default="off,on", help="off, on, or 'off,on'")
     parser.add_argument("--chunk", type=int, default=4, help="GradCache chunk size (pairs)")
     parser.add_argument("--remat", default="none", help="rematerialisation inside each chunk's forward")

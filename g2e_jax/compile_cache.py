@@ -53,20 +53,32 @@ def enable_compile_cache() -> Path | None:
 
 
 class CompileClock:
-    """Seconds XLA spent compiling (and how many programs) since this clock started, from JAX's own
-    monitoring events: a run's step times can then be told apart from its compiles (a new shape
-    bucket compiles mid-run; a persistent-cache hit costs almost nothing)."""
+    """Programs XLA compiled since this clock started, programs read back from the persistent cache
+    instead, and the seconds both took, from JAX's own monitoring events: a run's step times can
+    then be told apart from its compiles (a new shape bucket compiles mid-run)."""
 
-    EVENT = "/jax/core/compile/backend_compile_duration"
+    DURATION = "/jax/core/compile/backend_compile_duration"  # a compile or a cache read
+    HIT = "/jax/compilation_cache/cache_hits"
 
     def __init__(self):
-        self.count, self.seconds = 0, 0.0
-        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        self.events, self.hits, self.seconds = 0, 0, 0.0
+        jax.monitoring.register_event_duration_secs_listener(self._duration)
+        jax.monitoring.register_event_listener(self._event)
 
-    def _listen(self, event: str, duration: float, **kwargs) -> None:
-        if event == self.EVENT:
-            self.count += 1
+    @property
+    def count(self) -> int:
+        """Programs compiled (not read from the cache)."""
+        return self.events - self.hits
+
+    def _duration(self, event: str, duration: float, **kwargs) -> None:
+        if event == self.DURATION:
+            self.events += 1
             self.seconds += duration
 
+    def _event(self, event: str, **kwargs) -> None:
+        if event == self.HIT:
+            self.hits += 1
+
     def close(self) -> None:
-        jax.monitoring.unregister_event_duration_listener(self._listen)
+        jax.monitoring.unregister_event_duration_listener(self._duration)
+        jax.monitoring.unregister_event_listener(self._event)

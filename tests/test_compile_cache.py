@@ -62,3 +62,26 @@ def test_the_clock_counts_compiles():
     count = clock.count
     jax.jit(lambda x: jnp.cos(x) * 2.0)(jnp.arange(5.0)).block_until_ready()
     assert clock.count == count  # closed: no longer listening
+
+
+def test_a_program_read_back_from_the_cache_is_not_counted_as_compiled(tmp_path, restore_jax_settings):
+    """A new function object with the same program, after the in-memory caches are cleared: the
+    persistent cache serves it, and the clock sees a read, not a compile."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    cc.reset_cache()
+    try:
+        x = jnp.ones((9, 9))
+        clock = CompileClock()
+        jax.jit(lambda x: jnp.tanh(x @ x.T) * 0.25)(x).block_until_ready()
+        first = (clock.count, clock.hits)
+        jax.clear_caches()
+        jax.jit(lambda x: jnp.tanh(x @ x.T) * 0.25)(x).block_until_ready()
+        clock.close()
+        assert first == (1, 0)
+        assert (clock.count, clock.hits) == (1, 1)
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        cc.reset_cache()

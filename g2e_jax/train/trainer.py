@@ -254,6 +254,18 @@ def global_batch(run: Run, step: int, rows: LocalRows | None = None):
     return jax.tree.map(to_global, local), rows.label
 
 
+def step_function(run: Run):
+    """``train_step`` jitted as the loop calls it: (params, rest, opt_state, batch, consts, key) ->
+    (params, opt_state, metrics), parameters and optimizer state donated. Outputs keep the inputs'
+    shardings, so step 2 reuses step 1's program."""
+    shardings = jax.tree.map(lambda x: x.sharding, (run.params, run.opt_state))
+    return jax.jit(
+        lambda p, r, o, b, c, key: train_step(run.graphdef, p, r, o, b, c, key, tx=run.tx, cfg=run.step_cfg),
+        donate_argnums=(0, 2),
+        out_shardings=(*shardings, None),
+    )
+
+
 class BatchesAhead:
     """Batch ``s + 1`` built on a host thread while the device runs step ``s``.
 
@@ -397,13 +409,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
         write_atomic(run.workdir / "config.txt", str(cfg))  # the resolved config, readable
         _write_metrics(metrics_file, [], keep_until=start)
         _write_metrics(run.workdir / "eval.jsonl", [], keep_until=start)
-    # Outputs keep the inputs' shardings, so step 2 reuses step 1's program.
-    shardings = jax.tree.map(lambda x: x.sharding, (run.params, run.opt_state))
-    fn = jax.jit(
-        lambda p, r, o, b, c, key: train_step(run.graphdef, p, r, o, b, c, key, tx=run.tx, cfg=run.step_cfg),
-        donate_argnums=(0, 2),
-        out_shardings=(*shardings, None),
-    )
+    fn = step_function(run)
     base_key = jax.random.key(cfg.train.seed)
     # Sharding report and the step compiled (and its memory checked) before the first batch.
     biggest = abstract_batch(run.shape, run.preprocessor.pad_id, lambda n: NamedSharding(run.mesh, _batch_spec(n)))
