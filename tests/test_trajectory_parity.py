@@ -11,7 +11,7 @@ lr a step), not 1e-4; its gradient is compared like all others. The table counts
 widths 197 of 172032; the largest difference, 1.1e-2 relative, is at a clipped gradient of 9e-9 (torch)
 vs -1.6e-8 (ours) in a tensor whose largest is 1.6e-2. Over all tensors, torch's float32 gradients and
 ours are within 8.7e-6 and 1.6e-5 (of each tensor's largest) of torch's in float64. At tiny widths one
-such element, while the rate is still 0.
+such element, in steps 1 and 2 (2.5e-6 apart).
 
 ``pytest -s`` prints the trajectory table.
 """
