@@ -4,6 +4,15 @@ filters off) on a fixed batch give the losses, gradient norms and adapter weight
 transformers + PEFT + torch.optim.AdamW + get_linear_schedule_with_warmup + clip_grad_norm_ with an
 InfoNCE written here in torch. Nothing on the torch side is computed by g2e_jax.
 
+Gradients are compared leaf by leaf before the optimizer. Adam's first step is lr * g / (|g| + eps): the
+sign of g, unless |g| is near eps. An element whose clipped gradient has stayed below 100 eps (where
+float32 rounding, in torch as in ours, decides its steps) is compared with the bound Adam's steps have (2
+lr a step), not 1e-4; its gradient is compared like all others. The table counts such elements: at 2B
+widths 197 of 172032; the largest difference, 1.1e-2 relative, is at a clipped gradient of 9e-9 (torch)
+vs -1.6e-8 (ours) in a tensor whose largest is 1.6e-2. Over all tensors, torch's float32 gradients and
+ours are within 8.7e-6 and 1.6e-5 (of each tensor's largest) of torch's in float64. At tiny widths one
+such element, in steps 1 and 2 (2.5e-6 apart).
+
 ``pytest -s`` prints the trajectory table.
 """
 
@@ -26,11 +35,12 @@ from g2e_jax.models import backbone, load  # noqa: E402
 from g2e_jax.models.qwen2_vl.hf_files import load_hf_processor  # noqa: E402
 from g2e_jax.preprocess import Preprocessor  # noqa: E402
 from g2e_jax.train.batch import BatchShape, build_batch  # noqa: E402
-from g2e_jax.train.step import StepConfig, make_optimizer, train_step  # noqa: E402
+from g2e_jax.train.step import StepConfig, loss_and_grads, make_optimizer, train_step  # noqa: E402
 
 HF_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.down_proj)"
 STEPS, WARMUP, LR, WEIGHT_DECAY, MAX_NORM, TEMPERATURE = 5, 2, 2e-3, 0.01, 1.0, 0.02
-LOSS_TOL, WEIGHT_RTOL, GRAD_NORM_RTOL = 1e-5, 1e-4, 1e-5
+LOSS_TOL, WEIGHT_RTOL, GRAD_NORM_RTOL, GRAD_RTOL = 1e-5, 1e-4, 1e-5, 1e-4
+ADAM_EPS = 1e-8  # torch.optim.AdamW's and optax.adamw's default
 
 
 def random_image(size, seed):
@@ -109,7 +119,8 @@ def torch_embed(model, inputs):
 
 
 def torch_trajectory(tiny_dir, folder, steps, warmup=WARMUP):
-    """{PEFT key: initial weight}, [(loss, grad norm before clipping, {PEFT key: weight after the step})]."""
+    """{PEFT key: initial weight}, [(loss, grad norm before clipping, {PEFT key: weight after the step},
+    {PEFT key: gradient before clipping})]."""
     model = peft.PeftModel.from_pretrained(load_hf_model(tiny_dir), folder, is_trainable=True)
     model.eval()  # dropout 0 anyway; eval() only turns off nothing else in this model
     processor = load_hf_processor(tiny_dir)
@@ -128,12 +139,19 @@ def torch_trajectory(tiny_dir, folder, steps, warmup=WARMUP):
         logits = q @ t.T / TEMPERATURE
         loss = torch.nn.functional.cross_entropy(logits, torch.arange(len(q)))
         loss.backward()
+        grads = {_state_key(n): p.grad.numpy().copy() for n, p in model.named_parameters() if p.requires_grad}
         norm = torch.nn.utils.clip_grad_norm_(params, MAX_NORM)
         optimizer.step()
         schedule.step()
         weights = {k: v.detach().numpy().copy() for k, v in peft.get_peft_model_state_dict(model).items()}
-        out.append((float(loss.detach()), float(norm), weights))
+        out.append((float(loss.detach()), float(norm), weights, grads))
     return initial, out
+
+
+def _state_key(name: str) -> str:
+    """A trainable parameter's name -> its key in PEFT's saved state dict (no adapter name)."""
+    name = name.replace(".default", "")
+    return name.removesuffix(".weight") if "lora_magnitude_vector" in name else name
 
 
 # --- our side --------------------------------------------------------------------------------------
@@ -192,21 +210,36 @@ def our_trajectory(tiny_dir, folder, steps, grad_cache, warmup=WARMUP):
         max_grad_norm=MAX_NORM,
     )
     opt_state = tx.init(params)
-    step = jax.jit(
-        lambda p, o: train_step(graphdef, p, rest, o, batch, consts, jax.random.key(0), tx=tx, cfg=cfg)
-    )
+    key = jax.random.key(0)
+
+    def step_and_grads(p, r, o):  # the step, and the gradients it was given (for the table)
+        grads = loss_and_grads(graphdef, p, r, batch, consts, cfg, key)[1]
+        return *train_step(graphdef, p, r, o, batch, consts, key, tx=tx, cfg=cfg), grads
+
+    step = jax.jit(step_and_grads)  # rest as an argument: as a constant, XLA folds its transposes slowly
     name_map = backbone(model.config.model_type).name_map
     out = []
     for _ in range(steps):
-        params, opt_state, metrics = step(params, opt_state)
-        out.append((float(metrics["loss"]), float(metrics["grad_norm"]), our_weights(params, name_map)))
+        params, opt_state, metrics, grads = step(params, rest, opt_state)
+        out.append((float(metrics["loss"]), float(metrics["grad_norm"]), our_weights(params, name_map),
+                    our_weights(grads, name_map)))  # fmt: skip
     return out
 
 
-def max_relative(ours: dict, ref: dict) -> float:
-    """max over adapter tensors of max |ours - torch| / max |torch|."""
+def max_relative(ours: dict, ref: dict, where: dict | None = None) -> float:
+    """max over adapter tensors of max |ours - torch| / max |torch| (over the elements ``where`` is true)."""
     assert sorted(ours) == sorted(ref)
-    return max(float(np.abs(ours[k] - ref[k]).max() / np.abs(ref[k]).max()) for k in ref)
+    diff = {k: np.abs(ours[k] - ref[k]) if where is None else np.abs(ours[k] - ref[k])[where[k]] for k in ref}
+    return max(float(diff[k].max(initial=0.0) / np.abs(ref[k]).max()) for k in ref)
+
+
+def clipped_peak(peak: dict | None, grads: dict, norm: float) -> dict:
+    """The largest |gradient| of each element so far, clipped as clip_grad_norm_ clips it. Where it is
+    below 100 eps, Adam's step (~ lr * m / (sqrt(v) + eps), with v of the order of that peak squared)
+    is set by float32 rounding; elsewhere a gradient error dg moves it by at most ~ lr * eps * dg / g^2."""
+    scale = min(1.0, MAX_NORM / (norm + 1e-6))
+    now = {k: np.abs(g) * scale for k, g in grads.items()}
+    return now if peak is None else {k: np.maximum(peak[k], v) for k, v in now.items()}
 
 
 def compare(label, ours, ref):
@@ -214,19 +247,29 @@ def compare(label, ours, ref):
     initial, ref = ref
     print(
         f"\n[trajectory] {label}\n"
-        "| step | loss ours | loss torch | grad norm ours / torch | adapter max rel diff | moved (rel) |\n"
-        "|---:|---:|---:|---:|---:|---:|"
+        "| step | loss ours | loss torch | grad norm ours / torch | grad max rel diff | adapter max rel diff "
+        "| sign set by rounding | moved (rel) |\n"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
-    rows = []
-    for i, ((lo, no, wo), (lt, nt, wt)) in enumerate(zip(ours, ref), start=1):
-        rel = max_relative(wo, wt)
+    rows, peak = [], None
+    for i, ((lo, no, wo, go), (lt, nt, wt, gt)) in enumerate(zip(ours, ref), start=1):
+        grad_rel = max_relative(go, gt)
+        peak = clipped_peak(peak, gt, nt)
+        unset = {k: v < 100 * ADAM_EPS for k, v in peak.items()}
+        rel = max_relative(wo, wt, {k: ~m for k, m in unset.items()})
+        unset_diff = max(float(np.abs(wo[k] - wt[k])[m].max(initial=0.0)) for k, m in unset.items())
+        n_unset, n_all = sum(int(m.sum()) for m in unset.values()), sum(m.size for m in unset.values())
         moved = max_relative(wt, initial)
-        print(f"| {i} | {lo:.7f} | {lt:.7f} | {no:.5f} / {nt:.5f} | {rel:.2e} | {moved:.2e} |")
-        rows.append((abs(lo - lt), abs(no - nt) / nt, rel))
-    for loss_diff, norm_rel, weight_rel in rows:
+        print(f"| {i} | {lo:.7f} | {lt:.7f} | {no:.5f} / {nt:.5f} | {grad_rel:.2e} | {rel:.2e} "
+              f"| {n_unset} of {n_all} | {moved:.2e} |")  # fmt: skip
+        rows.append((abs(lo - lt), abs(no - nt) / nt, grad_rel, rel, unset_diff / i, n_unset / n_all))
+    for loss_diff, norm_rel, grad_rel, weight_rel, unset_diff_per_step, unset_share in rows:
         assert loss_diff <= LOSS_TOL
         assert norm_rel <= GRAD_NORM_RTOL
+        assert grad_rel <= GRAD_RTOL
         assert weight_rel <= WEIGHT_RTOL
+        # Few elements (their gradients are checked above like all others), at most 2 lr a step apart.
+        assert unset_share <= 1e-2 and unset_diff_per_step <= 2 * LR
     assert max_relative(ref[-1][2], initial) > 100 * WEIGHT_RTOL
     return rows
 
@@ -254,8 +297,6 @@ def test_trajectory_matches_peft_and_torch(tiny_dir, folders, reference, kind, g
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="known failure on the merged code (2026-11-26): adapters differ from torch+PEFT by "
-                   "1.1e-2 relative after one step at 2B widths (bound 1e-4); issue 15 stays open", strict=False)
 def test_one_step_at_2b_widths(tmp_path):
     """Qwen2-VL-2B's widths (2 decoder layers, 1 vision block, the tiny tokenizer's vocabulary), DoRA,
     GradCache, one step without warm-up: loss, gradient norm and updated adapters as torch's."""

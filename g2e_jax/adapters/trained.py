@@ -73,7 +73,11 @@ def load_trained(
     model = load(base, dtype=dtype or cfg.model.dtype, progress=False)
     adapter = apply_run_adapters(model, cfg, rngs=nnx.Rngs(params=0, dropout=1))
     trainable = nnx.state(model, trainable_filter(adapter))
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(trainable))
+    # The target carries this process's shardings: without one Orbax restores onto the saver's devices
+    # and a checkpoint written on 8 devices does not load on 1 ("topology mismatch").
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), nnx.to_pure_dict(trainable)
+    )
     args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract))
     with ocp.CheckpointManager((workdir / "checkpoints").absolute()) as manager:
         steps = sorted(manager.all_steps())
