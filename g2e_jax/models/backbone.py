@@ -1,8 +1,8 @@
 """One architecture as data (``Backbone``), and what every architecture shares: Hugging Face
 checkpoints loaded and saved through its name map, random weights, the tiny model directory.
 
-A backbone package (``qwen2_vl``, ``qwen2_5_vl``) defines its config class, its model class, its
-``NameMap`` and its tiny config, and bundles them in a ``BACKBONE``; ``g2e_jax.models`` dispatches
+A backbone package (``qwen2_vl``, ``qwen2_5_vl``, ``llava_next``) defines its config class, its model
+class, its ``NameMap``, its tiny config and the tiny model's tokenizer/processor files, and bundles them in a ``BACKBONE``; ``g2e_jax.models`` dispatches
 on ``config.json``'s ``model_type`` to it.
 """
 
@@ -31,8 +31,7 @@ def _path_str(path) -> str:
 
 def _hf_shape(rule: Rule, nnx_shape, cfg):
     if rule.transform is FLATTEN_CONV:
-        v = cfg.vision
-        return (v.embed_dim, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+        return cfg.vision.patch_embed_shape
     if rule.transform is TRANSPOSE:
         return tuple(nnx_shape[::-1])
     return tuple(nnx_shape)
@@ -45,6 +44,7 @@ class Backbone:
     model: type  # nnx.Module: model(config, dtype=, param_dtype=, rngs=)
     name_map: NameMap
     tiny_config: Callable[[], Any]  # the tiny random model's config (make-tiny, tests)
+    tiny_files: Callable[[Path, Any], None]  # (directory, config): tokenizer and processor files of make-tiny
 
     def abstract_model(self, cfg, dtype: str = "float32", compute_dtype: str | None = None):
         """The model's structure with shapes only: nothing allocated, nothing initialised.
