@@ -1,0 +1,155 @@
+"""LLaVA-NeXT against transformers' ``LlavaNextForConditionalGeneration`` on random weights, float32
+(DESIGN.md §3): text only, one image, several images of different sizes and tile grids in one batch,
+the vision features alone, padded buckets under jit, and a save -> transformers round trip.
+
+The tiny model: 3 CLIP layers on 28-pixel tiles of 4x4 patches (features of the second-to-last layer),
+llava-v1.6's pinpoints scaled to 28-pixel tiles, a 2-layer Mistral decoder with GQA.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+
+from conftest import assert_parity, report  # noqa: E402
+from hf_reference import load_hf_model  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from g2e_jax import models  # noqa: E402
+from g2e_jax.cli import main  # noqa: E402
+from g2e_jax.models.llava_next import LlavaNext, anyres  # noqa: E402
+from g2e_jax.models.llava_next.hf_files import load_hf_processor  # noqa: E402
+
+ATOL = 1e-4
+
+
+def random_image(height: int, width: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def inst(text: str) -> str:
+    return f"[INST] {text} [/INST]"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llava_next") / "tiny"
+    assert main(["make-tiny", "--arch", "llava_next", "--output", str(path)]) == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    loaded = models.load(model_dir, progress=False)  # dispatched on config.json's model_type
+    assert isinstance(loaded, LlavaNext)
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def hf_model(model_dir):
+    return load_hf_model(model_dir)
+
+
+@pytest.fixture(scope="module")
+def processor(model_dir):
+    return load_hf_processor(model_dir)
+
+
+def encode(processor, texts, images=None):
+    batch = processor(text=texts, images=images or None, padding=True, return_tensors="np")
+    return {k: np.asarray(v) for k, v in batch.items()}
+
+
+def hf_hidden(hf_model, batch):
+    with torch.no_grad():
+        return hf_model.model(**{k: torch.as_tensor(v) for k, v in batch.items()}).last_hidden_state.numpy()
+
+
+def test_text_only(processor, hf_model, model):
+    batch = encode(processor, [inst("a cat"), inst("Represent the given text in one word. " * 3)])
+    assert (batch["attention_mask"][0] == 0).any()  # right padding in the first row
+    out = np.asarray(model(batch["input_ids"], batch["attention_mask"]))
+    assert_parity("LLaVA-NeXT text-only, right padding", hf_hidden(hf_model, batch), out, batch["attention_mask"])
+
+
+def test_one_image(processor, hf_model, model):
+    batch = encode(processor, [inst("<image>\nWhat is this?")], [random_image(37, 90, 1)])
+    out = np.asarray(model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_sizes"]))
+    assert_parity("LLaVA-NeXT one image (37x90, 1x3 tiles)", hf_hidden(hf_model, batch), out, batch["attention_mask"])
+
+
+def test_images_of_different_sizes_and_grids(processor, hf_model, model):
+    """Rows: two images (3x1 and 2x2 tile grids); text only; one image (2x1). Every pinpoint but one
+    appears, and the unpadding crops rows in some images and columns in others."""
+    images = [random_image(61, 23, 2), random_image(50, 50, 3), random_image(45, 22, 4)]
+    grids = [anyres.tile_grid(im.height, im.width, model.config) for im in images]
+    assert grids == [(3, 1), (2, 2), (2, 1)]
+    texts = [inst("<image> and <image> differ"), inst("text only row"), inst("<image>\nlast")]
+    batch = encode(processor, texts, images)
+    out = np.asarray(model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_sizes"]))
+    ref = hf_hidden(hf_model, batch)
+    mask = batch["attention_mask"]
+    for row, case in enumerate(["two images (3x1, 2x2 tiles)", "text-only row in an image batch", "one image (2x1)"]):
+        assert_parity(f"LLaVA-NeXT {case}", ref[row : row + 1], out[row : row + 1], mask[row : row + 1])
+
+
+def test_image_features_alone(processor, hf_model, model):
+    """CLIP tower + projector + anyres packing (unpadding, image_newline) against ``get_image_features``."""
+    images = [random_image(13, 101, 5), random_image(99, 29, 6), random_image(57, 57, 7)]
+    batch = encode(processor, [inst("<image>")] * 3, images)
+    with torch.no_grad():
+        ref = hf_model.model.get_image_features(torch.as_tensor(batch["pixel_values"]),
+                                                torch.as_tensor(batch["image_sizes"])).pooler_output  # fmt: skip
+    ref = torch.cat(list(ref)).numpy()
+    index = anyres.feature_index(batch["image_sizes"], model.config, batch["pixel_values"].shape[1])
+    out = np.asarray(model.image_features(batch["pixel_values"], index))
+    diff = float(np.abs(ref - out).max())
+    report("LLaVA-NeXT image features alone, 3 images", max_abs_diff=diff, ref_max_abs=float(np.abs(ref).max()))
+    assert out.shape == ref.shape
+    assert diff <= ATOL
+
+
+@nnx.jit
+def _forward(model, input_ids, attention_mask, pixel_values, position_ids, index):
+    return model(input_ids, attention_mask, pixel_values, None, position_ids, image_feature_index=index)
+
+
+def _pad(array, shape, value=0):
+    out = np.full(shape, value, dtype=np.asarray(array).dtype)
+    out[tuple(slice(0, s) for s in np.shape(array))] = array
+    return out
+
+
+def test_jit_with_padded_buckets(processor, hf_model, model):
+    """Traced index and positions; padding rows, tokens, tiles (concatenated layout) and index entries."""
+    images = [random_image(37, 90, 8), random_image(50, 50, 9)]
+    batch = encode(processor, [inst("<image>a"), inst("text"), inst("<image>b")], images)
+    ref = hf_hidden(hf_model, batch)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    tiles = [pv[: anyres.num_tiles(h, w, model.config)] for pv, (h, w) in zip(batch["pixel_values"], batch["image_sizes"])]
+    tiles = np.concatenate(tiles)
+    index = anyres.feature_index(batch["image_sizes"], model.config)  # concatenated tiles
+    rows, length = 4, ids.shape[1] + 9
+    positions = np.broadcast_to(np.arange(length), (rows, length))
+    out = _forward(model, _pad(ids, (rows, length)), _pad(mask, (rows, length)),
+                   _pad(tiles, (tiles.shape[0] + 3,) + tiles.shape[1:]), positions,
+                   _pad(index, (index.size + 40,)))  # fmt: skip
+    out = np.asarray(out)
+    assert np.isfinite(out).all()
+    assert_parity("LLaVA-NeXT under jit, padded buckets", ref, out[: ids.shape[0], : ids.shape[1]], mask)
+
+
+def test_save_then_transformers_loads(model, processor, tmp_path):
+    """``models.save`` writes what transformers loads (every tensor, same values, same outputs)."""
+    models.save(model, tmp_path, progress=False)
+    hf = load_hf_model(tmp_path)
+    ours = dict(models.backbone("llava_next").hf_tensors(model))
+    state = hf.state_dict()
+    assert len(ours) == len([k for k in state if "position_ids" not in k])
+    batch = encode(processor, [inst("<image>\nround trip")], [random_image(40, 20, 10)])
+    out = np.asarray(model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_sizes"]))
+    assert_parity("LLaVA-NeXT saved by g2e_jax, run by transformers", hf_hidden(hf, batch), out, batch["attention_mask"])
