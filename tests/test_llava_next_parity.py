@@ -78,7 +78,7 @@ def test_text_only(processor, hf_model, model):
 
 def test_one_image(processor, hf_model, model):
     batch = encode(processor, [inst("<image>\nWhat is this?")], [random_image(37, 90, 1)])
-    out = np.asarray(model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_sizes"]))
+    out = np.asarray(model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], image_sizes=batch["image_sizes"]))
     assert_parity("LLaVA-NeXT one image (37x90, 1x3 tiles)", hf_hidden(hf_model, batch), out, batch["attention_mask"])
 
 
@@ -90,7 +90,7 @@ def test_images_of_different_sizes_and_grids(processor, hf_model, model):
     assert grids == [(3, 1), (2, 2), (2, 1)]
     texts = [inst("<image> and <image> differ"), inst("text only row"), inst("<image>\nlast")]
     batch = encode(processor, texts, images)
-    out = np.asarray(model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_sizes"]))
+    out = np.asarray(model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], image_sizes=batch["image_sizes"]))
     ref = hf_hidden(hf_model, batch)
     mask = batch["attention_mask"]
     for row, case in enumerate(["two images (3x1, 2x2 tiles)", "text-only row in an image batch", "one image (2x1)"]):
@@ -105,17 +105,24 @@ def test_image_features_alone(processor, hf_model, model):
         ref = hf_model.model.get_image_features(torch.as_tensor(batch["pixel_values"]),
                                                 torch.as_tensor(batch["image_sizes"])).pooler_output  # fmt: skip
     ref = torch.cat(list(ref)).numpy()
-    index = anyres.feature_index(batch["image_sizes"], model.config, batch["pixel_values"].shape[1])
-    out = np.asarray(model.image_features(batch["pixel_values"], index))
+    layout = anyres.layouts(batch["image_sizes"], model.config)
+    n = anyres.num_image_tokens(layout, model.config)
+    out = np.asarray(model.image_features(_tiles(batch, model.config), layout, np.arange(n)))
     diff = float(np.abs(ref - out).max())
     report("LLaVA-NeXT image features alone, 3 images", max_abs_diff=diff, ref_max_abs=float(np.abs(ref).max()))
     assert out.shape == ref.shape
     assert diff <= ATOL
 
 
+def _tiles(batch, cfg):
+    """The processor's per-image padded tiles, concatenated."""
+    sizes = batch["image_sizes"].tolist()
+    return np.concatenate([pv[: anyres.num_tiles(h, w, cfg)] for pv, (h, w) in zip(batch["pixel_values"], sizes)])
+
+
 @nnx.jit
-def _forward(model, input_ids, attention_mask, pixel_values, position_ids, index):
-    return model(input_ids, attention_mask, pixel_values, None, position_ids, image_feature_index=index)
+def _forward(model, input_ids, attention_mask, pixel_values, position_ids, layout):
+    return model(input_ids, attention_mask, pixel_values, layout, position_ids)
 
 
 def _pad(array, shape, value=0):
@@ -125,19 +132,18 @@ def _pad(array, shape, value=0):
 
 
 def test_jit_with_padded_buckets(processor, hf_model, model):
-    """Traced index and positions; padding rows, tokens, tiles (concatenated layout) and index entries."""
+    """Traced layouts and positions; padding rows, tokens, tiles and images (layout [0, 0, 0])."""
     images = [random_image(37, 90, 8), random_image(50, 50, 9)]
     batch = encode(processor, [inst("<image>a"), inst("text"), inst("<image>b")], images)
     ref = hf_hidden(hf_model, batch)
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    tiles = [pv[: anyres.num_tiles(h, w, model.config)] for pv, (h, w) in zip(batch["pixel_values"], batch["image_sizes"])]
-    tiles = np.concatenate(tiles)
-    index = anyres.feature_index(batch["image_sizes"], model.config)  # concatenated tiles
+    tiles = _tiles(batch, model.config).reshape(-1, 3 * 28 * 28)  # flattened rows, as the Embedder packs them
+    layout = anyres.layouts(batch["image_sizes"], model.config)
     rows, length = 4, ids.shape[1] + 9
     positions = np.broadcast_to(np.arange(length), (rows, length))
     out = _forward(model, _pad(ids, (rows, length)), _pad(mask, (rows, length)),
                    _pad(tiles, (tiles.shape[0] + 3,) + tiles.shape[1:]), positions,
-                   _pad(index, (index.size + 40,)))  # fmt: skip
+                   _pad(layout, (4, 3)))  # fmt: skip
     out = np.asarray(out)
     assert np.isfinite(out).all()
     assert_parity("LLaVA-NeXT under jit, padded buckets", ref, out[: ids.shape[0], : ids.shape[1]], mask)
@@ -151,5 +157,5 @@ def test_save_then_transformers_loads(model, processor, tmp_path):
     state = hf.state_dict()
     assert len(ours) == len([k for k in state if "position_ids" not in k])
     batch = encode(processor, [inst("<image>\nround trip")], [random_image(40, 20, 10)])
-    out = np.asarray(model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_sizes"]))
+    out = np.asarray(model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], image_sizes=batch["image_sizes"]))
     assert_parity("LLaVA-NeXT saved by g2e_jax, run by transformers", hf_hidden(hf, batch), out, batch["attention_mask"])

@@ -8,7 +8,9 @@ Canonical names are those transformers 5 writes (``vision_tower.embeddings...``,
 
 from __future__ import annotations
 
-from g2e_jax.models.backbone import Backbone
+from g2e_jax.models.backbone import Backbone, ImageProcessing
+from g2e_jax.models.llava_next import anyres, images
+from g2e_jax.models.llava_next.chat import LLAVA_NEXT_CHAT
 from g2e_jax.models.llava_next.hf_files import write_processor_files
 from g2e_jax.models.llava_next.config import LlavaNextConfig, tiny_config
 from g2e_jax.models.llava_next.model import LlavaNext
@@ -48,5 +50,11 @@ NAME_MAP = NameMap(
     ),
 )
 
-BACKBONE = Backbone("llava_next", LlavaNextConfig, LlavaNext, NAME_MAP, tiny_config, write_processor_files)
+IMAGES = ImageProcessing(
+    lambda path, resolution: images.LlavaImageConfig.from_preprocessor_config(path, resolution=resolution),
+    images.preprocess_rows,
+    anyres.num_image_tokens,
+)
+BACKBONE = Backbone("llava_next", LlavaNextConfig, LlavaNext, NAME_MAP, tiny_config, write_processor_files,
+                    chat=LLAVA_NEXT_CHAT, images=IMAGES)  # fmt: skip
 load, save = BACKBONE.load, BACKBONE.save

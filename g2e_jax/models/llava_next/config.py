@@ -47,7 +47,8 @@ class ClipVisionConfig:
 
     @property
     def patch_dim(self) -> int:
-        return self.in_channels * self.patch_size**2
+        """One row of the Embedder's packed ``pixel_values``: a whole tile, C * S * S."""
+        return self.in_channels * self.image_size**2
 
     @property
     def patch_embed_shape(self) -> tuple[int, ...]:
@@ -150,9 +151,10 @@ class LlavaNextConfig:
         return self.vision_feature_layer % n
 
     @property
-    def tokens_per_tile(self) -> int:
-        """Features per tile: one per patch (the CLS feature is dropped)."""
-        return self.vision.grid**2
+    def anyres(self):
+        from g2e_jax.models.llava_next.anyres import Geometry
+
+        return Geometry(self.image_grid_pinpoints, self.vision.image_size, self.vision.grid)
 
     def replace(self, **kw):
         return dataclasses.replace(self, **kw)

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from g2e_jax.data.images import CLIP_MEAN, CLIP_STD, ImageError, load_image, resize_for_resolution
-from g2e_jax.models.llava_next.anyres import select_best_resolution
+from g2e_jax.models.llava_next.anyres import Geometry, image_layout, select_best_resolution
 from g2e_jax.models.llava_next.config import PINPOINTS_336
 
 
@@ -28,6 +28,7 @@ class LlavaImageConfig:
     image_std: tuple[float, ...] = CLIP_STD
     resample: int = Image.Resampling.BICUBIC
     rescale_factor: float = 1 / 255
+    patch_size: int = 14  # the vision tower's (processor_config.json): the anyres layout counts patches
     resolution: str | None = None  # Gen2Embed's optional pre-resize (g2e_jax.data.images.resize_for_resolution)
 
     @classmethod
@@ -46,7 +47,10 @@ class LlavaImageConfig:
         if side is None or crop.get("height", side) != side or crop.get("width", side) != side:
             raise ValueError(f"{path}: size {size} and crop_size {crop} must name one square tile size")
         d = cls()
+        processor = path.parent / "processor_config.json"
+        patch = json.loads(processor.read_text(encoding="utf-8")).get("patch_size") if processor.is_file() else None
         return cls(
+            patch_size=int(patch or d.patch_size),
             tile_size=int(side),
             image_grid_pinpoints=tuple(tuple(int(x) for x in p) for p in raw.get("image_grid_pinpoints", d.image_grid_pinpoints)),
             image_mean=tuple(float(x) for x in raw.get("image_mean", d.image_mean)),
@@ -55,6 +59,11 @@ class LlavaImageConfig:
             rescale_factor=float(raw.get("rescale_factor", d.rescale_factor)),
             resolution=resolution,
         )  # fmt: skip
+
+
+    @property
+    def anyres(self) -> Geometry:
+        return Geometry(self.image_grid_pinpoints, self.tile_size, self.tile_size // self.patch_size)
 
 
 def _fit(height: int, width: int, target_h: int, target_w: int) -> tuple[int, int]:
@@ -94,3 +103,9 @@ def preprocess(image, cfg: LlavaImageConfig, *, source: str = "image") -> tuple[
     if min(img.height, img.width) < 1:
         raise ImageError(f"{source}: empty image")
     return normalize(tiles_uint8(img, cfg), cfg), np.array([img.height, img.width], np.int64)
+
+
+def preprocess_rows(image, cfg: LlavaImageConfig, *, source: str = "image") -> tuple[np.ndarray, np.ndarray]:
+    """For the Embedder: (tiles flattened ``[tiles, 3*S*S]``, the anyres layout ``[3]``)."""
+    pixels, (height, width) = preprocess(image, cfg, source=source)
+    return pixels.reshape(pixels.shape[0], -1), image_layout(int(height), int(width), cfg)

@@ -14,7 +14,7 @@ class ClipEmbeddings(nnx.Module):
     def __init__(self, cfg: ClipVisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.cfg = cfg
         # The stride-P conv as a Linear over flattened (C, P, P) patches (FLATTEN_CONV in the name map).
-        self.patch_embedding = linear(cfg.patch_dim, cfg.embed_dim, bias=False, dtype=dtype,
+        self.patch_embedding = linear(cfg.in_channels * cfg.patch_size**2, cfg.embed_dim, bias=False, dtype=dtype,
                                       param_dtype=param_dtype, rngs=rngs)  # fmt: skip
         self.class_embedding = nnx.Param(jnp.zeros((cfg.embed_dim,), param_dtype))
         self.position_embedding = nnx.Embed(cfg.num_positions, cfg.embed_dim, dtype=dtype,
