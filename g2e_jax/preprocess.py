@@ -208,7 +208,7 @@ class Preprocessor:
                 )
             except ValueError as e:
                 raise InputError(i, "text", str(e)) from None
-            ids = self._tokenize("\n" + user)
+            ids = self._tokenize(self.prompt.user_segment(role, user, self.chat))
             if n_image:
                 (at,) = np.flatnonzero(ids == self.image_pad_id)
                 ids = np.concatenate([ids[:at], np.full(n_image, self.image_pad_id, np.int32), ids[at + 1 :]])

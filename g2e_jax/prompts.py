@@ -14,8 +14,9 @@ Every cut falls on a special token or right after ``user`` (a pre-token of its o
 concatenated token ids equal those of the whole string. ``{USER}`` is the task instruction, the
 content (with the image placeholder) and, on the query side, the role suffix.
 
-That template is Qwen2-VL's ``ChatFormat``; another backbone brings its own (LLaVA-NeXT's
-``[INST] {SYSTEM}\n{USER} [/INST]``, ``g2e_jax.models.llava_next.chat``) and the same three cuts.
+That template is Qwen2-VL's ``ChatFormat``; another backbone brings its own with its own cuts
+(LLaVA-NeXT's ``<s>[INST] {SYSTEM}\n{USER} [/INST]``, ``g2e_jax.models.llava_next.chat``, cuts after
+``[INST]``, since its system text ends in punctuation that a byte-level BPE joins with the ``\n``).
 The hierarchical prompt itself (system texts, suffixes, Matching rule) is defined once, here.
 """
 
@@ -35,11 +36,17 @@ ASSISTANT_HEADER = "<|im_end|>\n<|im_start|>assistant\n"
 
 @dataclasses.dataclass(frozen=True)
 class ChatFormat:
-    """A backbone's chat template around ``{SYSTEM}`` and ``{USER}``, cut into the three segments."""
+    """A backbone's chat template around ``{SYSTEM}`` and ``{USER}``, cut into the three segments.
+
+    Each cut must fall where the tokenizer starts a new token whatever the text around it (after a
+    special token, before a space or a newline after a letter): then the segments' ids concatenated
+    equal the whole string's (the tests check it against the HF processor)."""
 
     name: str
-    system_segment_format: str  # with "{system}"; the text before the user segment's "\n"
+    system_segment_format: str  # may hold "{system}": constant per role, run once (prefix cache)
     no_system_segment: str  # the same when the prompt has no system text
+    user_segment_format: str  # "{user}" and maybe "{system}": tokenised per row
+    no_system_user_segment: str
     assistant_header: str  # after the user segment; the last token is pooled
     image_token: str  # the placeholder the processor expands into the image's tokens
     pad_token: str  # fills padded positions (masked out)
@@ -47,6 +54,11 @@ class ChatFormat:
 
     def system_segment(self, system: str | None) -> str:
         return self.no_system_segment if system is None else self.system_segment_format.format(system=system)
+
+    def user_segment(self, system: str | None, user: str) -> str:
+        if system is None:
+            return self.no_system_user_segment.format(user=user)
+        return self.user_segment_format.format(system=system, user=user)
 
     def image_placeholder(self, scheme: str) -> str:
         if scheme == "gen2embed":
@@ -60,6 +72,8 @@ QWEN2_VL_CHAT = ChatFormat(
     name="qwen2_vl",
     system_segment_format="<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user",
     no_system_segment="<|im_start|>user",
+    user_segment_format="\n{user}",
+    no_system_user_segment="\n{user}",
     assistant_header=ASSISTANT_HEADER,
     image_token=IMAGE_PAD,
     pad_token="<|endoftext|>",
@@ -139,7 +153,11 @@ class PromptConfig:
 
     def render(self, role: str, user: str, chat: ChatFormat = QWEN2_VL_CHAT) -> str:
         """The whole template string: what the reference pipeline tokenises in one go."""
-        return self.system_segment(role, chat) + "\n" + user + chat.assistant_header
+        return self.system_segment(role, chat) + self.user_segment(role, user, chat) + chat.assistant_header
+
+    def user_segment(self, role: str, user: str, chat: ChatFormat = QWEN2_VL_CHAT) -> str:
+        """The row's tokenised segment: ``{USER}`` (``user_text``) in the chat format's cut."""
+        return chat.user_segment(self.system(role), user)
 
 
 def plural(role: str) -> str:

@@ -15,7 +15,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 
 from conftest import assert_parity, report  # noqa: E402
-from hf_reference import load_hf_model  # noqa: E402
+from hf_reference import OFFICIAL_SYSTEM, load_hf_model  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from g2e_jax import models  # noqa: E402
@@ -159,3 +159,33 @@ def test_save_then_transformers_loads(model, processor, tmp_path):
     batch = encode(processor, [inst("<image>\nround trip")], [random_image(40, 20, 10)])
     out = np.asarray(model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], image_sizes=batch["image_sizes"]))
     assert_parity("LLaVA-NeXT saved by g2e_jax, run by transformers", hf_hidden(hf, batch), out, batch["attention_mask"])
+
+
+def official_llava_string(text: str, *, has_image: bool, role: str) -> str:
+    """The official Gen2Embed LLaVA-NeXT string, written here by hand (plain formatting, as its
+    ``Llava_NEXT_process_fn`` does): ``[INST] {system}\\n{text}{suffix} [/INST]``."""
+    text = text.replace("<|image_1|>", "<image>")
+    if role == "query":
+        text += "\nRepresent the given text/image in one word." if has_image else "\nRepresent the given text in one word."
+    return f"[INST] {OFFICIAL_SYSTEM}\n{text} [/INST]"
+
+
+def test_embedder_matches_official_pipeline(model_dir, hf_model, processor):
+    """``Embedder.from_pretrained`` on a LLaVA-NeXT directory against the official path: the string
+    above, the HF processor (BOS added), transformers, the last real token, L2 normalisation."""
+    from g2e_jax import Embedder
+
+    texts = ["<|image_1|> What is in the image?", "a red car", "<|image_1|>\nFind the dog.", "two words"]
+    images = [random_image(37, 90, 11), None, random_image(50, 50, 12), None]
+    embedder = Embedder.from_pretrained(model_dir, dtype="float32", batch_size=4, max_len=512, progress=False)
+    for role in ("query", "document"):
+        strings = [official_llava_string(t, has_image=im is not None, role=role) for t, im in zip(texts, images)]
+        batch = encode(processor, strings, [im for im in images if im is not None])
+        hidden = hf_hidden(hf_model, batch)
+        last = batch["attention_mask"].sum(-1) - 1
+        ref = hidden[np.arange(len(last)), last]
+        ref /= np.linalg.norm(ref, axis=-1, keepdims=True)
+        ours = embedder.encode(texts, images, role=role)
+        cosine = float((ref * ours).sum(-1).min())
+        report(f"LLaVA-NeXT Embedder vs official pipeline ({role})", one_minus_min_cosine=1.0 - cosine)
+        assert cosine >= 0.99999
