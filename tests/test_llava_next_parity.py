@@ -189,3 +189,53 @@ def test_embedder_matches_official_pipeline(model_dir, hf_model, processor):
         cosine = float((ref * ours).sum(-1).min())
         report(f"LLaVA-NeXT Embedder vs official pipeline ({role})", one_minus_min_cosine=1.0 - cosine)
         assert cosine >= 0.99999
+
+
+@pytest.mark.slow  # a training run (2 steps) and an export: over a minute on 2 cores
+def test_train_then_export_hf(model_dir, tmp_path):
+    """``train`` (DoRA on the decoder's q/k/v/o/down projections, the paper's adapter) and ``export-hf``
+    work on LLaVA-NeXT: transformers loads the merged export and agrees with the trained workdir."""
+    from g2e_jax import Embedder
+    from g2e_jax.data.synthetic import make_synthetic
+    from g2e_jax.demo import tiny_training_config
+    from g2e_jax.train.trainer import train
+
+    data = make_synthetic(tmp_path / "syn", train_rows=8, eval_queries=1)
+    cfg = tiny_training_config()
+    cfg.model.path, cfg.data.source = str(model_dir), "mmeb"
+    cfg.data.root, cfg.data.image_dir, cfg.data.subsets = str(data / "train"), str(data / "images"), ("SynShape",)
+    cfg.adapter.kind, cfg.train.learning_rate = "dora", 1e-2
+    cfg.train.update(steps=2, checkpoint_every=2, log_every=1, warmup_steps=1)
+    last = train(cfg.lock(), tmp_path / "run", progress=False)
+    assert last["step"] == 2 and np.isfinite(last["loss"])
+    assert main(["export-hf", "--checkpoint", str(tmp_path / "run"), "--output", str(tmp_path / "hf")]) == 0
+    hf = load_hf_model(tmp_path / "hf")
+    assert type(hf).__name__ == "LlavaNextForConditionalGeneration"
+    texts, images = ["<|image_1|> What shape is it?", "a red circle"], [random_image(84, 84, 13), None]
+    strings = [official_llava_string(t, has_image=im is not None, role="query") for t, im in zip(texts, images)]
+    batch = encode(load_hf_processor(tmp_path / "hf"), strings, [images[0]])
+    hidden = hf_hidden(hf, batch)
+    ref = hidden[np.arange(2), batch["attention_mask"].sum(-1) - 1]
+    ref /= np.linalg.norm(ref, axis=-1, keepdims=True)
+    ours = Embedder.from_pretrained(tmp_path / "run", dtype="float32", progress=False).encode(texts, images, role="query")
+    base = Embedder.from_pretrained(model_dir, dtype="float32", progress=False).encode(texts, images, role="query")
+    cosine = float((ref * ours).sum(-1).min())
+    report("LLaVA-NeXT trained run (DoRA) exported: transformers vs g2e_jax", one_minus_min_cosine=1.0 - cosine)
+    assert cosine >= 0.99999
+    assert not np.allclose(base, ours, atol=1e-3)  # training changed the model
+
+
+def test_every_transformers_name_maps(hf_model, model):
+    """transformers 5's in-memory names and the llava-hf hub's (``vision_tower.vision_model.*``) all map to
+    our parameters, and our names map back to the in-memory ones for PEFT."""
+    from g2e_jax.adapters.peft import _hf_module
+    from g2e_jax.models.llava_next import NAME_MAP
+
+    ours = {".".join(str(p) for p in path) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    names = [n for n in hf_model.state_dict() if not n.endswith("position_ids")]
+    assert {NAME_MAP.to_nnx(n)[0] for n in names} == ours
+    hub = [n.replace("model.vision_tower.", "vision_tower.vision_model.") for n in names if "vision_tower" in n]
+    assert all(NAME_MAP.to_nnx(n) is not None for n in hub)
+    modules = dict(hf_model.named_modules())
+    for path in ("text.layers.0.attn.q_proj", "vision_tower.layers.1.mlp.fc1", "multi_modal_projector.linear_2"):
+        assert _hf_module(NAME_MAP, path) in modules

@@ -39,14 +39,15 @@ NAME_MAP = NameMap(
         Rule("image_newline", "image_newline"),
         *text_rules("language_model.model", "language_model.lm_head.weight", attention_bias=False),
     ),
+    # transformers 5 in-memory names first (PEFT adapters are written with the first alias of a
+    # canonical prefix), then the llava-hf hub's vision_model level.
     aliases=(
-        ("vision_tower.vision_model.", "vision_tower."),
-        ("model.vision_tower.vision_model.", "vision_tower."),
         ("model.vision_tower.", "vision_tower."),
         ("model.multi_modal_projector.", "multi_modal_projector."),
         ("model.image_newline", "image_newline"),
         ("model.language_model.", "language_model.model."),
         ("lm_head.", "language_model.lm_head."),
+        ("vision_tower.vision_model.", "vision_tower."),
     ),
 )
 
