@@ -3,8 +3,8 @@
 Once per row: the user segment (instruction + content + role suffix, see ``g2e_jax.prompts``, in the
 backbone's chat format) is tokenised (cached by its text, so another system prompt re-tokenises
 nothing), the image is preprocessed in numpy by the backbone's image processor (Qwen2-VL: patches and
-``grid_thw``; LLaVA-NeXT: tiles and the anyres layout), its placeholder is expanded to the image's token count,
-over-long content is truncated inside the content, and M-RoPE offsets are computed.
+``grid_thw``; LLaVA-NeXT: tiles and the anyres layout), its placeholder is expanded to the image's
+token count, over-long content is truncated inside the content, and M-RoPE offsets are computed.
 """
 
 from __future__ import annotations

@@ -33,7 +33,6 @@ ROLES = ("query", "document")
 ASSISTANT_HEADER = "<|im_end|>\n<|im_start|>assistant\n"
 
 
-
 @dataclasses.dataclass(frozen=True)
 class ChatFormat:
     """A backbone's chat template around ``{SYSTEM}`` and ``{USER}``, cut into the three segments.

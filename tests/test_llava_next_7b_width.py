@@ -29,19 +29,34 @@ from g2e_jax.models.llava_next.hf_files import load_hf_processor, special_token_
 def test_llava_v1_6_mistral_7b_widths(tmp_path):
     c = LLAVA_V1_6_MISTRAL_7B
     ids = special_token_ids()
-    text = dataclasses.replace(c.text, num_hidden_layers=1, vocab_size=ids["vocab_size"], bos_token_id=ids["bos"],
-                               eos_token_id=ids["eos"])  # fmt: skip
+    text = dataclasses.replace(
+        c.text,
+        num_hidden_layers=1,
+        vocab_size=ids["vocab_size"],
+        bos_token_id=ids["bos"],
+        eos_token_id=ids["eos"],
+    )
     cfg = c.replace(text=text, vision=dataclasses.replace(c.vision, depth=2), image_token_id=ids["image"])
     path = models.make_tiny(tmp_path / "llava_7b_width", arch="llava_next", seed=1, config=cfg)
     processor = load_hf_processor(path)
     image = random_image(333, 1001, 7)
     assert anyres.tile_grid(333, 1001, cfg) == (1, 3)
-    batch = encode(processor, [inst("<image>\nRepresent the given image in one word."), inst("text only")], [image])
+    batch = encode(
+        processor, [inst("<image>\nRepresent the given image in one word."), inst("text only")], [image]
+    )
     hf_model = load_hf_model(path)
     ref = hf_hidden(hf_model, batch)
     del hf_model
     model = models.load(path, progress=False)
     assert model.config == cfg
-    out = np.asarray(model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                           image_sizes=batch["image_sizes"]))  # fmt: skip
-    assert_parity("LLaVA-NeXT llava-v1.6-mistral-7b widths, 1 layer + 2 CLIP layers", ref, out, batch["attention_mask"])
+    out = np.asarray(
+        model(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["pixel_values"],
+            image_sizes=batch["image_sizes"],
+        )
+    )
+    assert_parity(
+        "LLaVA-NeXT llava-v1.6-mistral-7b widths, 1 layer + 2 CLIP layers", ref, out, batch["attention_mask"]
+    )

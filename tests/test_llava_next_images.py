@@ -15,8 +15,18 @@ from g2e_jax.models.llava_next.hf_files import load_hf_processor, write_processo
 from g2e_jax.models.llava_next.images import LlavaImageConfig, preprocess  # noqa: E402
 
 # (height, width) -> the tiny pinpoint it selects (llava-v1.6's, scaled to 28-pixel tiles).
-SIZES = {(37, 90): (28, 84), (61, 23): (84, 28), (50, 50): (56, 56), (13, 101): (28, 84), (99, 29): (84, 28),
-         (28, 28): (28, 56), (45, 22): (56, 28), (5, 7): (28, 56), (300, 201): (56, 56), (200, 31): (84, 28)}  # fmt: skip
+SIZES = {
+    (37, 90): (28, 84),
+    (61, 23): (84, 28),
+    (50, 50): (56, 56),
+    (13, 101): (28, 84),
+    (99, 29): (84, 28),
+    (28, 28): (28, 56),
+    (45, 22): (56, 28),
+    (5, 7): (28, 56),
+    (300, 201): (56, 56),
+    (200, 31): (84, 28),
+}
 
 
 @pytest.fixture(scope="module")
@@ -65,4 +75,6 @@ def test_image_token_count_equals_processor(tiny_processor_dir):
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     for seed, (h, w) in enumerate(SIZES):
         batch = processor(text=["<image>"], images=[_image(h, w, seed)], return_tensors="np")
-        assert int((batch["input_ids"] == image_id).sum()) == anyres.num_image_tokens(anyres.image_layout(h, w, cfg), cfg), (h, w)
+        assert int((batch["input_ids"] == image_id).sum()) == anyres.num_image_tokens(
+            anyres.image_layout(h, w, cfg), cfg
+        ), (h, w)

@@ -2,7 +2,8 @@
 checkpoints loaded and saved through its name map, random weights, the tiny model directory.
 
 A backbone package (``qwen2_vl``, ``qwen2_5_vl``, ``llava_next``) defines its config class, its model
-class, its ``NameMap``, its tiny config and the tiny model's tokenizer/processor files, and bundles them in a ``BACKBONE``; ``g2e_jax.models`` dispatches
+class, its ``NameMap``, its tiny config and the tiny model's tokenizer/processor files, and bundles them
+in a ``BACKBONE``; ``g2e_jax.models`` dispatches
 on ``config.json``'s ``model_type`` to it.
 """
 
@@ -45,7 +46,9 @@ class ImageProcessing:
     geometry of 3 ints per image (``grid_thw``; the anyres layout), and the placeholder tokens it takes."""
 
     config: Callable[[Path, str | None], Any]  # (model directory, pre-resize resolution) -> settings
-    preprocess: Callable[..., tuple[np.ndarray, np.ndarray]]  # (image, settings, *, source) -> (rows, geometry)
+    preprocess: Callable[
+        ..., tuple[np.ndarray, np.ndarray]
+    ]  # (image, settings, *, source) -> (rows, geometry)
     num_tokens: Callable[[np.ndarray, Any], int]  # (geometry, model config) -> image tokens
 
 

@@ -10,5 +10,14 @@ from g2e_jax.models.llava_next.config import (
 )
 from g2e_jax.models.llava_next.model import LlavaNext
 
-__all__ = ["BACKBONE", "LLAVA_V1_6_MISTRAL_7B", "NAME_MAP", "ClipVisionConfig", "LlavaNext", "LlavaNextConfig",
-           "load", "save", "tiny_config"]  # fmt: skip
+__all__ = [
+    "BACKBONE",
+    "LLAVA_V1_6_MISTRAL_7B",
+    "NAME_MAP",
+    "ClipVisionConfig",
+    "LlavaNext",
+    "LlavaNextConfig",
+    "load",
+    "save",
+    "tiny_config",
+]

@@ -11,8 +11,8 @@ from __future__ import annotations
 from g2e_jax.models.backbone import Backbone, ImageProcessing
 from g2e_jax.models.llava_next import anyres, images
 from g2e_jax.models.llava_next.chat import LLAVA_NEXT_CHAT
-from g2e_jax.models.llava_next.hf_files import write_processor_files
 from g2e_jax.models.llava_next.config import LlavaNextConfig, tiny_config
+from g2e_jax.models.llava_next.hf_files import write_processor_files
 from g2e_jax.models.llava_next.model import LlavaNext
 from g2e_jax.models.name_map import FLATTEN_CONV, NameMap, Rule
 from g2e_jax.models.qwen2_vl.checkpoint import linears, norms, text_rules
@@ -25,7 +25,7 @@ NAME_MAP = NameMap(
             "vision_tower.embeddings.patch_embedding.weight",
             "vision_tower.embeddings.patch_embedding.kernel",
             FLATTEN_CONV,
-        ),  # fmt: skip
+        ),
         Rule("vision_tower.embeddings.class_embedding", "vision_tower.embeddings.class_embedding"),
         Rule(
             "vision_tower.embeddings.position_embedding.weight",
@@ -56,6 +56,14 @@ IMAGES = ImageProcessing(
     images.preprocess_rows,
     anyres.num_image_tokens,
 )
-BACKBONE = Backbone("llava_next", LlavaNextConfig, LlavaNext, NAME_MAP, tiny_config, write_processor_files,
-                    chat=LLAVA_NEXT_CHAT, images=IMAGES)  # fmt: skip
+BACKBONE = Backbone(
+    "llava_next",
+    LlavaNextConfig,
+    LlavaNext,
+    NAME_MAP,
+    tiny_config,
+    write_processor_files,
+    chat=LLAVA_NEXT_CHAT,
+    images=IMAGES,
+)
 load, save = BACKBONE.load, BACKBONE.save

@@ -88,9 +88,21 @@ class ClipVisionConfig:
 
 
 def _text_7b() -> TextConfig:
-    return one_d_rope(TextConfig(vocab_size=32064, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                 num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=1e6,
-                                 max_position_embeddings=32768, bos_token_id=1, eos_token_id=2))  # fmt: skip
+    return one_d_rope(
+        TextConfig(
+            vocab_size=32064,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            rms_norm_eps=1e-5,
+            rope_theta=1e6,
+            max_position_embeddings=32768,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    )
 
 
 def one_d_rope(text: TextConfig) -> TextConfig:
@@ -179,12 +191,18 @@ class LlavaNextConfig:
             raise ValueError(f"{source}: vision_feature_layer {layer!r}: only one layer is supported")
         d7 = _text_7b()
         t = TextConfig.from_hf_dict({"text_config": td})
-        text = one_d_rope(dataclasses.replace(
-            t, vocab_size=int(pick(td, "vocab_size", d7.vocab_size)),
-            rms_norm_eps=float(pick(td, "rms_norm_eps", 1e-6 if text_type == "mistral" else 1e-5)),
-            rope_theta=float(pick(dict(td.get("rope_parameters") or {}), "rope_theta", pick(td, "rope_theta", 10000.0))),
-            bos_token_id=td.get("bos_token_id", 1), eos_token_id=td.get("eos_token_id", 2),
-        ))  # fmt: skip
+        text = one_d_rope(
+            dataclasses.replace(
+                t,
+                vocab_size=int(pick(td, "vocab_size", d7.vocab_size)),
+                rms_norm_eps=float(pick(td, "rms_norm_eps", 1e-6 if text_type == "mistral" else 1e-5)),
+                rope_theta=float(
+                    pick(dict(td.get("rope_parameters") or {}), "rope_theta", pick(td, "rope_theta", 10000.0))
+                ),
+                bos_token_id=td.get("bos_token_id", 1),
+                eos_token_id=td.get("eos_token_id", 2),
+            )
+        )
         head_dim = td.get("head_dim")
         if head_dim is not None and int(head_dim) != text.head_dim:
             raise ValueError(
@@ -197,15 +215,18 @@ class LlavaNextConfig:
                 vision=ClipVisionConfig.from_hf_dict(dict(d.get("vision_config") or {})),
                 text_model_type=text_type,
                 sliding_window=td.get("sliding_window") if text_type == "mistral" else None,
-                image_token_id=int(pick(d, "image_token_index", pick(d, "image_token_id", cls.image_token_id))),
-                image_grid_pinpoints=tuple(tuple(int(x) for x in p) for p in pick(d, "image_grid_pinpoints",
-                                                                                    PINPOINTS_336)),
+                image_token_id=int(
+                    pick(d, "image_token_index", pick(d, "image_token_id", cls.image_token_id))
+                ),
+                image_grid_pinpoints=tuple(
+                    tuple(int(x) for x in p) for p in pick(d, "image_grid_pinpoints", PINPOINTS_336)
+                ),
                 vision_feature_layer=int(layer),
                 vision_feature_select_strategy=str(pick(d, "vision_feature_select_strategy", "default")),
                 projector_hidden_act=str(pick(d, "projector_hidden_act", "gelu")),
                 multimodal_projector_bias=bool(pick(d, "multimodal_projector_bias", True)),
                 tie_word_embeddings=bool(tie),
-            )  # fmt: skip
+            )
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
 
@@ -261,10 +282,30 @@ def tiny_config(**text_overrides) -> LlavaNextConfig:
     from g2e_jax.models.qwen2_vl.config import tiny_text_config
 
     ids = special_token_ids()
-    text = one_d_rope(tiny_text_config(vocab_size=ids["vocab_size"], bos_token_id=ids["bos"], eos_token_id=ids["eos"],
-                                       rope_theta=1e4, rms_norm_eps=1e-5, **text_overrides))  # fmt: skip
-    vision = ClipVisionConfig(depth=3, embed_dim=32, num_heads=2, intermediate_size=64, image_size=28, patch_size=7,
-                              projection_dim=16)  # fmt: skip
+    text = one_d_rope(
+        tiny_text_config(
+            vocab_size=ids["vocab_size"],
+            bos_token_id=ids["bos"],
+            eos_token_id=ids["eos"],
+            rope_theta=1e4,
+            rms_norm_eps=1e-5,
+            **text_overrides,
+        )
+    )
+    vision = ClipVisionConfig(
+        depth=3,
+        embed_dim=32,
+        num_heads=2,
+        intermediate_size=64,
+        image_size=28,
+        patch_size=7,
+        projection_dim=16,
+    )
     pinpoints = tuple((h // 12, w // 12) for h, w in PINPOINTS_336)
-    return LlavaNextConfig(text=text, vision=vision, image_token_id=ids["image"], image_grid_pinpoints=pinpoints,
-                           sliding_window=None)  # fmt: skip
+    return LlavaNextConfig(
+        text=text,
+        vision=vision,
+        image_token_id=ids["image"],
+        image_grid_pinpoints=pinpoints,
+        sliding_window=None,
+    )

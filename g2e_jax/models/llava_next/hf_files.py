@@ -67,8 +67,17 @@ def write_processor_files(out_dir: str | Path, cfg) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "tokenizer.json", tokenizer_json())
-    tokens = {t: {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-                  "special": True} for t in SPECIAL_TOKENS.values()}  # fmt: skip
+    tokens = {
+        t: {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+        for t in SPECIAL_TOKENS.values()
+    }
     ids = special_token_ids()
     tokenizer_config = {
         "tokenizer_class": "TokenizersBackend",  # tokenizer.json as it is
@@ -109,8 +118,11 @@ def write_processor_files(out_dir: str | Path, cfg) -> Path:
         "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
         "num_additional_image_tokens": 1,  # CLIP's CLS
     }
-    for name, obj in (("tokenizer_config.json", tokenizer_config), ("preprocessor_config.json", preprocessor),
-                      ("processor_config.json", processor)):  # fmt: skip
+    for name, obj in (
+        ("tokenizer_config.json", tokenizer_config),
+        ("preprocessor_config.json", preprocessor),
+        ("processor_config.json", processor),
+    ):
         write_atomic(out / name, json.dumps(obj, indent=2) + "\n")
     write_atomic(out / "chat_template.jinja", CHAT_TEMPLATE)
     return out

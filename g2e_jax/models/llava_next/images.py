@@ -29,7 +29,9 @@ class LlavaImageConfig:
     resample: int = Image.Resampling.BICUBIC
     rescale_factor: float = 1 / 255
     patch_size: int = 14  # the vision tower's (processor_config.json): the anyres layout counts patches
-    resolution: str | None = None  # Gen2Embed's optional pre-resize (g2e_jax.data.images.resize_for_resolution)
+    resolution: str | None = (
+        None  # Gen2Embed's optional pre-resize (g2e_jax.data.images.resize_for_resolution)
+    )
 
     @classmethod
     def from_preprocessor_config(cls, path_or_dir: str | os.PathLike, *, resolution: str | None = None):
@@ -48,18 +50,23 @@ class LlavaImageConfig:
             raise ValueError(f"{path}: size {size} and crop_size {crop} must name one square tile size")
         d = cls()
         processor = path.parent / "processor_config.json"
-        patch = json.loads(processor.read_text(encoding="utf-8")).get("patch_size") if processor.is_file() else None
+        patch = (
+            json.loads(processor.read_text(encoding="utf-8")).get("patch_size")
+            if processor.is_file()
+            else None
+        )
         return cls(
             patch_size=int(patch or d.patch_size),
             tile_size=int(side),
-            image_grid_pinpoints=tuple(tuple(int(x) for x in p) for p in raw.get("image_grid_pinpoints", d.image_grid_pinpoints)),
+            image_grid_pinpoints=tuple(
+                tuple(int(x) for x in p) for p in raw.get("image_grid_pinpoints", d.image_grid_pinpoints)
+            ),
             image_mean=tuple(float(x) for x in raw.get("image_mean", d.image_mean)),
             image_std=tuple(float(x) for x in raw.get("image_std", d.image_std)),
             resample=int(raw.get("resample", d.resample)),
             rescale_factor=float(raw.get("rescale_factor", d.rescale_factor)),
             resolution=resolution,
-        )  # fmt: skip
-
+        )
 
     @property
     def anyres(self) -> Geometry:

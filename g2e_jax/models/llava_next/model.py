@@ -34,8 +34,14 @@ class Projector(nnx.Module):
 
 
 class LlavaNext(nnx.Module):
-    def __init__(self, config: LlavaNextConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs | None = None):  # fmt: skip
+    def __init__(
+        self,
+        config: LlavaNextConfig,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs | None = None,
+    ):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.config = config
@@ -86,8 +92,10 @@ class LlavaNext(nnx.Module):
         b, length = input_ids.shape
         window = self.config.sliding_window
         if window is not None and length + (0 if prefix is None else prefix[0][0].shape[0]) > window:
-            raise ValueError(f"sequence length {length} exceeds Mistral's sliding_window {window}, "
-                             "which this port does not implement")  # fmt: skip
+            raise ValueError(
+                f"sequence length {length} exceeds Mistral's sliding_window {window}, "
+                "which this port does not implement"
+            )
         if attention_mask is None:
             attention_mask = jnp.ones((b, length), jnp.int32)
         if position_ids is None:
@@ -106,9 +114,13 @@ class LlavaNext(nnx.Module):
             features = self.image_features(pixel_values, image_layout, rank).astype(embeds.dtype)
             embeds = jnp.where(is_image[..., None], features, embeds)
         return self.text(
-            embeds, jnp.asarray(attention_mask), position_ids, prefix=prefix,
-            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-        )  # fmt: skip
+            embeds,
+            jnp.asarray(attention_mask),
+            position_ids,
+            prefix=prefix,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
 
     def prefix_kv(self, ids):
         """Keys and values of a text segment ``[P]`` that starts every row (the system prompt)."""
@@ -124,11 +136,18 @@ class LlavaNext(nnx.Module):
         tiles = [anyres.num_tiles(h, w, self.config) for h, w in sizes.reshape(-1, 2).tolist()]
         if pixels.ndim == 5:
             if pixels.shape[0] != len(tiles) or max(tiles) > pixels.shape[1]:
-                raise ValueError(f"pixel_values {list(pixels.shape)} do not hold the tiles {tiles} of image_sizes")
+                raise ValueError(
+                    f"pixel_values {list(pixels.shape)} do not hold the tiles {tiles} of image_sizes"
+                )
             pixels = np.concatenate([p[:t] for p, t in zip(pixels, tiles)])
         elif pixels.shape[0] < sum(tiles):
             raise ValueError(f"image_sizes need {sum(tiles)} tiles but pixel_values holds {pixels.shape[0]}")
-        tokens, needed = int((ids == self.config.image_token_id).sum()), anyres.num_image_tokens(layout, self.config)
+        tokens, needed = (
+            int((ids == self.config.image_token_id).sum()),
+            anyres.num_image_tokens(layout, self.config),
+        )
         if tokens != needed:
-            raise ValueError(f"input_ids hold {tokens} <image> tokens but image_sizes give {needed} image features")
+            raise ValueError(
+                f"input_ids hold {tokens} <image> tokens but image_sizes give {needed} image features"
+            )
         return pixels, layout

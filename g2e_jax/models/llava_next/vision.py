@@ -14,11 +14,18 @@ class ClipEmbeddings(nnx.Module):
     def __init__(self, cfg: ClipVisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.cfg = cfg
         # The stride-P conv as a Linear over flattened (C, P, P) patches (FLATTEN_CONV in the name map).
-        self.patch_embedding = linear(cfg.in_channels * cfg.patch_size**2, cfg.embed_dim, bias=False, dtype=dtype,
-                                      param_dtype=param_dtype, rngs=rngs)  # fmt: skip
+        self.patch_embedding = linear(
+            cfg.in_channels * cfg.patch_size**2,
+            cfg.embed_dim,
+            bias=False,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
         self.class_embedding = nnx.Param(jnp.zeros((cfg.embed_dim,), param_dtype))
-        self.position_embedding = nnx.Embed(cfg.num_positions, cfg.embed_dim, dtype=dtype,
-                                            param_dtype=param_dtype, rngs=rngs)  # fmt: skip
+        self.position_embedding = nnx.Embed(
+            cfg.num_positions, cfg.embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
 
     def __call__(self, pixel_values):
         """``[T, C, S, S]`` -> ``[T, 1 + (S/P)**2, D]``."""
