@@ -1,9 +1,10 @@
 """Host-side preprocessing of rows for the embedder and for training: no model needed.
 
-Once per row: the user segment (instruction + content + role suffix, see ``g2e_jax.prompts``) is
-tokenised (cached by its text, so another system prompt re-tokenises nothing), the image is resized
-and patchified in numpy, its ``<|image_pad|>`` placeholder is expanded to the image's token count,
-over-long content is truncated inside the content, and M-RoPE offsets are computed.
+Once per row: the user segment (instruction + content + role suffix, see ``g2e_jax.prompts``, in the
+backbone's chat format) is tokenised (cached by its text, so another system prompt re-tokenises
+nothing), the image is preprocessed in numpy by the backbone's image processor (Qwen2-VL: patches and
+``grid_thw``; LLaVA-NeXT: tiles and the anyres layout), its placeholder is expanded to the image's
+token count, over-long content is truncated inside the content, and M-RoPE offsets are computed.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from g2e_jax.data.images import ImageConfig, ImageError, num_image_tokens, preprocess
-from g2e_jax.models import read_config
+from g2e_jax.data.images import ImageConfig, ImageError
+from g2e_jax.models import backbone, read_config
 from g2e_jax.models.qwen2_vl import Qwen2VLConfig, rope_index
-from g2e_jax.prompts import ASSISTANT_HEADER, IMAGE_MARKER, IMAGE_PAD, PromptConfig, get_prompt, plural
+from g2e_jax.prompts import IMAGE_MARKER, PromptConfig, get_prompt, plural
 from g2e_jax.tokenization import Tokenizer
 
 
@@ -39,8 +40,8 @@ class PreparedRow:
     user_ids: np.ndarray  # [U] int32, image pads expanded
     user_pos: np.ndarray | None  # [3, U] M-RoPE positions relative to the segment start (mrope only)
     next_pos: int  # first position after the user segment, relative to its start
-    patches: np.ndarray | None  # [P, C*T*p*p] float32
-    grid_thw: np.ndarray | None  # [3]
+    patches: np.ndarray | None  # [P, C*T*p*p] float32 (LLaVA-NeXT: tiles [T, C*S*S])
+    grid_thw: np.ndarray | None  # [3] (LLaVA-NeXT: the anyres layout, see llava_next.anyres.image_layout)
     truncated_from: int = 0  # original user-segment length when truncated, else 0
 
 
@@ -62,14 +63,17 @@ class Preprocessor:
         self.image_config = image_config
         self.prompt = get_prompt(prompt, **({"scheme": scheme} if scheme else {}))
         self.max_len = max_len
-        self.image_pad_id = tokenizer.token_id(IMAGE_PAD)
+        self.backbone = backbone(config.model_type)
+        self.chat = self.backbone.chat
+        self.chat.image_placeholder(self.prompt.scheme)  # the scheme exists for this backbone
+        self.image_pad_id = tokenizer.token_id(self.chat.image_token)
         if self.image_pad_id != config.image_token_id:
             raise ValueError(
-                f"{tokenizer.path}: <|image_pad|> is id {self.image_pad_id}, but config.json says "
+                f"{tokenizer.path}: {self.chat.image_token} is id {self.image_pad_id}, but config.json says "
                 f"image_token_id {config.image_token_id}"
             )
-        self.pad_id = tokenizer.token_id("<|endoftext|>")
-        self.header_ids = tokenizer.encode(ASSISTANT_HEADER)
+        self.pad_id = tokenizer.token_id(self.chat.pad_token)
+        self.header_ids = tokenizer.encode(self.chat.assistant_header)
         self._user_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._user_cache_size = 200_000
 
@@ -85,10 +89,9 @@ class Preprocessor:
     ) -> "Preprocessor":
         """From a local Hugging Face directory: config.json, tokenizer.json, preprocessor_config.json."""
         path = Path(path)
-        image_config = dataclasses.replace(
-            ImageConfig.from_preprocessor_config(path), resolution=image_resolution
-        )
-        return cls(read_config(path), Tokenizer(path), image_config, prompt=prompt, scheme=scheme,
+        config = read_config(path)
+        image_config = backbone(config.model_type).images.config(path, image_resolution)
+        return cls(config, Tokenizer(path), image_config, prompt=prompt, scheme=scheme,
                    max_len=max_len)  # fmt: skip
 
     def with_prompt(self, prompt: str | PromptConfig | None = None, **changes) -> "Preprocessor":
@@ -96,6 +99,7 @@ class Preprocessor:
         other = object.__new__(Preprocessor)
         other.__dict__.update(self.__dict__)
         other.prompt = get_prompt(prompt if prompt is not None else self.prompt, **changes)
+        other.chat.image_placeholder(other.prompt.scheme)
         return other
 
     def prepare(
@@ -160,7 +164,7 @@ class Preprocessor:
         return texts, images, instructions
 
     def system_ids(self, role: str) -> np.ndarray:
-        return self._tokenize(self.prompt.system_segment(role))
+        return self._tokenize(self.prompt.system_segment(role, self.chat))
 
     def _tokenize(self, text: str) -> np.ndarray:
         ids = self._user_cache.get(text)
@@ -177,7 +181,7 @@ class Preprocessor:
         """Decode, resize and patchify row ``i``'s image: ``(patches, grid_thw)``. Thread-safe (the
         image work of ``g2e_jax.pipeline``'s worker pool)."""
         try:
-            return preprocess(image, self.image_config, source="image")
+            return self.backbone.images.preprocess(image, self.image_config, source="image")
         except ImageError as e:
             raise InputError(i, "image", str(e)) from None
 
@@ -194,17 +198,17 @@ class Preprocessor:
             patches, grid = self.image_features(i, image) if features is None else features
         elif not text.strip():
             raise InputError(i, "text", "empty text and no image: nothing to embed")
-        n_image = 0 if grid is None else num_image_tokens(grid, self.image_config.merge_size)
+        n_image = 0 if grid is None else self.backbone.images.num_tokens(grid, self.config)
         budget = self.max_len - system_len - len(self.header_ids)
 
         def user_ids_for(content: str) -> np.ndarray:
             try:
                 user = self.prompt.user_text(
-                    role, content, has_image=grid is not None, instruction=instruction
+                    role, content, has_image=grid is not None, instruction=instruction, chat=self.chat
                 )
             except ValueError as e:
                 raise InputError(i, "text", str(e)) from None
-            ids = self._tokenize("\n" + user)
+            ids = self._tokenize(self.prompt.user_segment(role, user, self.chat))
             if n_image:
                 (at,) = np.flatnonzero(ids == self.image_pad_id)
                 ids = np.concatenate([ids[:at], np.full(n_image, self.image_pad_id, np.int32), ids[at + 1 :]])

@@ -13,6 +13,11 @@ and split into three segments so that only the middle one depends on the row:
 Every cut falls on a special token or right after ``user`` (a pre-token of its own), so the
 concatenated token ids equal those of the whole string. ``{USER}`` is the task instruction, the
 content (with the image placeholder) and, on the query side, the role suffix.
+
+That template is Qwen2-VL's ``ChatFormat``; another backbone brings its own with its own cuts
+(LLaVA-NeXT's ``<s>[INST] {SYSTEM}\n{USER} [/INST]``, ``g2e_jax.models.llava_next.chat``, cuts after
+``[INST]``, since its system text ends in punctuation that a byte-level BPE joins with the ``\n``).
+The hierarchical prompt itself (system texts, suffixes, Matching rule) is defined once, here.
 """
 
 from __future__ import annotations
@@ -26,6 +31,53 @@ VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 SCHEMES = ("gen2embed", "mrope")
 ROLES = ("query", "document")
 ASSISTANT_HEADER = "<|im_end|>\n<|im_start|>assistant\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatFormat:
+    """A backbone's chat template around ``{SYSTEM}`` and ``{USER}``, cut into the three segments.
+
+    Each cut must fall where the tokenizer starts a new token whatever the text around it (after a
+    special token, before a space or a newline after a letter): then the segments' ids concatenated
+    equal the whole string's (the tests check it against the HF processor)."""
+
+    name: str
+    system_segment_format: str  # may hold "{system}": constant per role, run once (prefix cache)
+    no_system_segment: str  # the same when the prompt has no system text
+    user_segment_format: str  # "{user}" and maybe "{system}": tokenised per row
+    no_system_user_segment: str
+    assistant_header: str  # after the user segment; the last token is pooled
+    image_token: str  # the placeholder the processor expands into the image's tokens
+    pad_token: str  # fills padded positions (masked out)
+    tagged_image: str | None = None  # the "mrope" scheme's placeholder; None: only "gen2embed" exists
+
+    def system_segment(self, system: str | None) -> str:
+        return self.no_system_segment if system is None else self.system_segment_format.format(system=system)
+
+    def user_segment(self, system: str | None, user: str) -> str:
+        if system is None:
+            return self.no_system_user_segment.format(user=user)
+        return self.user_segment_format.format(system=system, user=user)
+
+    def image_placeholder(self, scheme: str) -> str:
+        if scheme == "gen2embed":
+            return self.image_token
+        if self.tagged_image is None:
+            raise ValueError(f"the {self.name} chat format has no {scheme!r} scheme; use 'gen2embed'")
+        return self.tagged_image
+
+
+QWEN2_VL_CHAT = ChatFormat(
+    name="qwen2_vl",
+    system_segment_format="<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user",
+    no_system_segment="<|im_start|>user",
+    user_segment_format="\n{user}",
+    no_system_user_segment="\n{user}",
+    assistant_header=ASSISTANT_HEADER,
+    image_token=IMAGE_PAD,
+    pad_token="<|endoftext|>",
+    tagged_image=VISION_START + IMAGE_PAD + VISION_END,
+)
 
 PAPER_SYSTEM = "Given an image, summarize the provided image in one word. Given only text, describe the text in one word."
 
@@ -72,12 +124,13 @@ class PromptConfig:
             return self.document_suffix
         return self.query_suffix_image if has_image else self.query_suffix_text
 
-    def image_placeholder(self) -> str:
-        return IMAGE_PAD if self.scheme == "gen2embed" else VISION_START + IMAGE_PAD + VISION_END
+    def image_placeholder(self, chat: ChatFormat = QWEN2_VL_CHAT) -> str:
+        return chat.image_placeholder(self.scheme)
 
     # --- text --------------------------------------------------------------------------------
 
-    def user_text(self, role: str, content: str, *, has_image: bool, instruction: str | None = None) -> str:
+    def user_text(self, role: str, content: str, *, has_image: bool, instruction: str | None = None,
+                  chat: ChatFormat = QWEN2_VL_CHAT) -> str:  # fmt: skip
         """``{USER}``: instruction + content (image marker -> placeholder) + role suffix.
 
         An image without a marker in the content goes first, as MMEB's image-first rows do.
@@ -88,20 +141,22 @@ class PromptConfig:
         if markers and not has_image:
             raise ValueError(f"content has an {IMAGE_MARKER} marker but no image was given")
         if has_image:
-            placeholder = self.image_placeholder()
+            placeholder = self.image_placeholder(chat)
             content = content.replace(IMAGE_MARKER, placeholder) if markers else placeholder + content
         if instruction:
             content = self.instruction_format.format(instruction=instruction, content=content)
         return content + self.suffix(role, has_image)
 
-    def system_segment(self, role: str) -> str:
-        system = self.system(role)
-        head = "" if system is None else f"<|im_start|>system\n{system}<|im_end|>\n"
-        return head + "<|im_start|>user"
+    def system_segment(self, role: str, chat: ChatFormat = QWEN2_VL_CHAT) -> str:
+        return chat.system_segment(self.system(role))
 
-    def render(self, role: str, user: str) -> str:
+    def render(self, role: str, user: str, chat: ChatFormat = QWEN2_VL_CHAT) -> str:
         """The whole template string: what the reference pipeline tokenises in one go."""
-        return self.system_segment(role) + "\n" + user + ASSISTANT_HEADER
+        return self.system_segment(role, chat) + self.user_segment(role, user, chat) + chat.assistant_header
+
+    def user_segment(self, role: str, user: str, chat: ChatFormat = QWEN2_VL_CHAT) -> str:
+        """The row's tokenised segment: ``{USER}`` (``user_text``) in the chat format's cut."""
+        return chat.user_segment(self.system(role), user)
 
 
 def plural(role: str) -> str:

@@ -17,9 +17,14 @@ def hf_model_class(path):
     import json
     from pathlib import Path
 
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+    from transformers import (
+        LlavaNextForConditionalGeneration,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLForConditionalGeneration,
+    )
 
-    classes = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
+    classes = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+               "llava_next": LlavaNextForConditionalGeneration}  # fmt: skip
     return classes[json.loads((Path(path) / "config.json").read_text())["model_type"]]
 
 

@@ -15,6 +15,7 @@ VARIANTS = {
     "compare.py": [None],
     "demo.py": [None],
     "embed.py": [None],
+    "llava_next_mistral_7b.py": [None, "saha", "filtered", "inbatch", "zero_shot", "plain"],
     "mmeb_eval.py": [
         None, "hierarchical", "plain", "system_only", "suffix_only", "default_system", "no_one_word"
     ],

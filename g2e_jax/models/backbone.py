@@ -1,8 +1,9 @@
 """One architecture as data (``Backbone``), and what every architecture shares: Hugging Face
 checkpoints loaded and saved through its name map, random weights, the tiny model directory.
 
-A backbone package (``qwen2_vl``, ``qwen2_5_vl``) defines its config class, its model class, its
-``NameMap`` and its tiny config, and bundles them in a ``BACKBONE``; ``g2e_jax.models`` dispatches
+A backbone package (``qwen2_vl``, ``qwen2_5_vl``, ``llava_next``) defines its config class, its model
+class, its ``NameMap``, its tiny config and the tiny model's tokenizer/processor files, and bundles them
+in a ``BACKBONE``; ``g2e_jax.models`` dispatches
 on ``config.json``'s ``model_type`` to it.
 """
 
@@ -19,10 +20,12 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from g2e_jax.data import images as qwen_images
 from g2e_jax.io import write_atomic
 from g2e_jax.models.dtypes import DTYPES, resolve_dtype
 from g2e_jax.models.name_map import FLATTEN_CONV, TRANSPOSE, NameMap, Rule
 from g2e_jax.models.safetensors_io import iter_checkpoint, write_safetensors
+from g2e_jax.prompts import QWEN2_VL_CHAT, ChatFormat
 
 
 def _path_str(path) -> str:
@@ -31,11 +34,32 @@ def _path_str(path) -> str:
 
 def _hf_shape(rule: Rule, nnx_shape, cfg):
     if rule.transform is FLATTEN_CONV:
-        v = cfg.vision
-        return (v.embed_dim, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+        return cfg.vision.patch_embed_shape
     if rule.transform is TRANSPOSE:
         return tuple(nnx_shape[::-1])
     return tuple(nnx_shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageProcessing:
+    """A backbone's image processor on the host: pixel rows (Qwen2-VL: patches; LLaVA-NeXT: tiles) and a
+    geometry of 3 ints per image (``grid_thw``; the anyres layout), and the placeholder tokens it takes."""
+
+    config: Callable[[Path, str | None], Any]  # (model directory, pre-resize resolution) -> settings
+    preprocess: Callable[
+        ..., tuple[np.ndarray, np.ndarray]
+    ]  # (image, settings, *, source) -> (rows, geometry)
+    num_tokens: Callable[[np.ndarray, Any], int]  # (geometry, model config) -> image tokens
+
+
+def _qwen_image_config(path, resolution):
+    return dataclasses.replace(qwen_images.ImageConfig.from_preprocessor_config(path), resolution=resolution)
+
+
+QWEN2_VL_IMAGES = ImageProcessing(
+    _qwen_image_config, qwen_images.preprocess,
+    lambda grid, cfg: qwen_images.num_image_tokens(grid, cfg.vision.spatial_merge_size),
+)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +69,9 @@ class Backbone:
     model: type  # nnx.Module: model(config, dtype=, param_dtype=, rngs=)
     name_map: NameMap
     tiny_config: Callable[[], Any]  # the tiny random model's config (make-tiny, tests)
+    tiny_files: Callable[[Path, Any], None]  # (directory, config): tokenizer and processor files of make-tiny
+    chat: ChatFormat = QWEN2_VL_CHAT  # the chat template around the hierarchical prompt
+    images: ImageProcessing = QWEN2_VL_IMAGES
 
     def abstract_model(self, cfg, dtype: str = "float32", compute_dtype: str | None = None):
         """The model's structure with shapes only: nothing allocated, nothing initialised.

@@ -14,7 +14,6 @@ import numpy as np
 from flax import nnx
 
 from g2e_jax.models.backbone import Backbone
-from g2e_jax.models.qwen2_vl.hf_files import special_token_ids, write_processor_files
 
 
 def random_model(backbone: Backbone, cfg, seed: int = 0):
@@ -40,11 +39,6 @@ def make_tiny(backbone: Backbone, output: str | Path, *, seed: int = 0, config=N
     """Writes config.json, model.safetensors, tokenizer, chat template and preprocessor config."""
     output = Path(output)
     cfg = config if config is not None else backbone.tiny_config()
-    vocab = special_token_ids()["vocab_size"]
-    if cfg.text.vocab_size < vocab:
-        raise ValueError(f"vocab_size {cfg.text.vocab_size} is smaller than the tiny tokenizer's {vocab}")
     backbone.save(random_model(backbone, cfg, seed), output, progress=False)
-    v = cfg.vision
-    write_processor_files(output, patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
-                          merge_size=v.spatial_merge_size)  # fmt: skip
+    backbone.tiny_files(output, cfg)
     return output

@@ -16,7 +16,10 @@ PROCESSOR_FILES = (
     "chat_template.jinja",
     "chat_template.json",
     "preprocessor_config.json",
+    "processor_config.json",  # LLaVA-NeXT's processor settings (patch_size, feature strategy)
     "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",  # sentencepiece tokenizers (Llama / Mistral)
     "vocab.json",
     "merges.txt",
     "generation_config.json",

@@ -4,6 +4,7 @@ vision blocks and the merger, and the vision blocks' SwiGLU MLP (with bias)."""
 from __future__ import annotations
 
 from g2e_jax.models.backbone import Backbone
+from g2e_jax.models.qwen2_vl.hf_files import write_tiny_files
 from g2e_jax.models.name_map import NameMap
 from g2e_jax.models.qwen2_5_vl.config import Qwen2_5VLConfig, tiny_config
 from g2e_jax.models.qwen2_5_vl.model import Qwen2_5VL
@@ -31,5 +32,5 @@ NAME_MAP = NameMap(
     aliases=ALIASES,
 )
 
-BACKBONE = Backbone("qwen2_5_vl", Qwen2_5VLConfig, Qwen2_5VL, NAME_MAP, tiny_config)
+BACKBONE = Backbone("qwen2_5_vl", Qwen2_5VLConfig, Qwen2_5VL, NAME_MAP, tiny_config, write_tiny_files)
 load, save = BACKBONE.load, BACKBONE.save

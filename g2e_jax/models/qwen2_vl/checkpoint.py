@@ -7,6 +7,7 @@ transformers 5 aliases) are defined here and reused by ``g2e_jax.models.qwen2_5_
 from __future__ import annotations
 
 from g2e_jax.models.backbone import Backbone
+from g2e_jax.models.qwen2_vl.hf_files import write_tiny_files
 from g2e_jax.models.name_map import FLATTEN_CONV, TRANSPOSE, NameMap, Rule
 from g2e_jax.models.qwen2_vl.config import Qwen2VLConfig, tiny_config
 from g2e_jax.models.qwen2_vl.model import Qwen2VL
@@ -33,18 +34,27 @@ MERGER_MLP = (
     Rule("visual.merger.mlp.2.weight", "visual.merger.fc2.kernel", TRANSPOSE),
     Rule("visual.merger.mlp.2.bias", "visual.merger.fc2.bias"),
 )
-TEXT = (
-    Rule("model.embed_tokens.weight", "text.embed_tokens.embedding"),
-    *linears("model.layers.{i}.self_attn", "text.layers.{i}.attn", ("q_proj", "k_proj", "v_proj"), bias=True),
-    *linears("model.layers.{i}.self_attn", "text.layers.{i}.attn", ("o_proj",), bias=False),
-    *linears(
-        "model.layers.{i}.mlp", "text.layers.{i}.mlp", ("gate_proj", "up_proj", "down_proj"), bias=False
-    ),
-    Rule("model.layers.{i}.input_layernorm.weight", "text.layers.{i}.input_norm.scale"),
-    Rule("model.layers.{i}.post_attention_layernorm.weight", "text.layers.{i}.post_attn_norm.scale"),
-    Rule("model.norm.weight", "text.norm.scale"),
-    Rule("lm_head.weight", "lm_head.kernel", TRANSPOSE),
-)
+
+
+def text_rules(hf: str = "model", lm_head: str = "lm_head.weight", *, attention_bias: bool = True):
+    """The decoder (``text.*``) under the HF prefix ``hf``; LLaVA-NeXT's Llama/Mistral decoder has no
+    q/k/v biases and lives under ``language_model.model``."""
+    attn = "text.layers.{i}.attn"
+    return (
+        Rule(f"{hf}.embed_tokens.weight", "text.embed_tokens.embedding"),
+        *linears(f"{hf}.layers.{{i}}.self_attn", attn, ("q_proj", "k_proj", "v_proj"), bias=attention_bias),
+        *linears(f"{hf}.layers.{{i}}.self_attn", attn, ("o_proj",), bias=False),
+        *linears(
+            f"{hf}.layers.{{i}}.mlp", "text.layers.{i}.mlp", ("gate_proj", "up_proj", "down_proj"), bias=False
+        ),  # fmt: skip
+        Rule(f"{hf}.layers.{{i}}.input_layernorm.weight", "text.layers.{i}.input_norm.scale"),
+        Rule(f"{hf}.layers.{{i}}.post_attention_layernorm.weight", "text.layers.{i}.post_attn_norm.scale"),
+        Rule(f"{hf}.norm.weight", "text.norm.scale"),
+        Rule(lm_head, "lm_head.kernel", TRANSPOSE),
+    )
+
+
+TEXT = text_rules()
 # transformers 5 in-memory names -> hub names.
 ALIASES = (("model.visual.", "visual."), ("model.language_model.", "model."))
 
@@ -61,5 +71,5 @@ NAME_MAP = NameMap(
     aliases=ALIASES,
 )
 
-BACKBONE = Backbone("qwen2_vl", Qwen2VLConfig, Qwen2VL, NAME_MAP, tiny_config)
+BACKBONE = Backbone("qwen2_vl", Qwen2VLConfig, Qwen2VL, NAME_MAP, tiny_config, write_tiny_files)
 load, save = BACKBONE.load, BACKBONE.save

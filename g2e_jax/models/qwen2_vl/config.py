@@ -51,6 +51,11 @@ class VisionSizes:
         """Length of one flattened processor patch: C * T * P * P."""
         return self.in_channels * self.temporal_patch_size * self.patch_size**2
 
+    @property
+    def patch_embed_shape(self) -> tuple[int, ...]:
+        """The HF patch-embedding conv weight's shape (``FLATTEN_CONV`` un-flattens to it)."""
+        return (self.embed_dim, self.in_channels, self.temporal_patch_size, self.patch_size, self.patch_size)
+
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig(VisionSizes):
@@ -121,6 +126,7 @@ class TextConfig:
     max_position_embeddings: int = 32768
     bos_token_id: int | None = 151643
     eos_token_id: int | None = 151645
+    attention_bias: bool = True  # q/k/v biases: Qwen2 has them, Llama/Mistral (LLaVA-NeXT) do not
 
     @property
     def head_dim(self) -> int:

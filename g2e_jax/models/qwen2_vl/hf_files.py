@@ -163,6 +163,16 @@ def write_processor_files(
     return out
 
 
+def write_tiny_files(out_dir: str | Path, cfg) -> Path:
+    """The tiny Qwen2-VL / Qwen2.5-VL directory's tokenizer and processor files, for the config ``cfg``."""
+    vocab = special_token_ids()["vocab_size"]
+    if cfg.text.vocab_size < vocab:
+        raise ValueError(f"vocab_size {cfg.text.vocab_size} is smaller than the tiny tokenizer's {vocab}")
+    v = cfg.vision
+    return write_processor_files(out_dir, patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
+                                 merge_size=v.spatial_merge_size)  # fmt: skip
+
+
 def _dump_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 

@@ -1,4 +1,8 @@
-"""Qwen2-VL text decoder: grouped-query attention with M-RoPE, SwiGLU MLP, RMSNorm."""
+"""Qwen2-VL text decoder: grouped-query attention with M-RoPE, SwiGLU MLP, RMSNorm.
+
+LLaVA-NeXT's Llama/Mistral decoder is the same module: no q/k/v biases (``attention_bias``) and 1-D RoPE,
+which is M-RoPE with a single section spanning the half head (every frequency follows axis 0).
+"""
 
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ def mrope_angles(position_ids, cfg: TextConfig):
     """cos/sin ``[B, L, head_dim]`` from ``[3, B, L]`` positions.
 
     Frequency j of the half head takes its position from axis (section of j) % 3: the first
-    ``mrope_section[0]`` frequencies follow time, the next height, the last width.
+    ``mrope_section[0]`` frequencies follow time, the next height, the last width. One section of
+    ``head_dim / 2`` frequencies is plain 1-D RoPE on axis 0.
     """
     dim = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
@@ -43,9 +48,13 @@ class TextAttention(nnx.Module):
             cfg.num_key_value_heads,
             cfg.head_dim,
         )
-        self.q_proj = linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=True, **kw)
-        self.k_proj = linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True, **kw)
-        self.v_proj = linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True, **kw)
+        self.q_proj = linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=cfg.attention_bias, **kw)
+        self.k_proj = linear(
+            cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=cfg.attention_bias, **kw
+        )
+        self.v_proj = linear(
+            cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=cfg.attention_bias, **kw
+        )
         self.o_proj = linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False, **kw)
 
     def __call__(self, x, cos, sin, mask, prefix=None, output_attentions: bool = False):

@@ -1,0 +1,118 @@
+"""LLaVA-NeXT image preprocessing on the host (numpy + PIL), equal to transformers'
+``LlavaNextImageProcessorPil``: the base tile (the whole image resized to one tile) and the tiles of the
+best grid pinpoint (aspect-preserving bicubic resize, centred zero padding, row-major tiles), rescaled in
+float64, cast to float32 and normalised in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from g2e_jax.data.images import CLIP_MEAN, CLIP_STD, ImageError, load_image, resize_for_resolution
+from g2e_jax.models.llava_next.anyres import Geometry, image_layout, select_best_resolution
+from g2e_jax.models.llava_next.config import PINPOINTS_336
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaImageConfig:
+    tile_size: int = 336  # size.shortest_edge == crop_size
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = PINPOINTS_336
+    image_mean: tuple[float, ...] = CLIP_MEAN
+    image_std: tuple[float, ...] = CLIP_STD
+    resample: int = Image.Resampling.BICUBIC
+    rescale_factor: float = 1 / 255
+    patch_size: int = 14  # the vision tower's (processor_config.json): the anyres layout counts patches
+    resolution: str | None = (
+        None  # Gen2Embed's optional pre-resize (g2e_jax.data.images.resize_for_resolution)
+    )
+
+    @classmethod
+    def from_preprocessor_config(cls, path_or_dir: str | os.PathLike, *, resolution: str | None = None):
+        """Reads a ``LlavaNextImageProcessor`` ``preprocessor_config.json`` (or the directory holding it);
+        settings this port does not reproduce are refused, naming the file."""
+        path = Path(path_or_dir)
+        if path.is_dir():
+            path = path / "preprocessor_config.json"
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        for flag in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb", "do_pad", "do_center_crop"):
+            if raw.get(flag) is False:
+                raise ValueError(f"{path}: {flag}=false is not supported by g2e_jax.models.llava_next.images")
+        size, crop = dict(raw.get("size") or {}), dict(raw.get("crop_size") or {})
+        side = size.get("shortest_edge", size.get("height"))
+        if side is None or crop.get("height", side) != side or crop.get("width", side) != side:
+            raise ValueError(f"{path}: size {size} and crop_size {crop} must name one square tile size")
+        d = cls()
+        processor = path.parent / "processor_config.json"
+        patch = (
+            json.loads(processor.read_text(encoding="utf-8")).get("patch_size")
+            if processor.is_file()
+            else None
+        )
+        return cls(
+            patch_size=int(patch or d.patch_size),
+            tile_size=int(side),
+            image_grid_pinpoints=tuple(
+                tuple(int(x) for x in p) for p in raw.get("image_grid_pinpoints", d.image_grid_pinpoints)
+            ),
+            image_mean=tuple(float(x) for x in raw.get("image_mean", d.image_mean)),
+            image_std=tuple(float(x) for x in raw.get("image_std", d.image_std)),
+            resample=int(raw.get("resample", d.resample)),
+            rescale_factor=float(raw.get("rescale_factor", d.rescale_factor)),
+            resolution=resolution,
+        )
+
+    @property
+    def anyres(self) -> Geometry:
+        return Geometry(self.image_grid_pinpoints, self.tile_size, self.tile_size // self.patch_size)
+
+
+def _fit(height: int, width: int, target_h: int, target_w: int) -> tuple[int, int]:
+    """The aspect-preserving size inside the target (transformers' ``get_patch_output_size``)."""
+    scale_w, scale_h = target_w / width, target_h / height
+    if scale_w < scale_h:
+        return min(math.ceil(height * scale_w), target_h), target_w
+    return target_h, min(math.ceil(width * scale_h), target_w)
+
+
+def tiles_uint8(img: Image.Image, cfg: LlavaImageConfig) -> np.ndarray:
+    """An RGB image -> uint8 tiles ``[1 + rows * cols, 3, S, S]``: the base tile, then the grid's."""
+    s = cfg.tile_size
+    target_h, target_w = select_best_resolution(img.height, img.width, cfg.image_grid_pinpoints)
+    new_h, new_w = _fit(img.height, img.width, target_h, target_w)
+    resized = np.asarray(img.resize((new_w, new_h), resample=cfg.resample), dtype=np.uint8).transpose(2, 0, 1)
+    top, left = (target_h - new_h) // 2, (target_w - new_w) // 2
+    canvas = np.zeros((3, target_h, target_w), np.uint8)
+    canvas[:, top : top + new_h, left : left + new_w] = resized
+    grid = canvas.reshape(3, target_h // s, s, target_w // s, s).transpose(1, 3, 0, 2, 4).reshape(-1, 3, s, s)
+    base = np.asarray(img.resize((s, s), resample=cfg.resample), dtype=np.uint8).transpose(2, 0, 1)
+    return np.concatenate([base[None], grid])
+
+
+def normalize(tiles_u8: np.ndarray, cfg: LlavaImageConfig) -> np.ndarray:
+    """uint8 -> float32 as transformers does it: rescale in float64, cast, normalise in float32."""
+    x = (np.asarray(tiles_u8).astype(np.float64) * cfg.rescale_factor).astype(np.float32)
+    mean = np.asarray(cfg.image_mean, np.float32).reshape(3, 1, 1)
+    std = np.asarray(cfg.image_std, np.float32).reshape(3, 1, 1)
+    return (x - mean) / std
+
+
+def preprocess(image, cfg: LlavaImageConfig, *, source: str = "image") -> tuple[np.ndarray, np.ndarray]:
+    """One image (PIL or path) -> (pixel_values float32 ``[tiles, 3, S, S]``, image_size int64 ``[2]``
+    as (height, width) of the image the processor saw)."""
+    img = resize_for_resolution(load_image(image, source=source), cfg.resolution)
+    if min(img.height, img.width) < 1:
+        raise ImageError(f"{source}: empty image")
+    return normalize(tiles_uint8(img, cfg), cfg), np.array([img.height, img.width], np.int64)
+
+
+def preprocess_rows(image, cfg: LlavaImageConfig, *, source: str = "image") -> tuple[np.ndarray, np.ndarray]:
+    """For the Embedder: (tiles flattened ``[tiles, 3*S*S]``, the anyres layout ``[3]``)."""
+    pixels, (height, width) = preprocess(image, cfg, source=source)
+    return pixels.reshape(pixels.shape[0], -1), image_layout(int(height), int(width), cfg)
