@@ -105,6 +105,9 @@ class Watchdog:
     not move over ``timeout`` s of the service's answers is lost; when the service itself has not
     answered for ``timeout`` s, the coordinator (process 0) is. Either way this process prints which
     one (index, host, pid) and exits with status 1. A process that ends normally marks its key done.
+    When process 0 itself dies and its connections close, JAX's error poll fails first and aborts at
+    once ("Failed to send RPC to coordination service. Either the leader task ..."): fast, and it
+    names the leader; this check covers a coordinator that goes silent instead.
     """
 
     PREFIX = "g2e_jax/alive/"
