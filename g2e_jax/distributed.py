@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import sys
+import threading
+import time
 
 import jax
 import ml_collections
@@ -24,8 +28,8 @@ def distributed_section() -> ml_collections.ConfigDict:
     )  # "host:port"; None: auto-detect (TPU, SLURM) or single process
     d.num_processes = config_dict.placeholder(int)
     d.process_id = config_dict.placeholder(int)
-    # A process that sends no heartbeat for this long is dead: JAX stops every other process with
-    # "Task K heartbeat timeout" (K = the lost process id), so a pod never hangs on a lost host.
+    # A process silent for this long is lost: every other process exits naming it (``Watchdog``), so a
+    # pod never hangs on a lost host. JAX's own heartbeat timeout is 4x this (the backstop).
     d.heartbeat_timeout_s = 100
     d.initialization_timeout_s = 300  # how long processes wait for each other at start
     return d
@@ -33,12 +37,17 @@ def distributed_section() -> ml_collections.ConfigDict:
 
 def init_distributed(cfg) -> None:
     """``jax.distributed.initialize``: explicit coordinator, or JAX's own detection on TPU / SLURM;
-    timeouts from ``cfg.distributed`` (one helper for every multi-process command)."""
+    timeouts from ``cfg.distributed``, and a ``Watchdog`` that names a lost process (one helper for
+    every multi-process command)."""
     d = cfg.get("distributed")
     if d is None or jax.distributed.is_initialized():
         return
+    timeout = int(d.get("heartbeat_timeout_s", 100))
     timeouts = {
-        "heartbeat_timeout_seconds": int(d.get("heartbeat_timeout_s", 100)),
+        # JAX aborts every process (C++, without naming the lost one in words) when its heartbeat times
+        # out. Its clients beat every half timeout, so its service may call a process dead after half
+        # of it: 4x ours puts that (2x) after the watchdog's latest word (1.25x), a backstop.
+        "heartbeat_timeout_seconds": 4 * timeout,
         "initialization_timeout": int(d.get("initialization_timeout_s", 300)),
     }
     if d.coordinator is not None:
@@ -51,14 +60,136 @@ def init_distributed(cfg) -> None:
         jax.distributed.initialize(**timeouts)
     else:
         return
-    import socket
+    if jax.process_count() > 1:
+        from jax._src import distributed as jax_distributed
 
+        global _watchdog
+        client = jax_distributed.global_state.client
+        _watchdog = Watchdog(client, jax.process_index(), jax.process_count(), timeout)
+        _watchdog.start()
     print(
         f"distributed: process {jax.process_index()} of {jax.process_count()} (JAX 'task "
         f"{jax.process_index()}') on {socket.gethostname()}, pid {os.getpid()}; a process silent for "
-        f"{timeouts['heartbeat_timeout_seconds']} s stops the others",
+        f"{timeout} s stops the others",
         flush=True,
     )
+
+
+def wait_for_lost_process(error: BaseException) -> None:
+    """After a collective failed in a multi-process run, gives the ``Watchdog`` the time to name a lost
+    process (it then ends this process); returns when none was lost, for the caller to re-raise."""
+    text = str(error)
+    if _watchdog is None or not (
+        isinstance(error, jax.errors.JaxRuntimeError) or "Gloo" in text or "NCCL" in text
+    ):
+        return  # our own errors (a bad row on one process) must not wait for the others
+    _watchdog.done.wait(2 * _watchdog.timeout)
+
+
+def _exit_lost(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)  # the main thread may be blocked in a collective that never returns
+
+
+_watchdog: Watchdog | None = None
+
+
+class Watchdog:
+    """Names a lost process before JAX's coordination service aborts this one.
+
+    JAX's own answer to a dead process is a C++ abort on every other one, racing whatever Python would
+    print, and its status cannot reach a Python callback (jaxlib 0.10.2's ``missed_heartbeat_callback``
+    dies converting it: ``std::bad_cast``). So every process writes a heartbeat key (host, pid, count)
+    to the coordination service every ``timeout / 10`` s and reads everyone's. A process whose count did
+    not move over ``timeout`` s of the service's answers is lost; when the service itself has not
+    answered for ``timeout`` s, the coordinator (process 0) is. Either way this process prints which
+    one (index, host, pid) and exits with status 1. A process that ends normally marks its key done.
+    When process 0 itself dies and its connections close, JAX's error poll fails first and aborts at
+    once ("Failed to send RPC to coordination service. Either the leader task ..."): fast, and it
+    names the leader; this check covers a coordinator that goes silent instead.
+    """
+
+    PREFIX = "g2e_jax/alive/"
+
+    def __init__(self, client, me: int, count: int, timeout_s: float, clock=time.monotonic, exit=_exit_lost):
+        self.client, self.me, self.count, self.timeout = client, me, count, float(timeout_s)
+        self.interval = self.timeout / 10
+        self.clock, self.exit = clock, exit
+        self.beats = 0
+        self.started = self.last_ok = clock()  # the service's last answer
+        self.seen: dict[int, tuple[str, float]] = {}  # process -> (its key, when it last changed)
+        self.done = threading.Event()
+
+    def _value(self, **extra) -> str:
+        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "beat": self.beats, **extra})
+
+    def beat(self) -> None:
+        """One round: this process's key, then everyone's."""
+        self.beats += 1
+        self.client.key_value_set(f"{self.PREFIX}{self.me}", self._value(), allow_overwrite=True)
+        keys = self.client.key_value_dir_get(self.PREFIX)
+        now = self.clock()
+        for key, value in keys:
+            p = int(key.rsplit("/", 1)[1])
+            if p not in self.seen or self.seen[p][0] != value:
+                self.seen[p] = (value, now)
+        self.last_ok = now
+
+    def lost(self) -> str | None:
+        """The message naming the lost process(es), or None while every process is heard from."""
+        now = self.clock()
+        if now - self.last_ok > self.timeout:
+            return self._message([0], "the coordination service it runs has not answered")
+        gone = []
+        for p in range(self.count):
+            value, since = self.seen.get(p, ("{}", self.started))
+            if p != self.me and not json.loads(value).get("done") and self.last_ok - since > self.timeout:
+                gone.append(p)
+        return self._message(gone, "no heartbeat") if gone else None
+
+    def _message(self, processes: list[int], why: str) -> str:
+        def who(p):
+            info = json.loads(self.seen.get(p, ("{}", 0))[0])
+            return f"process {p}" + (f" (host {info['host']}, pid {info['pid']})" if "host" in info else "")
+
+        return (
+            f"process {self.me} of {self.count} on {socket.gethostname()}: lost {', '.join(map(who, processes))}: "
+            f"{why} for {self.timeout:g} s (distributed.heartbeat_timeout_s); stopping. Re-run the same "
+            "command on every host to resume from the last checkpoint."
+        )
+
+    def _beat_loop(self) -> None:
+        while not self.done.wait(self.interval):
+            try:
+                self.beat()
+            except Exception:  # noqa: BLE001, S110 - no answer this round; ``lost`` judges the silence
+                pass
+
+    def _judge_loop(self) -> None:
+        while not self.done.wait(self.interval / 2):
+            message = self.lost()
+            if message is not None:
+                if self.me == 0:  # the service lives here: keep it up so the others can name the same loss
+                    self.done.wait(2 * self.interval)
+                self.exit(message)
+                return
+
+    def start(self) -> None:
+        import atexit
+
+        self.beat()  # every process is connected (``initialize`` waited for all): the first round answers
+        for loop in (self._beat_loop, self._judge_loop):
+            threading.Thread(target=loop, name=f"g2e-watchdog{loop.__name__}", daemon=True).start()
+        atexit.register(self.stop)  # runs before JAX's own atexit shutdown (registered at import)
+
+    def stop(self) -> None:
+        """This process ends normally: the others must not call it lost while they finish."""
+        self.done.set()
+        try:
+            self.client.key_value_set(f"{self.PREFIX}{self.me}", self._value(done=True), allow_overwrite=True)
+        except Exception:  # noqa: BLE001, S110 - the service may be gone already; nothing to tell it
+            pass
 
 
 def is_lead() -> bool:

@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -47,6 +48,7 @@ from g2e_jax.models import load
 from g2e_jax.pipeline import RowStream
 from g2e_jax.preprocess import InputError, PreparedRow, Preprocessor, bucket, collate
 from g2e_jax.prompts import PromptConfig, check_role, plural
+from g2e_jax.train.report import AheadOfTime, device_memory_limit
 
 __all__ = ["Embedder", "InputError", "PreparedRow", "embed_batch"]
 
@@ -68,11 +70,14 @@ class Embedder:
         mesh: Mesh | None = None,
         workers: int | None = None,
         window: int | None = None,
+        device_memory_gb: float | None = None,
     ):
         """``mesh``: default, every device on the data axis (weights replicated); a mesh with an
         ``fsdp``/``tensor`` axis shards the weights by the training table. ``batch_size`` rows per
         batch in all, rounded up to a multiple of the data-axis size. ``workers`` image threads
-        (default: one per core) and a sort window of ``window`` rows (default 8 batches)."""
+        (default: one per core) and a sort window of ``window`` rows (default 8 batches).
+        ``device_memory_gb``: what one device holds, where the backend does not say (CPU); with a
+        limit known, the largest text program is compiled and checked before the first batch."""
         self.config = model.config
         self.mesh = make_mesh() if mesh is None else mesh
         self.graphdef, state = nnx.split(model)
@@ -93,10 +98,18 @@ class Embedder:
         self.prefix_cache = prefix_cache
         self._prefixes: dict[tuple, Any] = {}  # system segment ids -> per-layer (k, v); weights are fixed
         self._prefix_kv = jax.jit(lambda state, ids: nnx.merge(self.graphdef, state).prefix_kv(ids))
-        self._encode = jax.jit(
+        static = ("scheme", "pad_id", "max_patches_per_image")
+        jitted = jax.jit(
             functools.partial(_encode_batch, self.graphdef, self.traces),
-            static_argnames=("scheme", "pad_id", "max_patches_per_image"),
+            static_argnames=static,
             out_shardings=self._cell_sharding,
+        )
+        # Every program (one per role and shape bucket) is compiled and its memory checked before it
+        # runs; traced without the mesh context, as before (no activation constraints here yet).
+        limit, source = device_memory_limit(device_memory_gb, key="device_memory_gb")
+        advice = _encode_advice(self.mesh)
+        self._encode = AheadOfTime(
+            jitted, "encode program", limit=limit, limit_source=source, advice=advice, static=static
         )
 
     @classmethod
@@ -116,11 +129,13 @@ class Embedder:
         mesh: Mesh | None = None,
         shard_weights: bool = False,
         workers: int | None = None,
+        device_memory_gb: float | None = None,
     ) -> "Embedder":
         """``path``: a Hugging Face model directory or a ``g2e-jax train`` workdir; ``adapter``: a PEFT
         LoRA/DoRA folder (``adapter_config.json`` + ``adapter_model.safetensors``) merged onto ``path``.
         ``mesh=None``: every device JAX sees, on the data axis, or with ``shard_weights`` on the fsdp
-        axis (weights sharded by the training table: a model too big for one device)."""
+        axis (weights sharded by the training table: a model too big for one device).
+        ``device_memory_gb``: see ``Embedder``."""
         if is_run_dir(path):  # a `g2e-jax train` workdir: base model + trained parameters, merged
             if adapter is not None:
                 raise ValueError(f"{path} is a training workdir; adapter= applies to a base model directory")
@@ -144,7 +159,8 @@ class Embedder:
         if mesh is None and shard_weights:
             mesh = make_mesh(data=1, fsdp=jax.device_count())
         return cls(model, preprocessor, batch_size=batch_size, model_path=path, weights_id=weights_id,
-                   prefix_cache=prefix_cache, mesh=mesh, workers=workers)  # fmt: skip
+                   prefix_cache=prefix_cache, mesh=mesh, workers=workers,
+                   device_memory_gb=device_memory_gb)  # fmt: skip
 
     @classmethod
     def from_config(cls, cfg) -> "Embedder":
@@ -344,6 +360,8 @@ class Embedder:
         header_ids = jnp.asarray(self.preprocessor.header_ids)
         prefix = self.system_prefix(role)
         max_user = self.max_len - len(sys_ids) - len(header_ids)
+        if self._encode.limit is not None:
+            self._compile_largest_text(sys_ids, header_ids, prefix, max_user)
         bar = tqdm(total=n, desc=f"encoding {plural(role)}", unit="row", disable=not progress)
         many = jax.process_count() > 1
         batches = iter(batches)
@@ -376,6 +394,22 @@ class Embedder:
             bar.update(self._fetch(out, *pending))
         bar.close()
         return out
+
+    def _compile_largest_text(self, sys_ids, header_ids, prefix, max_user: int) -> None:
+        """Before the first batch: the program of a full batch of the longest text rows, compiled
+        and checked against the device (an error naming its needs and the mesh change); reported
+        once. Image batches' programs get the same check when their shapes first come."""
+        batch = self._collate_cells([], [1, self.rows_per_cell, max_user, 0, 0, 0, 0], max_user)
+        known = len(self._encode.memory)
+        statics = {
+            "scheme": self.prompt.scheme,
+            "pad_id": self.preprocessor.pad_id,
+            "max_patches_per_image": None,
+        }
+        self._encode.compile(self.state, sys_ids, header_ids, prefix, **batch["arrays"], **statics)
+        if len(self._encode.memory) > known and distributed.is_lead():
+            what = self._encode.describe(list(self._encode.memory)[-1])
+            print(f"{what} (a full batch of {self.max_len}-token text rows)", file=sys.stderr, flush=True)
 
     def _needs(self, rows: Sequence[PreparedRow]) -> list[int]:
         """[any rows, rows per cell, longest user segment, most patches / images in a cell, largest
@@ -440,6 +474,21 @@ class Embedder:
         if ids not in self._prefixes:
             self._prefixes[ids] = self._prefix_kv(self.state, jnp.asarray(ids, jnp.int32))
         return self._prefixes[ids]
+
+
+def _encode_advice(mesh: Mesh) -> str:
+    """The change that makes an encode program smaller: shard the weights, then shrink the batch."""
+    if mesh.size == 1:
+        return (
+            "one device holds the whole program: lower batch_size or max_len, or run on more devices "
+            "with the weights sharded (model.shard_weights=True)"
+        )
+    if mesh.shape.get("fsdp", 1) * mesh.shape.get("tensor", 1) < mesh.size:
+        return (
+            "shard the weights over the devices (model.shard_weights=True; Embedder.from_pretrained("
+            "shard_weights=True)), or lower batch_size or max_len"
+        )
+    return "the weights are already sharded over every device: lower batch_size or max_len, or add devices"
 
 
 def _shape_key(row: PreparedRow) -> tuple[int, int]:

@@ -218,3 +218,33 @@ def test_a_single_row_runs_one_row_not_a_full_batch(tiny_dir):
     three = emb.encode(["a single query", "b", "c"], role="query")
     assert [t[1][0] for t in emb.traces] == [1, 4]  # rows of each compiled program: 1, then 3 -> 4
     np.testing.assert_allclose(one[0], three[0], atol=2e-6)
+
+
+def test_the_encode_program_is_compiled_and_checked_before_the_first_batch(tiny_dir, embedder, capsys):
+    """With a device limit known, the program of a full batch of the longest text rows is compiled and
+    its memory checked before any row is encoded: a device too small is an error naming what the
+    program needs and the mesh change, raised before the first batch (whose missing image would
+    otherwise be the error); a device big enough reports the program and encodes as before."""
+    small = Embedder.from_pretrained(
+        tiny_dir, dtype="float32", batch_size=4, max_len=64, progress=False, device_memory_gb=1e-6
+    )
+    needs = r"the encode program needs [\d.]+ [KM]iB per device \(arguments "
+    with pytest.raises(ValueError, match=needs) as e:
+        small.encode(["a", "b"], [None, "/nonexistent/image.png"])
+    advice = (
+        "one device holds the whole program" if small.mesh.size == 1 else "shard the weights over the devices"
+    )
+    assert f"but a device holds 1.05 KiB (device_memory_gb): {advice}" in str(e.value)
+    n_sys = len(small.preprocessor.system_ids("query"))
+    largest = 64 - n_sys - len(small.preprocessor.header_ids)
+    assert small.traces == [((n_sys,), (4, largest), None)]  # the largest text program, no batch's
+
+    big = Embedder.from_pretrained(
+        tiny_dir, dtype="float32", batch_size=4, max_len=256, progress=False, device_memory_gb=100
+    )
+    texts = ["Find a caption for the news in the given photo.", "a"]
+    np.testing.assert_allclose(big.encode(texts), embedder.encode(texts), atol=1e-6)
+    said = capsys.readouterr().err
+    assert "encode program: " in said and "per device of 100.00 GiB (device_memory_gb)" in said
+    assert "(a full batch of 256-token text rows)" in said
+    assert len(big.traces) == 2  # the largest text program ahead, then the batch's bucket

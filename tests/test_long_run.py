@@ -8,6 +8,7 @@ import collections
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -199,9 +200,79 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _Service:
+    """The coordination service's key-value store, as two ``Watchdog`` s see it; ``down`` = no answers."""
+
+    def __init__(self):
+        self.store, self.down = {}, False
+
+    def key_value_set(self, key, value, allow_overwrite=False):
+        if self.down:
+            raise RuntimeError("UNAVAILABLE")
+        self.store[key] = value
+
+    def key_value_dir_get(self, prefix):
+        if self.down:
+            raise RuntimeError("UNAVAILABLE")
+        return [(k, v) for k, v in sorted(self.store.items()) if k.startswith(prefix)]
+
+
+def test_the_watchdog_names_a_silent_process_or_the_coordinator_and_not_one_that_ended():
+    from g2e_jax.distributed import Watchdog
+
+    now = [0.0]
+    service = _Service()
+    dogs = [Watchdog(service, p, 2, timeout_s=10, clock=lambda: now[0]) for p in range(2)]
+
+    def rounds(n, who=(0, 1)):
+        for _ in range(n):
+            now[0] += 2
+            for p in who:
+                try:
+                    dogs[p].beat()
+                except RuntimeError:
+                    pass
+
+    rounds(10)
+    assert dogs[0].lost() is None and dogs[1].lost() is None
+    rounds(6, who=(0,))  # process 0 saw process 1's last beat at its next round, 10 s ago: not yet
+    assert dogs[0].lost() is None
+    rounds(1, who=(0,))
+    message = dogs[0].lost()
+    assert (
+        message.startswith("process 0 of 2")
+        and f"lost process 1 (host {socket.gethostname()}, pid" in message
+    )
+    assert "no heartbeat for 10 s (distributed.heartbeat_timeout_s)" in message
+    # A process that ended normally is never called lost.
+    dogs[1].stop()
+    rounds(20, who=(0,))
+    assert dogs[0].lost() is None
+    # The service stops answering: process 1 blames the coordinator, not a peer whose key went stale
+    # with it (process 2 missed the last two rounds before the outage).
+    dogs = [Watchdog(service, p, 3, timeout_s=10, clock=lambda: now[0]) for p in range(3)]
+    service.store.clear()
+    rounds(10, who=(0, 1, 2))
+    rounds(2, who=(0, 1))
+    service.down = True
+    rounds(5)
+    assert dogs[1].lost() is None
+    rounds(1)
+    assert "lost process 0 (host" in dogs[1].lost() and "has not answered for 10 s" in dogs[1].lost()
+
+    # The threads: a real clock, a peer that never beats, and the exit this process would take.
+    service = _Service()
+    said = []
+    started = time.monotonic()
+    dog = Watchdog(service, 1, 2, timeout_s=0.5, exit=lambda m: said.append((m, time.monotonic() - started)))
+    dog.start()
+    while not said and time.monotonic() - started < 10:
+        time.sleep(0.05)
+    dog.stop()
+    assert said and "lost process 0" in said[0][0] and 0.5 < said[0][1] < 2, said
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(reason="known failure on the merged code (2026-11-26): the survivor aborts inside JAX's "
-                   "coordination service before printing which process was lost; issue 17 stays open", strict=False)
 def test_a_killed_process_stops_the_other_and_the_run_resumes(tiny_dir, clean, tmp_path):
     """2 CPU processes; SIGKILL process 1 mid-run: process 0 exits within the heartbeat timeout (10 s)
     plus a margin, naming task 1; the same command then resumes from the last checkpoint."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import jax
@@ -115,33 +114,3 @@ def record_skipped(path: Path, records: list[dict]) -> None:
     if records:
         with open(path, "a", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-
-
-def name_lost_processes(error: BaseException, timeout_s: float) -> None:
-    """After a collective failed in a multi-process run, prints which processes are gone. The
-    coordination service answers once their heartbeats timed out (``distributed.heartbeat_timeout_s``);
-    JAX may end this process first, and then its own log names them ("Task K heartbeat timeout")."""
-    count = jax.process_count()
-    text = str(error)
-    if count == 1 or not (isinstance(error, jax.errors.JaxRuntimeError) or "Gloo" in text or "NCCL" in text):
-        return  # our own errors (a bad row on one process) must not wait for the others
-    import threading
-
-    from jax._src import distributed
-
-    answer = {}
-
-    def ask():
-        answer["live"] = distributed.global_state.client.get_live_nodes(list(range(count)))
-
-    thread = threading.Thread(target=ask, daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    lost = sorted(set(range(count)) - set(answer.get("live", range(count))))
-    if lost:
-        print(
-            f"process {jax.process_index()}: lost process(es) {lost} of {count} (no heartbeat); stopping. "
-            "Re-run the same command on every host to resume from the last checkpoint.",
-            file=sys.stderr,
-            flush=True,
-        )

@@ -153,9 +153,11 @@ def memory_needed(compiled) -> dict | None:
     return out
 
 
-def device_memory_limit(configured_gb: float | None = None) -> tuple[int | None, str]:
+def device_memory_limit(
+    configured_gb: float | None = None, key: str = "train.device_memory_gb"
+) -> tuple[int | None, str]:
     """(bytes one device can hold, where that number comes from): the device's own report where it
-    has one (GPU, TPU), else the configured value (CPU), else None (no check)."""
+    has one (GPU, TPU), else the configured value (``key``; CPU), else None (no check)."""
     stats = None
     try:
         stats = jax.local_devices()[0].memory_stats()
@@ -164,8 +166,8 @@ def device_memory_limit(configured_gb: float | None = None) -> tuple[int | None,
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"]), f"{jax.local_devices()[0].device_kind} bytes_limit"
     if configured_gb is not None:
-        return int(configured_gb * GIB), "train.device_memory_gb"
-    return None, "no limit known (set train.device_memory_gb to check on this backend)"
+        return int(configured_gb * GIB), key
+    return None, f"no limit known (set {key} to check on this backend)"
 
 
 def mesh_advice(mesh_cfg: dict, devices: int) -> str:
@@ -187,11 +189,12 @@ class AheadOfTime:
     ``compile`` lowers and compiles for (abstract or concrete) arguments, checks the program's
     memory against the device and keeps the executable; a call runs the executable for its
     arguments' shapes (compiling, and checking, a new shape once), so no program is compiled twice.
+    ``static``: the jitted function's ``static_argnames`` (part of the key, not passed to the executable).
     """
 
     def __init__(self, jitted, what: str, *, mesh=None, limit: int | None = None, limit_source: str = "",
-                 advice: str = ""):
-        self.jitted, self.what, self.mesh, self.advice = jitted, what, mesh, advice
+                 advice: str = "", static: tuple[str, ...] = ()):
+        self.jitted, self.what, self.mesh, self.advice, self.static = jitted, what, mesh, advice, static
         self.limit, self.limit_source = limit, limit_source
         self.executables: dict = {}
         self.memory: dict = {}  # key -> memory_needed
@@ -201,12 +204,12 @@ class AheadOfTime:
         leaves, tree = jax.tree.flatten(args)
         return tree, tuple((tuple(x.shape), str(x.dtype)) if hasattr(x, "shape") else x for x in leaves)
 
-    def compile(self, *args):
-        key = self._key(args)
+    def compile(self, *args, **kwargs):
+        key = self._key((args, kwargs))
         if key not in self.executables:
             # Traced under the mesh, so the model's activation constraints (``mesh.constrain``) apply.
             with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-                lowered = self.jitted.lower(*args)
+                lowered = self.jitted.lower(*args, **kwargs)
             compiled = lowered.compile()
             need = memory_needed(compiled)
             self.memory[key] = need
@@ -224,8 +227,9 @@ class AheadOfTime:
                     f"{_fmt(self.limit)} ({self.limit_source}): {self.advice}"
                 )
 
-    def __call__(self, *args):
-        return self.compile(*args)(*args)
+    def __call__(self, *args, **kwargs):
+        dynamic = {k: v for k, v in kwargs.items() if k not in self.static}
+        return self.compile(*args, **kwargs)(*args, **dynamic)
 
     def describe(self, key=None) -> str:
         need = self.memory[key] if key is not None else next(iter(self.memory.values()), None)

@@ -32,7 +32,7 @@ from g2e_jax.compile_cache import CompileClock
 from g2e_jax.config_utils import config_to_json
 from g2e_jax.data.check import check_before_run
 from g2e_jax.data.clusters import ClusterBatchSampler, batch_label
-from g2e_jax.distributed import distributed_section, init_distributed
+from g2e_jax.distributed import distributed_section, init_distributed, wait_for_lost_process
 from g2e_jax.io import save_figure_atomic, write_atomic
 from g2e_jax.mesh import BATCH_AXES, make_mesh, shard_model
 from g2e_jax.models import load
@@ -44,7 +44,6 @@ from g2e_jax.train.guards import (
     BadSteps,
     TrainingStopped,
     checkpoint_bytes,
-    name_lost_processes,
     preflight_workdir,
     record_skipped,
     skipped_file,
@@ -469,7 +468,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
                 print(f"SIGTERM: saved a checkpoint at step {done}; stopping", flush=True)
                 break
     except Exception as e:  # a collective failed: say which process died (multi-process runs)
-        name_lost_processes(e, 2 * cfg.distributed.get("heartbeat_timeout_s", 100))
+        wait_for_lost_process(e)
         raise
     finally:
         batches.close()
