@@ -31,7 +31,7 @@ def default_dir() -> Path:
 def enable_compile_cache() -> Path | None:
     """Points JAX at the cache folder (see the module docstring); returns it, or None when off."""
     setting = os.environ.get(ENV, "").strip()
-    if setting.lower() in OFF and setting:
+    if setting.lower() in OFF:
         jax.config.update("jax_enable_compilation_cache", False)
         return None
     folder = Path(setting) if setting else None

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow  # 7B widths: `pytest -m "not slow"` leaves it out
 
 from conftest import assert_parity  # noqa: E402
 from hf_reference import load_hf_model  # noqa: E402
-from test_llava_next_parity import encode, hf_hidden, inst, random_image  # noqa: E402
+from test_llava_next_parity import encode, hf_hidden, inst, our_hidden, random_image  # noqa: E402
 
 from g2e_jax import models  # noqa: E402
 from g2e_jax.models.llava_next import LLAVA_V1_6_MISTRAL_7B, anyres  # noqa: E402
@@ -49,14 +49,7 @@ def test_llava_v1_6_mistral_7b_widths(tmp_path):
     del hf_model
     model = models.load(path, progress=False)
     assert model.config == cfg
-    out = np.asarray(
-        model(
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["pixel_values"],
-            image_sizes=batch["image_sizes"],
-        )
-    )
+    out = our_hidden(model, batch)
     assert_parity(
         "LLaVA-NeXT llava-v1.6-mistral-7b widths, 1 layer + 2 CLIP layers", ref, out, batch["attention_mask"]
     )

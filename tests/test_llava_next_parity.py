@@ -69,6 +69,18 @@ def hf_hidden(hf_model, batch):
         return hf_model.model(**{k: torch.as_tensor(v) for k, v in batch.items()}).last_hidden_state.numpy()
 
 
+def our_hidden(model, batch):
+    """Our final hidden states for a processor batch with images (the eager call, as transformers')."""
+    return np.asarray(
+        model(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["pixel_values"],
+            image_sizes=batch["image_sizes"],
+        )
+    )
+
+
 def test_text_only(processor, hf_model, model):
     batch = encode(processor, [inst("a cat"), inst("Represent the given text in one word. " * 3)])
     assert (batch["attention_mask"][0] == 0).any()  # right padding in the first row
@@ -80,14 +92,7 @@ def test_text_only(processor, hf_model, model):
 
 def test_one_image(processor, hf_model, model):
     batch = encode(processor, [inst("<image>\nWhat is this?")], [random_image(37, 90, 1)])
-    out = np.asarray(
-        model(
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["pixel_values"],
-            image_sizes=batch["image_sizes"],
-        )
-    )
+    out = our_hidden(model, batch)
     assert_parity(
         "LLaVA-NeXT one image (37x90, 1x3 tiles)", hf_hidden(hf_model, batch), out, batch["attention_mask"]
     )
@@ -101,14 +106,7 @@ def test_images_of_different_sizes_and_grids(processor, hf_model, model):
     assert grids == [(3, 1), (2, 2), (2, 1)]
     texts = [inst("<image> and <image> differ"), inst("text only row"), inst("<image>\nlast")]
     batch = encode(processor, texts, images)
-    out = np.asarray(
-        model(
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["pixel_values"],
-            image_sizes=batch["image_sizes"],
-        )
-    )
+    out = our_hidden(model, batch)
     ref = hf_hidden(hf_model, batch)
     mask = batch["attention_mask"]
     for row, case in enumerate(
@@ -187,14 +185,7 @@ def test_save_then_transformers_loads(model, processor, tmp_path):
     state = hf.state_dict()
     assert len(ours) == len([k for k in state if "position_ids" not in k])
     batch = encode(processor, [inst("<image>\nround trip")], [random_image(40, 20, 10)])
-    out = np.asarray(
-        model(
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["pixel_values"],
-            image_sizes=batch["image_sizes"],
-        )
-    )
+    out = our_hidden(model, batch)
     assert_parity(
         "LLaVA-NeXT saved by g2e_jax, run by transformers", hf_hidden(hf, batch), out, batch["attention_mask"]
     )
