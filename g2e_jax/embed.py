@@ -41,6 +41,7 @@ from g2e_jax import distributed
 from g2e_jax.adapters.lora import merge_adapters
 from g2e_jax.adapters.peft import WEIGHTS_FILE, load_peft_adapter
 from g2e_jax.adapters.trained import is_run_dir, load_trained
+from g2e_jax.aot import AheadOfTime, device_memory_limit
 from g2e_jax.data.images import ImageConfig
 from g2e_jax.io import save_npy_atomic, sha256_file, weights_fingerprint
 from g2e_jax.mesh import BATCH_AXES, constrain, make_mesh, state_shardings
@@ -48,7 +49,6 @@ from g2e_jax.models import load
 from g2e_jax.pipeline import RowStream
 from g2e_jax.preprocess import InputError, PreparedRow, Preprocessor, bucket, collate
 from g2e_jax.prompts import PromptConfig, check_role, plural
-from g2e_jax.train.report import AheadOfTime, device_memory_limit
 
 __all__ = ["Embedder", "InputError", "PreparedRow", "embed_batch"]
 

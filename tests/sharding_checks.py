@@ -16,14 +16,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from g2e_jax.adapters.lora import AdapterConfig
+from g2e_jax.aot import AheadOfTime
+from g2e_jax.mesh import BATCH_AXES, make_mesh
 from g2e_jax.models.qwen2_vl import Qwen2VLConfig, TextConfig, VisionConfig
 from g2e_jax.models.qwen2_vl.config import tiny_config
 from g2e_jax.models.qwen2_vl.model import Qwen2VL
 from g2e_jax.models.qwen2_vl.tiny import with_token_ids
 from g2e_jax.train.batch import BatchShape
-from g2e_jax.adapters.lora import AdapterConfig
-from g2e_jax.mesh import BATCH_AXES, make_mesh
-from g2e_jax.train.report import AheadOfTime, abstract_batch, abstract_train_state, mesh_advice, sharding_report
+from g2e_jax.train.report import abstract_batch, abstract_train_state, mesh_advice, sharding_report
 from g2e_jax.train.step import StepConfig, make_optimizer, train_step
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "sharding_tiny.txt"

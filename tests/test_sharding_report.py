@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import report
 
 HERE = Path(__file__).resolve().parent
@@ -76,7 +75,7 @@ def test_ahead_of_time_compiles_once_and_checks_memory():
     import jax
     import jax.numpy as jnp
 
-    from g2e_jax.train.report import AheadOfTime
+    from g2e_jax.aot import AheadOfTime
 
     traces = []
 

@@ -16,6 +16,7 @@ import os
 import re
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -155,7 +156,8 @@ def load_peft_adapter(
                     f"{weights_path}: {path}.{name} has shape {tuple(value.shape)}, the model "
                     f"needs {tuple(var.get_value().shape)} (rank {cfg.rank})"
                 )
-            var.set_value(np.asarray(value, dtype=var.get_value().dtype))
+            # A device array like every other parameter (a numpy leaf has no sharding to restore onto).
+            var.set_value(jnp.asarray(value, dtype=var.get_value().dtype))
     return cfg
 
 

@@ -10,7 +10,6 @@ executables are the ones the steps then run.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import re
 from pathlib import Path
@@ -19,17 +18,9 @@ import jax
 import numpy as np
 from flax import nnx
 
+from g2e_jax.aot import AheadOfTime, device_memory_limit, fmt_bytes
 from g2e_jax.io import write_atomic
 from g2e_jax.mesh import explain_spec, param_rule
-
-GIB = 1 << 30
-
-
-def _fmt(n: float) -> str:
-    for unit, size in (("GiB", GIB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 def _bytes(leaf) -> tuple[int, int]:
@@ -79,15 +70,15 @@ class ShardingReport:
         mesh = " x ".join(f"{k}={v}" for k, v in self.mesh.items())
         lines = [
             f"mesh {mesh} ({int(np.prod(list(self.mesh.values())))} devices)",
-            f"parameters: {_fmt(total)} in {len(self.rows)} arrays, {_fmt(local)} per device "
-            f"(trainable {_fmt(trainable[0])}, {_fmt(trainable[1])} per device; replicated by rule "
-            f"{_fmt(meant[1])})",
-            f"optimizer state: {_fmt(self.opt_total)}, {_fmt(self.opt_per_device)} per device",
+            f"parameters: {fmt_bytes(total)} in {len(self.rows)} arrays, {fmt_bytes(local)} per device "
+            f"(trainable {fmt_bytes(trainable[0])}, {fmt_bytes(trainable[1])} per device; replicated by rule "
+            f"{fmt_bytes(meant[1])})",
+            f"optimizer state: {fmt_bytes(self.opt_total)}, {fmt_bytes(self.opt_per_device)} per device",
         ]
         if self.fallbacks:
             lost = self.bytes(self.fallbacks)
             lines.append(f"WARNING: {len(self.fallbacks)} parameters fell back to replication "
-                         f"({_fmt(lost[1])} per device):")
+                         f"({fmt_bytes(lost[1])} per device):")
             groups: dict[tuple, int] = {}
             for r in self.fallbacks:  # one line per layer pattern on the console; every one in the file
                 key = (re.sub(r"\.\d+\.", ".*.", r.path), r.fallback)
@@ -100,7 +91,7 @@ class ShardingReport:
         head = ("parameter", "shape", "dtype", "logical axes", "sharding", "per device", "note")
         body = [
             (r.path + ("" if r.trainable else " (frozen)"), "x".join(map(str, r.shape)) or "()", r.dtype,
-             ",".join(str(n) for n in r.logical) or "-", r.spec, _fmt(r.per_device),
+             ",".join(str(n) for n in r.logical) or "-", r.spec, fmt_bytes(r.per_device),
              f"FELL BACK: {r.fallback}" if r.fallback else "")
             for r in self.rows
         ]
@@ -141,35 +132,6 @@ def sharding_report(params, rest, opt_state, mesh) -> ShardingReport:
 # --- ahead-of-time compilation with a memory check ------------------------------------------------------
 
 
-def memory_needed(compiled) -> dict | None:
-    """Per-device bytes of a compiled program from ``memory_analysis()`` (None where unavailable)."""
-    m = compiled.memory_analysis()
-    if m is None:
-        return None
-    out = {k: int(getattr(m, f"{k}_size_in_bytes", 0)) for k in ("argument", "output", "alias", "temp",
-                                                                    "generated_code")}
-    # Donated inputs alias outputs: they are counted once.
-    out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"] + out["generated_code"]
-    return out
-
-
-def device_memory_limit(
-    configured_gb: float | None = None, key: str = "train.device_memory_gb"
-) -> tuple[int | None, str]:
-    """(bytes one device can hold, where that number comes from): the device's own report where it
-    has one (GPU, TPU), else the configured value (``key``; CPU), else None (no check)."""
-    stats = None
-    try:
-        stats = jax.local_devices()[0].memory_stats()
-    except Exception:  # noqa: BLE001 - backends without memory stats
-        pass
-    if stats and stats.get("bytes_limit"):
-        return int(stats["bytes_limit"]), f"{jax.local_devices()[0].device_kind} bytes_limit"
-    if configured_gb is not None:
-        return int(configured_gb * GIB), key
-    return None, f"no limit known (set {key} to check on this backend)"
-
-
 def mesh_advice(mesh_cfg: dict, devices: int) -> str:
     """The mesh change that shards more of the state: more fsdp first, then the activation knobs."""
     fsdp, tensor = mesh_cfg.get("fsdp", 1), mesh_cfg.get("tensor", 1)
@@ -181,65 +143,6 @@ def mesh_advice(mesh_cfg: dict, devices: int) -> str:
     return ("the state is already sharded over every device (mesh.fsdp = "
             f"{fsdp}): cut activations with train.grad_cache=True, a smaller train.rows_per_cell, "
             "train.remat=full, or use more devices")
-
-
-class AheadOfTime:
-    """A jitted function's executables by input shapes, compiled before their first call.
-
-    ``compile`` lowers and compiles for (abstract or concrete) arguments, checks the program's
-    memory against the device and keeps the executable; a call runs the executable for its
-    arguments' shapes (compiling, and checking, a new shape once), so no program is compiled twice.
-    ``static``: the jitted function's ``static_argnames`` (part of the key, not passed to the executable).
-    """
-
-    def __init__(self, jitted, what: str, *, mesh=None, limit: int | None = None, limit_source: str = "",
-                 advice: str = "", static: tuple[str, ...] = ()):
-        self.jitted, self.what, self.mesh, self.advice, self.static = jitted, what, mesh, advice, static
-        self.limit, self.limit_source = limit, limit_source
-        self.executables: dict = {}
-        self.memory: dict = {}  # key -> memory_needed
-
-    @staticmethod
-    def _key(args):
-        leaves, tree = jax.tree.flatten(args)
-        return tree, tuple((tuple(x.shape), str(x.dtype)) if hasattr(x, "shape") else x for x in leaves)
-
-    def compile(self, *args, **kwargs):
-        key = self._key((args, kwargs))
-        if key not in self.executables:
-            # Traced under the mesh, so the model's activation constraints (``mesh.constrain``) apply.
-            with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-                lowered = self.jitted.lower(*args, **kwargs)
-            compiled = lowered.compile()
-            need = memory_needed(compiled)
-            self.memory[key] = need
-            self.check(need)
-            self.executables[key] = compiled
-        return self.executables[key]
-
-    def check(self, need: dict | None) -> None:
-        """A program whose per-device need exceeds the limit is an error with the numbers and advice."""
-        if need is not None and self.limit is not None and need["total"] > self.limit:
-            raise ValueError(
-                    f"the {self.what} needs {_fmt(need['total'])} per device "
-                    f"(arguments {_fmt(need['argument'])}, outputs {_fmt(need['output'])}, "
-                    f"temporaries {_fmt(need['temp'])}) but a device holds "
-                    f"{_fmt(self.limit)} ({self.limit_source}): {self.advice}"
-                )
-
-    def __call__(self, *args, **kwargs):
-        dynamic = {k: v for k, v in kwargs.items() if k not in self.static}
-        return self.compile(*args, **kwargs)(*args, **dynamic)
-
-    def describe(self, key=None) -> str:
-        need = self.memory[key] if key is not None else next(iter(self.memory.values()), None)
-        if need is None:
-            return f"{self.what}: compiled ahead of time (this backend reports no memory analysis)"
-        limit = f" of {_fmt(self.limit)} ({self.limit_source})" if self.limit else f" ({self.limit_source})"
-        return (f"{self.what}: {_fmt(need['total'])} per device{limit}: arguments {_fmt(need['argument'])}, "
-                f"outputs {_fmt(need['output'])}, aliased {_fmt(need['alias'])}, "
-                f"temporaries {_fmt(need['temp'])}, "
-                f"code {_fmt(need['generated_code'])}")
 
 
 def abstract_batch(shape, pad_id: int, sharding_for):

@@ -412,8 +412,9 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
     base_key = jax.random.key(cfg.train.seed)
     # Sharding report and the step compiled (and its memory checked) before the first batch.
     biggest = abstract_batch(run.shape, run.preprocessor.pad_id, lambda n: NamedSharding(run.mesh, _batch_spec(n)))
+    first_key = jax.random.fold_in(base_key, start)  # before the mark: the next window is the step's alone
     clock.mark("setup_s")
-    fn = before_first_step(run, fn, biggest, run.consts, jax.random.fold_in(base_key, start), lead=lead)
+    fn = before_first_step(run, fn, biggest, run.consts, first_key, lead=lead)
     clock.mark("first_compile_s")
     schedule_lr = _lr(cfg)
     preempted = _Preempted()
