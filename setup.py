@@ -30,7 +30,7 @@ setup(
     ],
     extras_require={
         # torch: install the CPU build first (`pip install torch==2.13.0`), see README.
-        "test": ["pytest", "torch", "peft"],
+        "test": ["pytest", "pytest-xdist", "torch", "peft"],
         # `g2e-jax compare` live mode (the PyTorch reference; peft for adapters).
         "torch": ["torch", "peft"],
         # MTEB / MIEB evaluation (g2e_jax.integrations.mteb); pulls sentence-transformers and torch.

@@ -23,7 +23,7 @@ def _readme_commands_module():
 def test_ci_takes_both_commands_from_the_readme():
     module = _readme_commands_module()
     commands = module.readme_commands((ROOT / "README.md").read_text(encoding="utf-8"))
-    assert commands == {"demo": "g2e-jax demo", "tests": "python -m pytest tests -q"}
+    assert commands == {"demo": "g2e-jax demo", "tests": "python -m pytest tests -q -n 2"}
     script = (ROOT / ".ci" / "run").read_text()
     assert "python .ci/readme_commands.py demo" in script and "python .ci/readme_commands.py tests" in script
     # No second copy of either command in the script (comments aside).
