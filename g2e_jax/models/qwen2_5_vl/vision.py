@@ -99,5 +99,5 @@ class Qwen2_5VisionTower(VisionTower):
         for i, block in enumerate(self.blocks):
             # In window order each image still spans its own patch range: the per-image layout holds.
             attend = layout.attend if i in full else windows.attend
-            x = call_layer(lambda m, x, attend=attend: m(x, cos, sin, attend), block, x)
+            x = call_layer(lambda m, x: m(x, cos, sin, attend), block, x)  # noqa: B023 (called at once)
         return windows.from_windows(self.merger(x))
