@@ -1,8 +1,9 @@
 """Sharding reports and ahead-of-time memory checks on 8 simulated CPU devices, abstract arrays only.
 
-Usage: XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharding_checks.py OUT.json [--full]
-tests/test_sharding_report.py asserts on OUT.json. ``--full`` adds the whole 7B model (28 layers, 32
-vision blocks; minutes on 2 cores) for the record, and prints its report and memory analysis.
+Usage: XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharding_checks.py OUT.json [--full
+[--remat=layers]]
+tests/test_sharding_report.py asserts on OUT.json. ``--full`` instead compiles the whole 7B model (28 layers,
+32 vision blocks; minutes on 2 cores) for the record, and prints its report and memory analysis.
 """
 
 from __future__ import annotations
@@ -54,13 +55,14 @@ def plan(cfg, mesh, dtype=jnp.bfloat16, kind="dora"):
     return tx, state
 
 
-def compile_step(cfg, mesh, tx, state, shape: BatchShape, limit=None):
-    """The training step at these widths compiled for an abstract batch; its AheadOfTime."""
+def compile_step(cfg, mesh, tx, state, shape: BatchShape, limit=None, remat="none"):
+    """The training step (GradCache, ``train.remat`` = ``remat``) at these widths compiled for an
+    abstract batch; its AheadOfTime."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
     graphdef, params, rest, opt_state = state
-    step_cfg = StepConfig(grad_cache=True, max_patches_per_image=1024)
+    step_cfg = StepConfig(grad_cache=True, remat=remat, max_patches_per_image=1024)
     shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
     fn = jax.jit(lambda p, r, o, b, c, k: train_step(graphdef, p, r, o, b, c, k, tx=tx, cfg=step_cfg),
                  donate_argnums=(0, 2), out_shardings=(*shardings, None))
@@ -171,7 +173,9 @@ def memory_checks(results):
     mesh = make_mesh(fsdp=8)
     cfg = width_config("7b", layers=1, blocks=1)
     tx, state = plan(cfg, mesh)
-    shape = BatchShape(chunks=1, cells=8, rows_per_cell=1, users=32, patches_per_cell=64, patch_dim=1176)
+    # Two chunks: with one, XLA flattens GradCache's loops and holds both passes' buffers at once (about
+    # twice the temporaries on 8 devices; docs of issue 18).
+    shape = BatchShape(chunks=2, cells=8, rows_per_cell=1, users=32, patches_per_cell=64, patch_dim=1176)
     aot = compile_step(cfg, mesh, tx, state, shape)
     need = next(iter(aot.memory.values()))
     results["memory/7b_1_layer"] = {"need": need, "describe": aot.describe()}
@@ -185,25 +189,50 @@ def memory_checks(results):
     results["memory/advice_data8"] = mesh_advice(dict(replicated.shape), 8)
 
 
-def full_7b():
-    """The whole 7B model, fsdp=8: the report and the step's memory analysis (the paper's batch per
-    device: GradCache chunks of 4 rows, 960 user tokens, 4 images of 448 x 448 per cell)."""
+def remat_checks(results):
+    """Per-device temporaries of the step at depth 1 and 4 (decoder layers and vision blocks alike),
+    with and without per-layer remat, at a small width and fsdp=8: without it the backward holds every
+    layer's activations (f32 attention scores included), with it each layer's input and one layer's
+    activations."""
+    mesh = make_mesh(fsdp=8)
+    # Narrow layers, long sequences: activations, not (gathered, on CPU float32-converted) weights, dominate.
+    text = {"vocab_size": 1024, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2,
+            "num_key_value_heads": 1}
+    shape = BatchShape(chunks=2, cells=8, rows_per_cell=2, users=512, patches_per_cell=1024, patch_dim=1176)
+    for depth in (1, 4):
+        cfg = with_token_ids(Qwen2VLConfig(
+            text=TextConfig(**text, num_hidden_layers=depth, mrope_section=(8, 12, 12), rope_theta=1e6),
+            vision=VisionConfig(depth=depth, embed_dim=128, num_heads=2, mlp_ratio=4, out_hidden_size=128),
+            tie_word_embeddings=False))
+        tx, state = plan(cfg, mesh)
+        for remat in ("none", "layers"):
+            need = next(iter(compile_step(cfg, mesh, tx, state, shape, remat=remat).memory.values()))
+            results[f"remat/{remat}/depth{depth}"] = need
+    # What per-layer remat must keep per added (layer + block): its bf16 input, per device (one cell).
+    user_tokens = shape.rows_per_cell * (shape.users + 40 + 5 + shape.patches_per_cell // 4)
+    results["remat/residual_bytes"] = 2 * (user_tokens * text["hidden_size"] + shape.patches_per_cell * 128)
+
+
+def full_7b(remat: str):
+    """The whole 7B model, fsdp=8: the report and the step's memory analysis at ``train.remat`` =
+    ``remat`` (the paper's batch per device: GradCache chunks of 4 rows, 960 user tokens, 4 images
+    of 448 x 448 per cell)."""
     mesh = make_mesh(fsdp=8)
     cfg = width_config("7b", layers=28, blocks=32)
     tx, state = plan(cfg, mesh)
     report = sharding_report(state[1], state[2], state[3], mesh)
     print(report.summary())
     shape = BatchShape(chunks=2, cells=8, rows_per_cell=4, users=960, patches_per_cell=4096, patch_dim=1176)
-    print(compile_step(cfg, mesh, tx, state, shape).describe())
+    print(compile_step(cfg, mesh, tx, state, shape, remat=remat).describe())
 
 
 def main():
     assert jax.device_count() == 8, jax.device_count()
     if "--full" in sys.argv:
-        full_7b()
+        full_7b(next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--remat=")), "none"))
         return
     results = {}
-    for check in (width_checks, tiny_golden, fallback_checks, constraint_checks, memory_checks):
+    for check in (width_checks, tiny_golden, fallback_checks, constraint_checks, memory_checks, remat_checks):
         start = time.perf_counter()
         check(results) if check is not tiny_golden else check(results, update="--update-golden" in sys.argv)
         print(f"{check.__name__}: {time.perf_counter() - start:.1f} s", flush=True)

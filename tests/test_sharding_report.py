@@ -22,7 +22,7 @@ def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("sc") / "results.json"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     proc = subprocess.run([sys.executable, str(HERE / "sharding_checks.py"), str(out)], env=env,
-                          capture_output=True, text=True, timeout=900, cwd=HERE.parent)
+                          capture_output=True, text=True, timeout=1500, cwd=HERE.parent)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
 
@@ -67,6 +67,20 @@ def test_step_that_does_not_fit_is_refused_with_numbers(results):
     message = results["memory/too_small"]
     assert message is not None and "training step needs" in message and "per device" in message
     assert "--config.mesh.fsdp=8" in results["memory/advice_data8"]
+
+
+@pytest.mark.slow
+def test_per_layer_remat_keeps_depth_from_multiplying_temporaries(results):
+    """fsdp=8, GradCache 2 chunks: each added (decoder layer + vision block) adds its activations to the
+    step's temporaries without remat, and far less (its input, and on CPU its float32-converted
+    weights) with ``train.remat=layers``."""
+    temp = {k: results[f"remat/{k}"]["temp"] for k in ("none/depth1", "none/depth4", "layers/depth1",
+                                                        "layers/depth4")}  # fmt: skip
+    per_layer = {r: (temp[f"{r}/depth4"] - temp[f"{r}/depth1"]) / 3 for r in ("none", "layers")}
+    report("temporaries per added layer + block (small width, fsdp=8)", **{f"{r}_MiB": v / 2**20 for r, v
+           in per_layer.items()}, residual_MiB=results["remat/residual_bytes"] / 2**20)  # fmt: skip
+    assert per_layer["none"] > 0
+    assert per_layer["layers"] <= per_layer["none"] / 3
 
 
 def test_ahead_of_time_compiles_once_and_checks_memory():

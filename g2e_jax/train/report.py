@@ -139,10 +139,10 @@ def mesh_advice(mesh_cfg: dict, devices: int) -> str:
     if fsdp < most:
         return (f"shard parameters and optimizer state over more devices: raise mesh.fsdp (now {fsdp}), "
                 f"e.g. --config.mesh.fsdp={most}; or cut activations with train.grad_cache=True, a smaller "
-                "train.rows_per_cell or train.remat=full")
+                "train.rows_per_cell or train.remat=layers")
     return ("the state is already sharded over every device (mesh.fsdp = "
             f"{fsdp}): cut activations with train.grad_cache=True, a smaller train.rows_per_cell, "
-            "train.remat=full, or use more devices")
+            "train.remat=layers, or use more devices")
 
 
 def abstract_batch(shape, pad_id: int, sharding_for):

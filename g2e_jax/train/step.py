@@ -16,21 +16,28 @@ import optax
 from flax import nnx
 
 from g2e_jax.embed import embed_batch
+from g2e_jax.models.qwen2_vl.layers import remat_layers
 from g2e_jax.train.loss import contrastive_loss
 from g2e_jax.mesh import local_rows
 
+# ``train.remat``: "full" / "dots" checkpoint a chunk's whole forward (its backward still holds every
+# layer's activations at once); "layers" / "layers_dots" checkpoint each decoder layer and vision block,
+# so the backward holds one layer's activations plus every layer's input (``remat_layers``).
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "layers": jax.checkpoint_policies.nothing_saveable,
+    "layers_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+PER_LAYER_REMAT = ("layers", "layers_dots")
 
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
     temperature: float = 0.02
     grad_cache: bool = False
-    remat: str = "none"  # rematerialisation inside a chunk's forward: none | full | dots
+    remat: str = "none"  # rematerialisation, see REMAT_POLICIES: none | full | dots | layers | layers_dots
     mask_same_target: bool = True  # target_ids filter
     mask_same_query: bool = True  # query_ids filter
     fn_query_threshold: float | None = None
@@ -107,6 +114,9 @@ def loss_and_grads(graphdef, params, rest, batch, consts, cfg: StepConfig, rng=N
                 nnx.reseed(model, dropout=key)  # the prefix's dropout
             return _embed_chunk(model, side, side_consts, cfg, key)
 
+        if cfg.remat in PER_LAYER_REMAT:
+            with remat_layers(policy):
+                return forward(p, side)
         if cfg.remat != "none":
             forward = jax.checkpoint(forward, policy=policy)
         return forward(p, side)

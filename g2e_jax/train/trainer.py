@@ -68,6 +68,8 @@ def train_section() -> ml_collections.ConfigDict:
     t.temperature = 0.02
     t.grad_cache = True
     t.rows_per_cell = 4  # GradCache chunk size per device (reference: 4)
+    # none | layers (each decoder layer and vision block checkpointed: the backward keeps their inputs)
+    # | layers_dots (and their projections' outputs) | full / dots (a chunk's whole forward): step.py.
     t.remat = "none"
     t.users = 960  # user-segment tokens per row at most (max_len minus the template)
     t.patches_per_cell = 4096  # packed image patches per cell and side at most

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from g2e_jax.models.llava_next.config import ClipVisionConfig
-from g2e_jax.models.qwen2_vl.layers import activation, attention, linear
+from g2e_jax.models.qwen2_vl.layers import activation, attention, call_layer, linear
 
 
 class ClipEmbeddings(nnx.Module):
@@ -99,5 +99,5 @@ class ClipVisionTower(nnx.Module):
     def __call__(self, pixel_values, num_layers: int):
         x = self.pre_layrnorm(self.embeddings(pixel_values))
         for i in range(num_layers):
-            x = self.layers[i](x)
+            x = call_layer(lambda m, x: m(x), self.layers[i], x)
         return x

@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from g2e_jax.models.qwen2_5_vl.config import Qwen2_5VisionConfig
-from g2e_jax.models.qwen2_vl.layers import GatedMLP, attention
+from g2e_jax.models.qwen2_vl.layers import GatedMLP, attention, call_layer
 from g2e_jax.models.qwen2_vl.vision import VisionTower, rms_norm
 
 
@@ -98,5 +98,6 @@ class Qwen2_5VisionTower(VisionTower):
         full = set(self.cfg.fullatt_block_indexes)
         for i, block in enumerate(self.blocks):
             # In window order each image still spans its own patch range: the per-image layout holds.
-            x = block(x, cos, sin, layout.attend if i in full else windows.attend)
+            attend = layout.attend if i in full else windows.attend
+            x = call_layer(lambda m, x: m(x, cos, sin, attend), block, x)  # noqa: B023 (called at once)
         return windows.from_windows(self.merger(x))

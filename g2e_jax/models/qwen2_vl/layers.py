@@ -16,6 +16,33 @@ ACTIVATIONS = {
 }
 
 
+_LAYER_REMAT = []  # checkpoint policies of the enclosing ``remat_layers`` contexts (trace time)
+
+
+class remat_layers:
+    """While tracing a training forward: every decoder layer and vision block call is checkpointed
+    with ``policy`` (``call_layer``), so the backward pass keeps each layer's inputs and recomputes
+    the rest, instead of every layer's activations at once. Outside, the programs are unchanged."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def __enter__(self):
+        _LAYER_REMAT.append(self.policy)
+
+    def __exit__(self, *exc):
+        _LAYER_REMAT.pop()
+
+
+def call_layer(fn, layer: nnx.Module, *args):
+    """``fn(layer, *args)``, under ``nnx.remat`` inside ``remat_layers``. ``args`` are arrays (or
+    None); ``fn`` closes over anything else. The layer's random streams (adapter dropout) are
+    inputs of the checkpointed call, so the recomputation draws the same masks."""
+    if not _LAYER_REMAT:
+        return fn(layer, *args)
+    return nnx.remat(fn, policy=_LAYER_REMAT[-1])(layer, *args)
+
+
 def activation(name: str):
     if name not in ACTIVATIONS:
         raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}")

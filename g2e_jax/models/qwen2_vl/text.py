@@ -17,6 +17,7 @@ from g2e_jax.models.qwen2_vl.layers import (
     apply_rotary,
     attention,
     attention_with_probs,
+    call_layer,
     linear,
 )
 from g2e_jax.mesh import constrain
@@ -165,7 +166,10 @@ class TextDecoder(nnx.Module):
         x = constrain(embeds, RESIDUAL)
         hidden, kvs, attentions = [x], [], []
         for i, layer in enumerate(self.layers):
-            x, kv, *probs = layer(x, cos, sin, mask, None if prefix is None else prefix[i], output_attentions)
+            x, kv, *probs = call_layer(
+                lambda m, x, p: m(x, cos, sin, mask, p, output_attentions),
+                layer, x, None if prefix is None else prefix[i],
+            )  # fmt: skip
             x = constrain(x, RESIDUAL)
             hidden.append(x)
             kvs.append(kv)

@@ -18,7 +18,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from g2e_jax.models.qwen2_vl.config import VisionConfig
-from g2e_jax.models.qwen2_vl.layers import RMSNorm, activation, apply_rotary, attention, linear
+from g2e_jax.models.qwen2_vl.layers import (
+    RMSNorm,
+    activation,
+    apply_rotary,
+    attention,
+    call_layer,
+    linear,
+)
 
 
 class VisionLayout:
@@ -178,5 +185,5 @@ class VisionTower(nnx.Module):
     def __call__(self, pixel_values, grid_thw, max_patches_per_image: int):
         x, layout, (cos, sin) = self.embed(pixel_values, grid_thw, max_patches_per_image)
         for block in self.blocks:
-            x = block(x, cos, sin, layout.attend)
+            x = call_layer(lambda m, x: m(x, cos, sin, layout.attend), block, x)
         return self.merger(x)
