@@ -105,6 +105,56 @@ def run_cli(cwd: Path, *args: str, timeout: int = 900) -> subprocess.CompletedPr
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def free_port() -> int:
+    """A TCP port free on this machine now (for a test's own JAX coordinator)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(cmd: list[str], log: Path, **kwargs) -> subprocess.Popen:
+    """A child process whose stdout and stderr go to ``<log>.out`` and ``<log>.err``, never to pipes:
+    a pipe that the test is not reading at the moment (it waits for another process, or polls a file)
+    fills at 64 KiB and stops the child, and in a multi-process run its peer then waits for it at a
+    collective or at JAX's shutdown barrier until that times out. ``logs(proc)`` reads them back."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, **kwargs)
+    proc.log = log
+    return proc
+
+
+def logs(proc: subprocess.Popen) -> tuple[str, str]:
+    """(stdout, stderr) of a ``spawn``ed process so far."""
+    return Path(f"{proc.log}.out").read_text(), Path(f"{proc.log}.err").read_text()
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[tuple[str, str]]:
+    """Waits for every process (one deadline for all); unless all exit 0, fails with each one's exit
+    status and the end of its stderr: in a multi-process run the first error is often another
+    process's."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(deadline - time.monotonic(), 0))
+        except subprocess.TimeoutExpired:
+            pass
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if any(p.returncode != 0 for p in procs):
+        raise AssertionError("\n".join(
+            f"--- process {i}: exit status {p.returncode}, pid {p.pid}; end of its stderr:\n{logs(p)[1][-2500:]}"
+            for i, p in enumerate(procs)
+        ))  # fmt: skip
+    return [logs(p) for p in procs]
+
+
 @pytest.fixture
 def fresh_cwd(tmp_path_factory):
     """``fresh_cwd(name)``: a new empty folder to run a command in; each one at another depth, so that a

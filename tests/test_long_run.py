@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import report
+from conftest import free_port, logs, report, spawn, wait_all
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -192,14 +191,6 @@ def test_train_checks_the_disk_before_the_first_step(tiny_dir, clean, tmp_path, 
     assert not (workdir / "metrics.jsonl").exists() and not (workdir / "checkpoints").exists()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _Service:
     """The coordination service's key-value store, as two ``Watchdog`` s see it; ``down`` = no answers."""
 
@@ -277,7 +268,7 @@ def test_a_killed_process_stops_the_other_and_the_run_resumes(tiny_dir, clean, t
     """2 CPU processes; SIGKILL process 1 mid-run: process 0 exits within the heartbeat timeout (10 s)
     plus a margin, naming task 1; the same command then resumes from the last checkpoint."""
     workdir = tmp_path / "pod"
-    port = _free_port()
+    port = free_port()
 
     def command(steps, pid):
         return [
@@ -305,22 +296,18 @@ def test_a_killed_process_stops_the_other_and_the_run_resumes(tiny_dir, clean, t
         ]
 
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    procs = [
-        subprocess.Popen(
-            command(1000, i), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        for i in range(2)
-    ]
+    procs = [spawn(command(1000, i), tmp_path / f"first{i}", cwd=ROOT, env=env) for i in range(2)]
     try:
         start = time.time()
         while not any(r["step"] >= 5 for r in _lines(workdir / "metrics.jsonl")):
-            assert all(p.poll() is None for p in procs), procs[0].stderr.read()[-3000:]
+            assert all(p.poll() is None for p in procs), [logs(p)[1][-2000:] for p in procs]
             assert time.time() - start < 900, "no progress"
             time.sleep(0.2)
         procs[1].send_signal(signal.SIGKILL)
         killed = time.time()
-        _, err = procs[0].communicate(timeout=120)
+        procs[0].wait(timeout=120)
         seconds = time.time() - killed
+        err = logs(procs[0])[1]
     finally:
         for p in procs:
             if p.poll() is None:
@@ -332,20 +319,9 @@ def test_a_killed_process_stops_the_other_and_the_run_resumes(tiny_dir, clean, t
     assert "Task 1" in err or "task 1" in err or "process 1" in err
     # The same command again (fewer steps, to keep the test short) resumes from the last checkpoint.
     saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            command(saved[-1] + 2, i),
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outs = [p.communicate(timeout=600) for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs[0][1][-3000:]
+    port = free_port()
+    procs = [spawn(command(saved[-1] + 2, i), tmp_path / f"again{i}", cwd=ROOT, env=env) for i in range(2)]
+    outs = wait_all(procs, timeout=600)
     assert "resuming from the checkpoint at step" in outs[0][0]
     resumed = int(outs[0][0].split("resuming from the checkpoint at step ")[1].split()[0])
     assert resumed >= 2 and _lines(workdir / "metrics.jsonl")[-1]["step"] == saved[-1] + 2

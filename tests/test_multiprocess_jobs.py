@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,16 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import report
+from conftest import free_port, report, spawn, wait_all
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = str(HERE / "multiprocess_jobs.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -50,21 +43,13 @@ def runs(tiny_dir, tmp_path_factory):
     last.unlink()
     last.with_suffix(".json").unlink()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    port = _free_port()
+    port = free_port()
     procs = [
-        subprocess.Popen(
-            [sys.executable, SCRIPT, str(multi), str(tiny_dir), str(data), f"127.0.0.1:{port}", "2", str(i)],
-            env=env,
-            cwd=HERE.parent,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
+        spawn([sys.executable, SCRIPT, str(multi), str(tiny_dir), str(data), f"127.0.0.1:{port}", "2", str(i)],
+              base / f"process{i}", env=env, cwd=HERE.parent)  # fmt: skip
         for i in range(2)
     ]
-    for p in procs:
-        _, err = p.communicate(timeout=1500)
-        assert p.returncode == 0, err[-4000:]
+    wait_all(procs, timeout=1500)
     return single, multi
 
 

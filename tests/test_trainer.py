@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import report
+from conftest import free_port, logs, report, spawn, wait_all
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,7 @@ def _wait_for_line(path: Path, step: int, proc, timeout=900):  # generous: CI ma
         if path.exists() and any(json.loads(x)["step"] >= step for x in path.read_text().splitlines()):
             return
         if proc.poll() is not None:
-            raise AssertionError(f"training ended early: {proc.stderr.read()[-2000:]}")
+            raise AssertionError(f"training ended early: {logs(proc)[1][-2000:]}")
         time.sleep(0.2)
     raise AssertionError("timed out waiting for metrics")
 
@@ -106,9 +106,7 @@ def test_step_that_does_not_fit_fails_before_step_one(setup, tmp_path):
 def test_resume_after_sigkill_is_exact(setup, uninterrupted):
     base, args = setup
     workdir = base / "killed"
-    proc = subprocess.Popen(
-        _train_cmd(workdir, args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    proc = spawn(_train_cmd(workdir, args), base / "killed_log", cwd=ROOT)
     _wait_for_line(workdir / "metrics.jsonl", 6, proc)  # past the step-4 checkpoint
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -134,12 +132,11 @@ def test_sigterm_checkpoint_is_resumed_exactly(setup):
     base, args = setup
     long = ["--config.train.steps=60", "--config.train.checkpoint_every=1000"]
     workdir = base / "preempted"
-    proc = subprocess.Popen(
-        _train_cmd(workdir, args, *long), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    proc = spawn(_train_cmd(workdir, args, *long), base / "preempted_log", cwd=ROOT)
     _wait_for_line(workdir / "metrics.jsonl", 4, proc)  # a few steps have run
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=300)
+    proc.wait(timeout=300)
+    out, err = logs(proc)
     assert proc.returncode == 0, err[-2000:]
     assert "SIGTERM: saved a checkpoint at step" in out
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
@@ -253,26 +250,19 @@ def test_export_hf_matches_the_official_pipeline(setup, uninterrupted, tiny_dir)
     del torch
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one(setup):
-    """2 processes x 4 CPU devices give the same first 3 losses as 1 process x 8 devices."""
+    """2 processes x 2 CPU devices give the same first 3 losses as 1 process x 4 devices (several
+    devices per process, as on a pod's hosts; half the devices of the 2 x 4 it used before, for CI's time)."""
     base, args = setup
-    four = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    eight = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    per_process = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    one_process = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     # Shape buckets on: the processes must agree on each step's shapes (allgather of their needs).
     short = ["--config.train.steps=3", "--config.train.log_every=1", "--config.train.checkpoint_every=100",
              "--config.train.shape_buckets=True"]  # fmt: skip
-    _run(_train_cmd(base / "single", args, *short), env=eight)
-    port = _free_port()
+    _run(_train_cmd(base / "single", args, *short), env=one_process)
+    port = free_port()
     procs = [
-        subprocess.Popen(
+        spawn(
             _train_cmd(
                 base / "multi",
                 args,
@@ -281,22 +271,18 @@ def test_two_processes_match_one(setup):
                 "--config.distributed.num_processes=2",
                 f"--config.distributed.process_id={i}",
             ),
+            base / "multi_logs" / f"process{i}",
             cwd=ROOT,
-            env=four,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+            env=per_process,
         )  # fmt: skip
         for i in range(2)
     ]
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-3000:]
+    wait_all(procs, timeout=900)
     single = [json.loads(x) for x in (base / "single" / "metrics.jsonl").read_text().splitlines()]
     multi = [json.loads(x) for x in (base / "multi" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in multi] == [1, 2, 3]
     diffs = [abs(a["loss"] - b["loss"]) for a, b in zip(single, multi)]
-    report("2 processes x 4 devices vs 1 x 8: first 3 losses", max_abs_diff=max(diffs))
+    report("2 processes x 2 devices vs 1 x 4: first 3 losses", max_abs_diff=max(diffs))
     assert max(diffs) <= 1e-5
 
 
@@ -351,9 +337,7 @@ def test_dora_with_dropout_resumes_exactly_after_sigkill(setup, dora_run):
     run killed after its step-4 checkpoint and resumed ends with the uninterrupted run's adapters."""
     base, args = setup
     workdir = base / "dora_killed"
-    proc = subprocess.Popen(
-        _train_cmd(workdir, args, *DORA), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    proc = spawn(_train_cmd(workdir, args, *DORA), base / "dora_killed_log", cwd=ROOT)
     _wait_for_line(workdir / "metrics.jsonl", 6, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
