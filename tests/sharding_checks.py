@@ -49,7 +49,7 @@ def width_config(size: str, layers: int, blocks: int) -> Qwen2VLConfig:
 
 def plan(cfg, mesh, dtype=jnp.bfloat16, kind="dora"):
     tx = make_optimizer(learning_rate=5e-5, total_steps=1500, warmup_steps=100)
-    # Adapter dropout 0 (the recipe has 0.1): memory does not depend on it, and it traces (test_train_step.py).
+    # Adapter dropout 0 (the recipe has 0.1; dropout > 0 traces too: test_train_step.py).
     adapter = AdapterConfig(kind=kind, rank=8, alpha=64.0, dropout=0.0)
     state = abstract_train_state(lambda: Qwen2VL(cfg, dtype=dtype, param_dtype=dtype), adapter, tx, mesh)
     return tx, state
