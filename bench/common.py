@@ -67,8 +67,8 @@ def _machine_busy() -> float | None:
 def _own_cpu() -> float:
     """This process's CPU seconds and its finished children's (a bench that runs the command in a
     subprocess must not count that as the machine's background load)."""
-    return sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF,
-                                                                           resource.RUSAGE_CHILDREN)))  # fmt: skip
+    usages = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usages)
 
 
 def csv_list(value: str) -> list[str]:

@@ -121,7 +121,7 @@ def spawn(cmd: list[str], log: Path, **kwargs) -> subprocess.Popen:
     collective or at JAX's shutdown barrier until that times out. ``logs(proc)`` reads them back."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, **kwargs)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, **kwargs)
     proc.log = log
     return proc
 
@@ -149,8 +149,8 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[tuple[str, s
             proc.wait()
     if any(p.returncode != 0 for p in procs):
         raise AssertionError("\n".join(
-            f"--- process {i}: exit status {p.returncode}, pid {p.pid}; end of its stderr:\n{logs(p)[1][-2500:]}"
-            for i, p in enumerate(procs)
+            f"--- process {i}: exit status {p.returncode}, pid {p.pid}; end of its stderr:\n"
+            f"{logs(p)[1][-2500:]}" for i, p in enumerate(procs)
         ))  # fmt: skip
     return [logs(p) for p in procs]
 

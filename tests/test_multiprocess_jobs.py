@@ -45,8 +45,12 @@ def runs(tiny_dir, tmp_path_factory):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     port = free_port()
     procs = [
-        spawn([sys.executable, SCRIPT, str(multi), str(tiny_dir), str(data), f"127.0.0.1:{port}", "2", str(i)],
-              base / f"process{i}", env=env, cwd=HERE.parent)  # fmt: skip
+        spawn(
+            [sys.executable, SCRIPT, str(multi), str(tiny_dir), str(data), f"127.0.0.1:{port}", "2", str(i)],
+            base / f"process{i}",
+            env=env,
+            cwd=HERE.parent,
+        )
         for i in range(2)
     ]
     wait_all(procs, timeout=1500)
