@@ -14,7 +14,7 @@ from conftest import report
 from g2e_jax.data.mmeb import read_train
 from g2e_jax.data.prepared import content_id
 from g2e_jax.data.synthetic import make_synthetic
-from g2e_jax.preprocess import Preprocessor
+from g2e_jax.preprocess import Preprocessor, bucket
 from g2e_jax.train.batch import BatchShape, build_batch
 from g2e_jax.train.step import StepConfig, loss_and_grads, make_optimizer, train_step
 
@@ -130,6 +130,26 @@ def test_fitted_sides_give_the_same_loss_as_the_full_capacity(setup, jax_model):
     assert abs(a - b) < 1e-5
     with pytest.raises(ValueError, match="user tokens"):
         fit_sides(dataclasses.replace(shape, users=4), need)
+
+
+def test_training_buckets_pad_under_a_quarter():
+    """``train.bucket_steps=4``: each side is padded to the next of 16, 20, 24, 28, 32, 40, ... (4 sizes
+    per doubling), so padding adds under 1/4; the grid, not each length, sets the compiled shapes."""
+    from g2e_jax.train.batch import fit_sides
+
+    grid = [16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512]
+    for n in range(1, 513):
+        assert bucket(n, 16, per_octave=4) == min(g for g in grid if g >= n), n
+    for n in range(17, 5000):
+        size = bucket(n, 16, per_octave=4)
+        assert n <= size < n * 1.25, (n, size)
+    assert bucket(39, 16) == 64 and bucket(18, 16) == 32  # the default grid (encode jobs): up to 2x
+    shape = BatchShape(chunks=1, cells=1, rows_per_cell=4, users=960, patches_per_cell=4096, patch_dim=1176)
+    need = np.array([[39, 0], [18, 1100]])  # text queries; 1,100 image patches in a target cell
+    assert fit_sides(shape, need, per_octave=4) == {"query": (40, None), "target": (20, 1280)}
+    assert fit_sides(shape, need) == {"query": (64, None), "target": (32, 1536)}
+    with pytest.raises(ValueError, match="per_octave"):
+        bucket(10, 16, per_octave=0)
 
 
 def test_a_non_finite_step_leaves_params_and_optimizer_state_untouched(setup, jax_model):

@@ -64,9 +64,11 @@ def side_needs(pairs: Pairs, shape: BatchShape, cells: range | None = None) -> n
     return need
 
 
-def fit_sides(shape: BatchShape, need: np.ndarray, *, seq_base: int = 16, patch_base: int = 64) -> dict:
-    """Per side (users, patches per cell): ``need`` rounded up to shape buckets, within the capacity;
-    patches None where the side holds no image."""
+def fit_sides(shape: BatchShape, need: np.ndarray, *, seq_base: int = 16, patch_base: int = 64,
+              per_octave: int | None = None) -> dict:  # fmt: skip
+    """Per side (users, patches per cell): ``need`` rounded up to shape buckets (``bucket``, with
+    ``per_octave`` sizes per doubling), within the capacity; patches None where the side holds no
+    image."""
     sides = {}
     for s, side in enumerate(SIDES):
         longest, patches = (int(x) for x in need[s])
@@ -77,8 +79,8 @@ def fit_sides(shape: BatchShape, need: np.ndarray, *, seq_base: int = 16, patch_
                 f"{side} images need {patches} patches per cell; the batch holds {shape.patches_per_cell}"
             )
         sides[side] = (
-            min(bucket(max(longest, 1), seq_base), shape.users),
-            min(bucket(patches, patch_base), shape.patches_per_cell) if patches else None,
+            min(bucket(max(longest, 1), seq_base, per_octave=per_octave), shape.users),
+            min(bucket(patches, patch_base, per_octave=per_octave), shape.patches_per_cell) if patches else None,
         )
     return sides
 

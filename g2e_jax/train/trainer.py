@@ -75,6 +75,8 @@ def train_section() -> ml_collections.ConfigDict:
     t.patches_per_cell = 4096  # packed image patches per cell and side at most
     # Each step's sides padded to buckets of what they hold (a few programs), not to the maxima above.
     t.shape_buckets = True
+    # Bucket sizes per doubling: padding adds under 1/4 of a side; each new size compiles once.
+    t.bucket_steps = 4
     t.max_patches_per_image = 1024  # 448 x 448 images
     # In-step false-negative filters (ours; the official loss has none: off in the paper recipe).
     t.mask_same_target = False
@@ -242,7 +244,7 @@ def global_batch(run: Run, step: int, rows: LocalRows | None = None):
         need = side_needs(rows.pairs, run.shape, rows.cells)
         if procs > 1:  # every process must build the same shapes
             need = np.asarray(multihost_utils.process_allgather(need)).max(axis=0)
-        sides = fit_sides(run.shape, need)
+        sides = fit_sides(run.shape, need, per_octave=run.cfg.train.bucket_steps)
     local = build_batch(rows.pairs, run.shape, run.preprocessor.pad_id, cells=rows.cells, sides=sides)
 
     def to_global(x):
