@@ -3,6 +3,8 @@ user cache folder), that it can be turned off, and that a program built twice co
 
 from __future__ import annotations
 
+import time
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -52,11 +54,23 @@ def test_off_turns_it_off_and_bad_settings_name_the_variable(tmp_path, monkeypat
         enable_compile_cache()
 
 
-def test_the_clock_counts_compiles():
+def test_the_clock_counts_compiles_with_their_tracing():
+    """The clock's seconds hold the trace (here slowed by a sleep) and XLA's compile, nested jits
+    once: never more than the first call's wall time."""
+
+    def slow_to_trace(x):
+        time.sleep(0.5)  # runs while tracing only
+        inner = [jax.jit(lambda y, i=i: jnp.sin(y) + i) for i in range(20)]
+        for f in inner:
+            x = f(x)
+        return x * 3.0 + 1.5
+
     clock = CompileClock()
     try:
-        jax.jit(lambda x: jnp.sin(x) * 3.0 + 1.5)(jnp.arange(7.0)).block_until_ready()
-        assert clock.count >= 1 and clock.seconds > 0
+        start = time.perf_counter()
+        jax.jit(slow_to_trace)(jnp.arange(7.0)).block_until_ready()
+        wall = time.perf_counter() - start
+        assert clock.count >= 1 and 0.5 <= clock.seconds <= wall
     finally:
         clock.close()
     count = clock.count
