@@ -182,3 +182,9 @@ def test_train_data_bad_rows_policy(bad_set, tiny_dir, tmp_path):
     assert all(
         r["subset"] == "SynShape" and r["file"].endswith("SynShape/original.jsonl") for r in lenient.skipped
     )
+    # Fitting the run's one batch shape to the data meets the same rows: "error" raises there, before
+    # any step; "skip" leaves them out without a second record (the run records them where it meets them).
+    with pytest.raises(BadRowError, match="line 2, field 'pos_text'"):
+        TrainData.from_config(cfg, pre).side_maxima(4, progress=False)
+    fresh = TrainData.from_config(_cfg(data, tmp_path, subsets=("SynShape",), bad_rows="skip"), pre)
+    assert fresh.side_maxima(4, progress=False)[0, 0] > 0 and fresh.skipped == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,8 @@ from g2e_jax.data.synthetic import make_synthetic
 from g2e_jax.preprocess import Preprocessor, bucket
 from g2e_jax.train.batch import BatchShape, build_batch
 from g2e_jax.train.step import StepConfig, loss_and_grads, make_optimizer, train_step
+
+TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs/tiny.py"
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +153,51 @@ def test_training_buckets_pad_under_a_quarter():
     assert fit_sides(shape, need) == {"query": (64, None), "target": (32, 1536)}
     with pytest.raises(ValueError, match="per_octave"):
         bucket(10, 16, per_octave=0)
+
+
+def test_one_run_shape_fitted_to_the_data(tiny_dir, tmp_path):
+    """``train.shape_from_data`` (the demo): one shape for every step, each side fitted (in buckets) to
+    the longest rows of the whole data set, measured here by preprocessing every row directly."""
+    from g2e_jax.config_utils import load_config
+    from g2e_jax.train import trainer
+    from g2e_jax.train.batch import fit_sides, side_needs
+
+    from PIL import Image
+
+    data = make_synthetic(tmp_path / "d", train_rows=8, eval_queries=1)
+    subsets = ("SynShape", "SynT2I", "SynI2T")
+    # Images of several sizes (9 to 64 patches), so that which images a cell may hold matters.
+    for i, path in enumerate(sorted((data / "images").rglob("train_*.png"))):
+        side = (42, 56, 84, 112)[i % 4]
+        Image.open(path).resize((side, side)).save(path)
+    overrides = [f"model.path={tiny_dir}", "data.source=mmeb", f"data.root={data / 'train'}",
+                 f"data.image_dir={data / 'images'}", f"data.subsets={subsets!r}",
+                 f"data.check_cache={tmp_path / 'check.json'}", "train.clusters_per_batch=8",
+                 "train.patches_per_cell=1024"]  # fmt: skip
+    cfg = load_config(str(TINY_CONFIG), overrides)
+    run = trainer.setup(cfg, tmp_path / "run")
+    c = run.shape.rows_per_cell
+    users, patches = {"query": [], "document": []}, {"query": [], "document": []}
+    for subset in subsets:
+        rows = read_train(data / "train", subset, image_dir=data / "images")
+        for role, texts, images in (("query", [r.qry for r in rows], [r.qry_image for r in rows]),
+                                    ("document", [r.pos_text for r in rows], [r.pos_image for r in rows])):  # fmt: skip
+            for row in run.preprocessor.prepare(texts, images, role=role, subset=subset, progress=False):
+                users[role].append(len(row.user_ids))
+                patches[role] += [] if row.patches is None else [len(row.patches)]
+    need = np.array([[max(users[r]), min(sum(sorted(patches[r])[-c:]), run.shape.patches_per_cell)]
+                     for r in ("query", "document")])  # fmt: skip
+    assert run.sides == fit_sides(run.shape, need, per_octave=4)
+    assert sorted(patches["query"])[0] < sorted(patches["query"])[-1]  # the sizes above took
+    assert run.sides["query"][0] < run.shape.users and run.sides["target"][0] < run.sides["query"][0]
+    for step in range(4):
+        batch, _ = trainer.global_batch(run, step)
+        assert (np.asarray(side_needs(trainer.local_rows(run, step).pairs, run.shape)) <= need).all()
+        for side in ("query", "target"):
+            assert batch[side]["user_ids"].shape[-1] == run.sides[side][0]
+            assert batch[side]["pixel_values"].shape[-2] == run.sides[side][1]
+    with pytest.raises(ValueError, match="needs train.shape_buckets=False"):
+        trainer.setup(load_config(str(TINY_CONFIG), [*overrides, "train.shape_buckets=True"]), tmp_path / "run2")
 
 
 def test_a_non_finite_step_leaves_params_and_optimizer_state_untouched(setup, jax_model):

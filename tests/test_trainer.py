@@ -89,6 +89,10 @@ def test_reports_before_step_one(uninterrupted):
     assert sharding.startswith("mesh data=1 x fsdp=1 x tensor=1") and "optimizer state:" in sharding
     assert "text.embed_tokens.embedding" in sharding and "vocab,embed" in sharding
     assert "clusters_dir:" in (uninterrupted / "config.txt").read_text()
+    # configs/tiny.py fits one shape to the data: the program compiled (or read) before step one is
+    # the loop's only one.
+    timing = json.loads((uninterrupted / "timing.json").read_text())
+    assert timing["compiles_in_loop"] == 0 and timing["compile_s_in_loop"] == 0.0, timing
 
 
 @pytest.mark.slow

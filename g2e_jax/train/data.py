@@ -10,8 +10,12 @@ are never capped (nor are they officially).
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
 
 from g2e_jax.data.clusters import ORIGIN, read_clusters
 from g2e_jax.data.mmeb import read_train, sample_rows
@@ -140,6 +144,30 @@ class TrainData:
 
     def cluster_sizes(self) -> dict[str, list[int]]:
         return {s: [len(c) for c in cl] for s, cl in self.clusters.items()}
+
+    def side_maxima(self, rows_per_cell: int, *, progress: bool = True) -> np.ndarray:
+        """``[2 sides, 2]`` over every row of the data (``train.batch.side_needs`` of any batch is
+        within it): each side's longest user segment, and its ``rows_per_cell`` largest images'
+        patches together, the most one cell can hold. One pass preprocessing every row (kept in the
+        row cache): for data sets of thousands of rows, not MMEB's millions. A row that cannot be
+        preprocessed raises (``data.bad_rows="error"``) or is left out, as the run will skip it."""
+        longest = [0, 0]
+        largest: list[list[int]] = [[], []]  # min-heaps of each side's largest patch counts
+        rows = [(subset, row) for subset, clusters in self.clusters.items() for cluster in clusters for row in cluster]
+        for subset, row in tqdm(rows, desc="fitting the batch shape to the data", unit="row", disable=not progress):
+            try:
+                pair = self._pair(subset, row)
+            except BadRowError:
+                if self.bad_rows == "error":
+                    raise
+                continue
+            for s in range(2):
+                longest[s] = max(longest[s], len(pair[s].user_ids))
+                if pair[s].patches is not None:
+                    heapq.heappush(largest[s], len(pair[s].patches))
+                    if len(largest[s]) > rows_per_cell:
+                        heapq.heappop(largest[s])
+        return np.array([[longest[s], sum(largest[s])] for s in range(2)], np.int64)
 
     def pairs(self, clusters, wanted: set[int] | None = None) -> list:
         """The pairs of ``clusters`` (``(subset, cluster id)`` each) in order, anchors first within

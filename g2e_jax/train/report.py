@@ -145,12 +145,13 @@ def mesh_advice(mesh_cfg: dict, devices: int) -> str:
             "train.remat=layers, or use more devices")
 
 
-def abstract_batch(shape, pad_id: int, sharding_for):
+def abstract_batch(shape, pad_id: int, sharding_for, sides: dict | None = None):
     """``jax.ShapeDtypeStruct`` leaves of the largest global batch ``shape`` allows (the capacity,
-    as without shape buckets), with the batch shardings: built from a one-cell batch, no data."""
+    as without shape buckets, or ``sides``, ``build_batch``'s), with the batch shardings: built from
+    a one-cell batch, no data."""
     from g2e_jax.train.batch import build_batch
 
-    one = build_batch([], dataclasses.replace(shape, chunks=1, cells=1), pad_id)
+    one = build_batch([], dataclasses.replace(shape, chunks=1, cells=1), pad_id, sides=sides)
 
     def grow(x):
         if x is None:

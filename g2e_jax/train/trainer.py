@@ -77,6 +77,9 @@ def train_section() -> ml_collections.ConfigDict:
     t.shape_buckets = True
     # Bucket sizes per doubling: padding adds under 1/4 of a side; each new size compiles once.
     t.bucket_steps = 4
+    # Without shape buckets: one shape for every step, fitted (in buckets) to the data's longest rows
+    # by one pass over every row at start (small data sets), instead of users / patches_per_cell.
+    t.shape_from_data = False
     t.max_patches_per_image = 1024  # 448 x 448 images
     # In-step false-negative filters (ours; the official loss has none: off in the paper recipe).
     t.mask_same_target = False
@@ -150,6 +153,7 @@ class Run:
     data: TrainData
     preprocessor: Preprocessor
     bad_steps: int = 0  # non-finite steps so far (kept in the checkpoints)
+    sides: dict | None = None  # every step's (users, patches) per side (train.shape_from_data), else None
 
 
 def _batch_spec(ndim: int) -> P:
@@ -207,8 +211,20 @@ def setup(cfg, workdir: str | Path) -> Run:
     users = min(t.users, cfg.max_len - len(consts["query"][0]) - len(consts["query"][1]))
     shape = BatchShape(chunks=chunks, cells=cells, rows_per_cell=c, users=users,
                        patches_per_cell=t.patches_per_cell or None, patch_dim=preprocessor.config.vision.patch_dim)  # fmt: skip
+    sides = None
+    if t.get("shape_from_data"):
+        if t.shape_buckets:
+            raise ValueError("train.shape_from_data fits one shape for the whole run; it needs "
+                             "train.shape_buckets=False (shape buckets fit each step instead)")  # fmt: skip
+        need = data.side_maxima(c, progress=jax.process_index() == 0)
+        need[:, 1] = np.minimum(need[:, 1], shape.patches_per_cell or 0)  # a cell's own overflow: at collation
+        sides = fit_sides(shape, need, per_octave=t.bucket_steps)
+        if jax.process_index() == 0:
+            print("one batch shape fitted to the data: " + "; ".join(
+                f"{side} {u} user tokens, {p or 'no'} image patches per cell" for side, (u, p) in sides.items()
+            ), flush=True)  # fmt: skip
     return Run(cfg, workdir, mesh, graphdef, params, rest, opt_state, tx, step_cfg, consts, shape, sampler, data,
-               preprocessor)  # fmt: skip
+               preprocessor, sides=sides)  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -239,7 +255,7 @@ def global_batch(run: Run, step: int, rows: LocalRows | None = None):
     result is one global array per leaf, and the batch's label."""
     rows = local_rows(run, step) if rows is None else rows
     g, procs = run.shape.cells, jax.process_count()
-    sides = None
+    sides = run.sides
     if run.cfg.train.shape_buckets:
         need = side_needs(rows.pairs, run.shape, rows.cells)
         if procs > 1:  # every process must build the same shapes
@@ -415,7 +431,8 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
     fn = step_function(run)
     base_key = jax.random.key(cfg.train.seed)
     # Sharding report and the step compiled (and its memory checked) before the first batch.
-    biggest = abstract_batch(run.shape, run.preprocessor.pad_id, lambda n: NamedSharding(run.mesh, _batch_spec(n)))
+    biggest = abstract_batch(run.shape, run.preprocessor.pad_id, lambda n: NamedSharding(run.mesh, _batch_spec(n)),
+                             run.sides)  # fmt: skip
     first_key = jax.random.fold_in(base_key, start)  # before the mark: the next window is the step's alone
     clock.mark("setup_s")
     fn = before_first_step(run, fn, biggest, run.consts, first_key, lead=lead)
