@@ -364,6 +364,8 @@ class TorchSide:
                 )
             out[side] = (inputs, mask.sum(-1) - 1)
             out[side + "_tokens"] = (int(mask.sum()), int(mask.numel()))
+            grids = iter(enc["image_grid_thw"].prod(-1).tolist() if images else [])
+            out[side + "_patches"] = [next(grids) if im is not None else 0 for _, im in texts]
         out["labels"] = torch.arange(len(pairs))
         return out
 
@@ -374,23 +376,58 @@ class TorchSide:
         pooled = hidden[torch.arange(hidden.shape[0]), last]
         return torch.nn.functional.normalize(pooled, dim=-1)
 
-    def step(self, batch) -> float:
+    def _chunks(self, batch, side: str, size: int):
+        """``batch[side]`` split into chunks of ``size`` rows, padding kept, as the grad_cache package
+        splits the official run's batch (pixel rows follow their rows' images)."""
+        inputs, last = batch[side]
+        ends = np.cumsum([0, *batch[side + "_patches"]])
+        for start in range(0, len(last), size):
+            rows = slice(start, start + size)
+            part = {k: v[:, rows] if k == "position_ids" else v[rows] for k, v in inputs.items()
+                    if k not in ("pixel_values", "image_grid_thw")}  # fmt: skip
+            if "pixel_values" in inputs:
+                flags = [n > 0 for n in batch[side + "_patches"]]
+                images = slice(sum(flags[:start]), sum(flags[: start + size]))
+                if images.stop > images.start:
+                    part["pixel_values"] = inputs["pixel_values"][ends[start] : ends[min(start + size, len(last))]]
+                    part["image_grid_thw"] = inputs["image_grid_thw"][images]
+                else:
+                    part.pop("mm_token_type_ids", None)
+            yield part, last[rows]
+
+    def step(self, batch, grad_cache: int | None = None) -> float:
+        """One optimiser step; ``grad_cache=c``: GradCache as the official run uses it (chunks of c
+        rows: every embedding first without gradients, then each chunk again, back-propagating its
+        cached embedding gradient)."""
         import torch
 
-        q = self._embed(*batch["query"])
-        t = self._embed(*batch["target"])
-        loss = torch.nn.functional.cross_entropy(q @ t.T / TEMPERATURE, batch["labels"])
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        labels = batch["labels"]
+        if grad_cache is None:
+            q = self._embed(*batch["query"])
+            t = self._embed(*batch["target"])
+            loss = torch.nn.functional.cross_entropy(q @ t.T / TEMPERATURE, labels)
+            loss.backward()
+        else:
+            with torch.no_grad():
+                cached = {side: torch.cat([self._embed(*c) for c in self._chunks(batch, side, grad_cache)])
+                          for side in ("query", "target")}  # fmt: skip
+            q, t = (cached[side].requires_grad_() for side in ("query", "target"))
+            loss = torch.nn.functional.cross_entropy(q @ t.T / TEMPERATURE, labels)
+            loss.backward()
+            for side, emb in (("query", q), ("target", t)):
+                for k, chunk in enumerate(self._chunks(batch, side, grad_cache)):
+                    grad = emb.grad[k * grad_cache : (k + 1) * grad_cache]
+                    torch.sum(self._embed(*chunk) * grad).backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
         self.sched.step()
         return float(loss.detach())
 
-    def timed_step(self, batch) -> tuple[float, float]:
+    def timed_step(self, batch, grad_cache: int | None = None) -> tuple[float, float]:
         """(loss, seconds) of one step."""
         start = time.perf_counter()
-        loss = self.step(batch)
+        loss = self.step(batch, grad_cache)
         return loss, time.perf_counter() - start
 
 

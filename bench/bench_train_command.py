@@ -14,7 +14,8 @@ logs, checkpoints and compiles. For each (model, adapter, GradCache) this runs, 
 3. the trainer's own step (``trainer.step_function``, the same program) alone on the command's own
    first batches, device-resident: the floor the command's s/step is compared with (ratio <= 1.15
    is issue 23's target);
-4. the torch + PEFT reference step on the same N pairs (``bench_train.TorchSide``).
+4. the torch + PEFT reference step on the same N pairs (``bench_train.TorchSide``), with GradCache in
+   chunks of the same size where the command has it on, as the official run trains.
 
 Read the ``bg cores`` column first on a shared machine (see ``bench_train.py``).
 """
@@ -105,10 +106,10 @@ def step_alone(flags: list[str], workdir: Path, repeats: int) -> tuple[float, fl
     return statistics.median(times[1:]), meter.background_cores
 
 
-def torch_step(model: Path, adapter: str, pairs, repeats: int, args) -> float:
+def torch_step(model: Path, adapter: str, pairs, repeats: int, args, grad_cache: int | None) -> float:
     ref = TorchSide(model, adapter, args)
     batch = ref.tokenise(pairs)
-    times = [ref.timed_step(batch)[1] for _ in range(repeats + 1)]
+    times = [ref.timed_step(batch, grad_cache)[1] for _ in range(repeats + 1)]
     return statistics.median(times[1:])
 
 
@@ -160,8 +161,8 @@ def main():
         config = None if name == "tiny" else qwen2_vl_2b_width(args.layers, args.vision_blocks)
         model = make_tiny(work / name, seed=0, config=config)
         for adapter in csv_list(args.adapter):
-            t_s = torch_step(model, adapter, pairs, args.repeats, args)
             for gc in [{"off": False, "on": True}[v] for v in csv_list(args.grad_cache)]:
+                t_s = torch_step(model, adapter, pairs, args.repeats, args, args.chunk if gc else None)
                 tag = f"{name}/{adapter}/gc={'on' if gc else 'off'}"
                 flags = overrides(model, rows, adapter, gc, args)
                 cache = work / f"xla_{name}_{adapter}_{gc}"
