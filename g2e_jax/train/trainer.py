@@ -263,14 +263,11 @@ def global_batch(run: Run, step: int, rows: LocalRows | None = None):
         sides = fit_sides(run.shape, need, per_octave=run.cfg.train.bucket_steps)
     local = build_batch(rows.pairs, run.shape, run.preprocessor.pad_id, cells=rows.cells, sides=sides)
 
-    def to_global(x):
-        if x is None:
-            return None
-        sharding = NamedSharding(run.mesh, _batch_spec(x.ndim))
-        shape = (x.shape[0], g) + x.shape[2:]
-        return jax.make_array_from_process_local_data(sharding, x, shape)
-
-    return jax.tree.map(to_global, local), rows.label
+    # The whole tree in one call: with one process that is one batched transfer, where a call per
+    # leaf cost ~3 ms a step (11 leaves), a tenth of a tiny step on 2 cores.
+    shardings = jax.tree.map(lambda x: NamedSharding(run.mesh, _batch_spec(x.ndim)), local)
+    shapes = jax.tree.map(lambda x: (x.shape[0], g) + x.shape[2:], local)
+    return jax.make_array_from_process_local_data(shardings, local, shapes), rows.label
 
 
 def step_function(run: Run):
