@@ -156,8 +156,9 @@ def test_training_buckets_pad_under_a_quarter():
 
 
 def test_one_run_shape_fitted_to_the_data(tiny_dir, tmp_path):
-    """``train.shape_from_data`` (the demo): one shape for every step, each side fitted (in buckets) to
-    the longest rows of the whole data set, measured here by preprocessing every row directly."""
+    """``train.shape_from_data`` (the demo): the run's shape, each side fitted (in buckets) to the
+    longest rows of the whole data set (measured here by preprocessing every row directly), is every
+    step's without shape buckets."""
     from g2e_jax.config_utils import load_config
     from g2e_jax.train import trainer
     from g2e_jax.train.batch import fit_sides, side_needs
@@ -196,8 +197,13 @@ def test_one_run_shape_fitted_to_the_data(tiny_dir, tmp_path):
         for side in ("query", "target"):
             assert batch[side]["user_ids"].shape[-1] == run.sides[side][0]
             assert batch[side]["pixel_values"].shape[-2] == run.sides[side][1]
-    with pytest.raises(ValueError, match="needs train.shape_buckets=False"):
-        trainer.setup(load_config(str(TINY_CONFIG), [*overrides, "train.shape_buckets=True"]), tmp_path / "run2")
+    # With shape buckets as well, each step is fitted on its own within that shape, which is the one
+    # compiled and checked before step one.
+    bucketed = trainer.setup(load_config(str(TINY_CONFIG), [*overrides, "train.shape_buckets=True"]),
+                             tmp_path / "run2")  # fmt: skip
+    assert bucketed.sides == run.sides
+    users = {trainer.global_batch(bucketed, step)[0]["target"]["user_ids"].shape[-1] for step in range(4)}
+    assert max(users) <= run.sides["target"][0]
 
 
 def test_a_non_finite_step_leaves_params_and_optimizer_state_untouched(setup, jax_model):

@@ -77,8 +77,9 @@ def train_section() -> ml_collections.ConfigDict:
     t.shape_buckets = True
     # Bucket sizes per doubling: padding adds under 1/4 of a side; each new size compiles once.
     t.bucket_steps = 4
-    # Without shape buckets: one shape for every step, fitted (in buckets) to the data's longest rows
-    # by one pass over every row at start (small data sets), instead of users / patches_per_cell.
+    # The run's largest batch fitted (in buckets) to the data's longest rows, by one pass over every
+    # row at start (small data sets), instead of users / patches_per_cell: without shape buckets every
+    # step has that shape; with them it is the shape compiled and memory-checked before step one.
     t.shape_from_data = False
     t.max_patches_per_image = 1024  # 448 x 448 images
     # In-step false-negative filters (ours; the official loss has none: off in the paper recipe).
@@ -153,7 +154,7 @@ class Run:
     data: TrainData
     preprocessor: Preprocessor
     bad_steps: int = 0  # non-finite steps so far (kept in the checkpoints)
-    sides: dict | None = None  # every step's (users, patches) per side (train.shape_from_data), else None
+    sides: dict | None = None  # the largest (users, patches) per side (train.shape_from_data); None: capacity
 
 
 def _batch_spec(ndim: int) -> P:
@@ -213,9 +214,6 @@ def setup(cfg, workdir: str | Path) -> Run:
                        patches_per_cell=t.patches_per_cell or None, patch_dim=preprocessor.config.vision.patch_dim)  # fmt: skip
     sides = None
     if t.get("shape_from_data"):
-        if t.shape_buckets:
-            raise ValueError("train.shape_from_data fits one shape for the whole run; it needs "
-                             "train.shape_buckets=False (shape buckets fit each step instead)")  # fmt: skip
         need = data.side_maxima(c, progress=jax.process_index() == 0)
         need[:, 1] = np.minimum(need[:, 1], shape.patches_per_cell or 0)  # a cell's own overflow: at collation
         sides = fit_sides(shape, need, per_octave=t.bucket_steps)
