@@ -380,20 +380,19 @@ class TorchSide:
         """``batch[side]`` split into chunks of ``size`` rows, padding kept, as the grad_cache package
         splits the official run's batch (pixel rows follow their rows' images)."""
         inputs, last = batch[side]
-        ends = np.cumsum([0, *batch[side + "_patches"]])
+        patches = batch[side + "_patches"]
+        pixel_ends = np.cumsum([0, *patches])  # each row's end in pixel_values
+        image_ends = np.cumsum([0, *(n > 0 for n in patches)])  # and in image_grid_thw
         for start in range(0, len(last), size):
-            rows = slice(start, start + size)
-            part = {k: v[:, rows] if k == "position_ids" else v[rows] for k, v in inputs.items()
+            stop = min(start + size, len(last))
+            part = {k: v[:, start:stop] if k == "position_ids" else v[start:stop] for k, v in inputs.items()
                     if k not in ("pixel_values", "image_grid_thw")}  # fmt: skip
-            if "pixel_values" in inputs:
-                flags = [n > 0 for n in batch[side + "_patches"]]
-                images = slice(sum(flags[:start]), sum(flags[: start + size]))
-                if images.stop > images.start:
-                    part["pixel_values"] = inputs["pixel_values"][ends[start] : ends[min(start + size, len(last))]]
-                    part["image_grid_thw"] = inputs["image_grid_thw"][images]
-                else:
-                    part.pop("mm_token_type_ids", None)
-            yield part, last[rows]
+            if "pixel_values" in inputs and image_ends[stop] > image_ends[start]:
+                part["pixel_values"] = inputs["pixel_values"][pixel_ends[start] : pixel_ends[stop]]
+                part["image_grid_thw"] = inputs["image_grid_thw"][image_ends[start] : image_ends[stop]]
+            else:
+                part.pop("mm_token_type_ids", None)
+            yield part, last[start:stop]
 
     def step(self, batch, grad_cache: int | None = None) -> float:
         """One optimiser step; ``grad_cache=c``: GradCache as the official run uses it (chunks of c
