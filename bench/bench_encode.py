@@ -14,6 +14,16 @@ Workloads (seeded, nothing downloaded; lengths counted with the model's tokenize
   docs   short documents, role "document": class-label-like strings (~5 tokens of content)
   text   text queries, role "query": an instruction and a sentence (~40 tokens of content)
   image  image+text queries, role "query": a 448x448 RGB image and a short question
+  mixed  the same with images of mixed native sizes (MIXED_SIZES), pre-resized with the official
+         `random` mode, as the paper's eval and mining run: 576 to 3,780 patches an image
+For the image workloads the table also gives the patch slots per real patch of g2e_jax's batches:
+the vision stream's (norms and MLPs pay for every slot), with the rows sorted by size as the Embedder
+sorts them and, for comparison, in input order; and the key slots (each image's queries meet the
+keys of the batch's largest image, bucketed).
+
+--memory (separately): the eight photographs of issue 33 (PHOTO_SIZES) encoded once on each side,
+each side in a fresh process: peak resident memory (ru_maxrss, model included), seconds (g2e_jax's
+include its compilation) and the cosine between the two.
 Every row is rendered in the hierarchical prompt (the paper's system level, the row, the query
 suffix) with the ``--scheme`` placeholder/position scheme (gen2embed by default) on both sides.
 
@@ -79,7 +89,13 @@ WORKLOADS = {  # name -> (description, role)
     "docs": ("short documents", "document"),
     "text": ("text queries", "query"),
     "image": ("image+text queries", "query"),
+    "mixed": ("mixed-size images", "query"),
 }
+# The mixed workload's native sizes (drawn uniformly per row), pre-resized with the official `random`
+# mode (aspect clamped to 2, long side <= 992, short side >= 336): 576 to 3,780 patches an image.
+MIXED_SIZES = ((640, 480), (500, 375), (480, 640), (224, 224), (1024, 768), (1200, 400), (336, 336), (2000, 1500))
+# --memory: the eight photographs of issue 33, each already inside the `random` bounds.
+PHOTO_SIZES = ((640, 480), (992, 744), (336, 336), (480, 640), (800, 400), (504, 378), (720, 540), (448, 896))
 QWEN2_VL_MIN_PIXELS, QWEN2_VL_MAX_PIXELS = 56 * 56, 28 * 28 * 1280
 MIN_COSINE_FLOAT32 = 0.99999
 MIN_COSINE_LOW_PRECISION = 0.99  # bfloat16/float16: a warning only
@@ -141,13 +157,23 @@ class Workload:
     images: list  # PIL images or None, one per row
 
 
-def make_workload(name: str, n: int, *, seed: int, image_size: int, query_tokens: int, tokenizer) -> Workload:
-    """``n`` rows, the same for a given seed whatever ``n`` (a smaller run takes a prefix)."""
+def smooth_image(rng, width: int, height: int):
+    """Smooth random content: a random 8x8 image upsampled, plus a little noise."""
     from PIL import Image
 
+    small = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    pixels = np.asarray(small.resize((width, height), Image.BICUBIC), np.int16)
+    pixels = pixels + rng.integers(-8, 9, pixels.shape, dtype=np.int16)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def make_workload(name: str, n: int, *, seed: int, image_size: int, query_tokens: int, tokenizer) -> Workload:
+    """``n`` rows, the same for a given seed whatever ``n`` (a smaller run takes a prefix)."""
+    from g2e_jax.data.images import resize_for_resolution
     from g2e_jax.prompts import IMAGE_MARKER
 
-    rng = np.random.default_rng([seed, list(WORKLOADS).index(name)])
+    kinds = [*WORKLOADS, "photos"]
+    rng = np.random.default_rng([seed, kinds.index(name)])
 
     def pick(options):
         return options[int(rng.integers(len(options)))]
@@ -169,12 +195,13 @@ def make_workload(name: str, n: int, *, seed: int, image_size: int, query_tokens
             texts.append(
                 f"{IMAGE_MARKER}\nRepresent the given image with the following question: {pick(QUESTIONS)}"
             )
-            # Smooth random content: a random 8x8 image upsampled, plus a little noise.
-            small = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
-            pixels = np.asarray(small.resize((image_size, image_size), Image.BICUBIC), np.int16)
-            pixels = pixels + rng.integers(-8, 9, pixels.shape, dtype=np.int16)
-            images.append(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)))
-    return Workload(name, WORKLOADS[name][1], texts, images)
+            if name == "image":
+                images.append(smooth_image(rng, image_size, image_size))
+            else:
+                sizes = MIXED_SIZES if name == "mixed" else PHOTO_SIZES
+                size = pick(sizes) if name == "mixed" else sizes[len(images) % len(sizes)]
+                images.append(resize_for_resolution(smooth_image(rng, *size), "random"))
+    return Workload(name, "query" if name == "photos" else WORKLOADS[name][1], texts, images)
 
 
 def write_model(name: str, work: Path, args) -> tuple[Path, str]:
@@ -360,6 +387,8 @@ def bench_workload(label, jside: JaxSide, tside: TorchSide, w: Workload, args, o
     grids = [r.grid_thw for r in rows if r.grid_thw is not None]
     flops = model_flops(jside.config, seq_lens, grids)
     runs = {name: (lambda name=name: jside.run(name, rows, w.role)) for name in jside.variants}
+    stats = jside.variants["g2e"].patch_stats
+    stats.update(real=0, stream=0, keys=0)
     runs["torch"] = lambda: tside.run(batches)
 
     times = {name: [] for name in runs}
@@ -408,6 +437,12 @@ def bench_workload(label, jside: JaxSide, tside: TorchSide, w: Workload, args, o
             side["min_cosine"] = float((ours * ref).sum(-1).min())
             side["speed_vs_torch"] = side["emb_per_s"] / (len(rows) / statistics.median(times["torch"][1:]))
         result["sides"][name] = side
+    if stats["real"]:
+        result["patch_slots"] = {
+            "stream_per_patch": stats["stream"] / stats["real"],
+            "stream_per_patch_input_order": input_order_slots(jside, rows, args.batch_size),
+            "keys_per_patch": stats["keys"] / stats["real"],
+        }
     if "g2e_cache" in times:
         result["prefix_cache_speedup"] = (
             result["sides"]["g2e_cache"]["emb_per_s"] / result["sides"]["g2e"]["emb_per_s"]
@@ -415,6 +450,21 @@ def bench_workload(label, jside: JaxSide, tside: TorchSide, w: Workload, args, o
     if not result["tokens_match"]:
         log("  WARNING: real token counts differ between g2e_jax and the reference processor")
     return result
+
+
+def input_order_slots(jside: JaxSide, rows, batch_size: int) -> float:
+    """Stream slots per real patch had the batches kept the rows' input order (no size sort)."""
+    from g2e_jax.embed import PATCH_STEPS
+    from g2e_jax.preprocess import bucket
+
+    emb = jside.variants["g2e"]
+    real = stream = 0
+    for start in range(0, len(rows), batch_size):
+        sizes = [len(r.patches) for r in rows[start : start + batch_size] if r.patches is not None]
+        if sizes:
+            real += sum(sizes)
+            stream += bucket(sum(sizes), emb.patch_bucket_base, per_octave=PATCH_STEPS)
+    return stream / real
 
 
 def _fmt(x, spec: str) -> str:
@@ -456,6 +506,14 @@ def print_table(results, args, on_gpu: bool, depth_note: str, cached: bool):
         "+cache/torch: speed ratios; cache x: prefix-cache speed-up; min cos: lowest cosine between "
         "g2e_jax and reference embeddings; tok/row: real tokens per row (system segment included)."
     )
+    for r in results:
+        if "patch_slots" in r:
+            ps = r["patch_slots"]
+            print(
+                f"{r['model']} / {r['description']}: {r['patches_per_image']:.0f} patches an image on average; "
+                f"vision stream {ps['stream_per_patch']:.3f} slots per real patch (sorted by size; "
+                f"{ps['stream_per_patch_input_order']:.3f} in input order), key slots {ps['keys_per_patch']:.3f}"
+            )
     if on_gpu:
         peak = f"{args.peak_tflops:g} TFLOP/s (--peak-tflops)"
         print(f"MFU: analytic model FLOPs / time / {peak}, best g2e variant / PyTorch.")
@@ -470,6 +528,64 @@ def print_table(results, args, on_gpu: bool, depth_note: str, cached: bool):
             "times (torch's above all: its OpenMP threads stall when a core is taken) are not an idle "
             "machine's: rerun on an idle machine, or compare with --torch-threads 1."
         )
+
+
+def memory_child(args) -> None:
+    """--rss-child SIDE: encode the photos workload once on one side (a fresh process) and write the
+    embeddings (``.npy``) and {peak_rss_mib, seconds} (``.json``) next to ``--child-out``."""
+    import resource
+
+    from g2e_jax.tokenization import Tokenizer
+
+    path = Path(args.model_dir)
+    w = make_workload("photos", len(PHOTO_SIZES), seed=args.seed, image_size=args.image_size,
+                      query_tokens=args.query_tokens, tokenizer=Tokenizer(path))  # fmt: skip
+    if args.rss_child == "g2e":
+        from g2e_jax import Embedder
+
+        start = time.perf_counter()
+        emb = Embedder.from_pretrained(path, dtype=args.dtype, max_len=args.max_len, batch_size=args.batch_size,
+                                       scheme=args.scheme, progress=False)  # fmt: skip
+        out = emb.encode(w.texts, w.images, role=w.role, progress=False)
+        seconds = time.perf_counter() - start
+    else:
+        start = time.perf_counter()
+        side = TorchSide(path, args, "cpu")
+        out, _ = side.run(side.batches(w))
+        seconds = time.perf_counter() - start
+    np.save(args.child_out + ".npy", out)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Path(args.child_out + ".json").write_text(json.dumps({"peak_rss_mib": peak, "seconds": seconds}))
+
+
+def memory_bench(args, work: Path, log) -> dict:
+    """Each side in its own fresh process on the photos workload (see --memory)."""
+    path, label = write_model("2b", work, args)
+    sides = {}
+    for side in ("g2e", "torch"):
+        out = str(work / f"photos_{side}")
+        cmd = [sys.executable, __file__, "--rss-child", side, "--model-dir", str(path), "--child-out", out,
+               "--dtype", args.dtype, "--scheme", args.scheme, "--max-len", str(args.max_len),
+               "--batch-size", str(args.batch_size), "--torch-threads", str(args.torch_threads)]  # fmt: skip
+        log(f"{label} / the eight photographs of issue 33: {SIDES[side]} in a fresh process")
+        with CpuMeter() as meter:
+            subprocess.run(cmd, check=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        sides[side] = json.loads(Path(out + ".json").read_text())
+        sides[side]["embeddings"] = np.load(out + ".npy")
+        sides[side]["background_cores"] = meter.background_cores
+    a, b = (sides[k].pop("embeddings") for k in ("g2e", "torch"))
+    cos = (a / np.linalg.norm(a, axis=-1, keepdims=True) * b / np.linalg.norm(b, axis=-1, keepdims=True)).sum(-1)
+    result = {"model": label, "photos": [f"{w}x{h}" for w, h in PHOTO_SIZES], "sides": sides,
+              "rss_ratio": sides["g2e"]["peak_rss_mib"] / sides["torch"]["peak_rss_mib"],
+              "min_cosine": float(cos.min())}  # fmt: skip
+    print(f"\n{label}, the eight photographs of issue 33 ({', '.join(result['photos'])}), {args.dtype}, one call "
+          "per side in a fresh process:")  # fmt: skip
+    for k, v in sides.items():
+        extra = " (compilation included)" if k == "g2e" else ""
+        print(f"  {SIDES[k]:<8} peak RSS {v['peak_rss_mib'] / 1024:.2f} GiB, {v['seconds']:.1f} s{extra}, "
+              f"bg cores {_fmt(v['background_cores'], '.2f')}")  # fmt: skip
+    print(f"  peak RSS g2e_jax / PyTorch {result['rss_ratio']:.2f}; min cosine {result['min_cosine']:.7f}")
+    return result
 
 
 def _git_commit() -> str | None:
@@ -542,9 +658,11 @@ def main():
     parser.add_argument(
         "--workloads", default=",".join(WORKLOADS), help="comma list of " + ", ".join(WORKLOADS)
     )
-    parser.add_argument("--tiny-rows", type=_rows_flag, default="256,128,32", help="rows of docs,text,image")
     parser.add_argument(
-        "--2b-rows", dest="rows_2b", type=_rows_flag, default="64,32,8", help="rows of docs,text,image"
+        "--tiny-rows", type=_rows_flag, default="256,128,32,32", help="rows of docs,text,image,mixed"
+    )
+    parser.add_argument(
+        "--2b-rows", dest="rows_2b", type=_rows_flag, default="64,32,8,32", help="rows of docs,text,image,mixed"
     )
     parser.add_argument("--batch-size", type=int, default=8, help="rows per batch, both sides")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up (median)")
@@ -561,10 +679,26 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", help="where to write the models (default: a temporary folder)")
     parser.add_argument("--out", help="JSON file (default: bench/results/encode_<device>[_quick].json)")
+    parser.add_argument("--memory", action="store_true", help="only the peak-RSS comparison (CPU, 2b widths)")
+    parser.add_argument("--rss-child", choices=("g2e", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rss_child:
+        import torch
+
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        args.dtype = args.dtype or "float32"
+        sys.path.insert(0, str(REPO / "tests"))
+        torch.set_num_threads(args.torch_threads)
+        if args.dtype == "float32":
+            import jax
+
+            jax.config.update("jax_default_matmul_precision", "highest")
+        return memory_child(args)
     if args.quick:
         args.models = "tiny"
-        args.tiny_rows = {"docs": 32, "text": 16, "image": 8}
+        args.tiny_rows = {"docs": 32, "text": 16, "image": 8, "mixed": 8}
     args.models = ["2b" if m == "2b-width" else m for m in csv_list(args.models)]
     args.workloads = csv_list(args.workloads)
     for m in args.models:
@@ -625,6 +759,22 @@ def main():
     tmp = tempfile.TemporaryDirectory(prefix="bench_encode_") if args.workdir is None else None
     work = Path(args.workdir or tmp.name)
     results = []
+    if args.memory:
+        if on_gpu:
+            parser.error("--memory compares host memory: run it on a CPU")
+        try:
+            result = memory_bench(args, work, log)
+        finally:
+            if tmp is not None:
+                tmp.cleanup()
+        out = Path(args.out) if args.out else REPO / "bench" / "results" / "encode_memory_cpu.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"meta": machine_info(args, on_gpu), "memory": result}, indent=2) + "\n")
+        log(f"\nwrote {out}")
+        if args.dtype == "float32" and result["min_cosine"] < MIN_COSINE_FLOAT32:
+            log(f"!! PARITY FAILURE: photos: min cosine {result['min_cosine']:.7f} < {MIN_COSINE_FLOAT32}")
+            sys.exit(1)
+        return
     try:
         for name in args.models:
             path, label = write_model(name, work, args)

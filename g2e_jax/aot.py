@@ -9,6 +9,7 @@ nothing from either.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import jax
 
@@ -34,11 +35,31 @@ def memory_needed(compiled) -> dict | None:
     return out
 
 
+def host_memory_bytes() -> int | None:
+    """This machine's memory for one process: the smaller of physical memory and the cgroup's
+    limit (a container's), or None where neither can be read."""
+    sizes = []
+    try:
+        sizes.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                value = f.read().strip()
+        except OSError:
+            continue
+        if value.isdigit() and int(value) < (1 << 60):  # "max" or a huge number: no limit
+            sizes.append(int(value))
+    return min(sizes) if sizes else None
+
+
 def device_memory_limit(
-    configured_gb: float | None = None, key: str = "train.device_memory_gb"
+    configured_gb: float | None = None, key: str = "train.device_memory_gb", *, host_default: bool = False
 ) -> tuple[int | None, str]:
     """(bytes one device can hold, where that number comes from): the device's own report where it
-    has one (GPU, TPU), else the configured value (``key``; CPU), else None (no check)."""
+    has one (GPU, TPU), else the configured value (``key``; CPU), else with ``host_default`` the
+    host's memory (a CPU device's memory is the host's), else None (no check)."""
     stats = None
     try:
         stats = jax.local_devices()[0].memory_stats()
@@ -48,7 +69,18 @@ def device_memory_limit(
         return int(stats["bytes_limit"]), f"{jax.local_devices()[0].device_kind} bytes_limit"
     if configured_gb is not None:
         return int(configured_gb * GIB), key
+    host = host_memory_bytes() if host_default and jax.default_backend() == "cpu" else None
+    if host is not None:
+        return host, f"this host's memory; set {key} to change"
     return None, f"no limit known (set {key} to check on this backend)"
+
+
+class ProgramTooLarge(ValueError):
+    """A compiled program whose per-device need exceeds the limit (``need``: ``memory_needed``)."""
+
+    def __init__(self, message: str, need: dict, limit: int):
+        super().__init__(message)
+        self.need, self.limit = need, limit
 
 
 class AheadOfTime:
@@ -89,11 +121,13 @@ class AheadOfTime:
     def check(self, need: dict | None) -> None:
         """A program whose per-device need exceeds the limit is an error with the numbers and advice."""
         if need is not None and self.limit is not None and need["total"] > self.limit:
-            raise ValueError(
+            raise ProgramTooLarge(
                     f"the {self.what} needs {fmt_bytes(need['total'])} per device "
                     f"(arguments {fmt_bytes(need['argument'])}, outputs {fmt_bytes(need['output'])}, "
                     f"temporaries {fmt_bytes(need['temp'])}) but a device holds "
-                    f"{fmt_bytes(self.limit)} ({self.limit_source}): {self.advice}"
+                    f"{fmt_bytes(self.limit)} ({self.limit_source}): {self.advice}",
+                    need,
+                    self.limit,
                 )
 
     def __call__(self, *args, **kwargs):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import sys
 import warnings
@@ -41,7 +42,7 @@ from g2e_jax import distributed
 from g2e_jax.adapters.lora import merge_adapters
 from g2e_jax.adapters.peft import WEIGHTS_FILE, load_peft_adapter
 from g2e_jax.adapters.trained import is_run_dir, load_trained
-from g2e_jax.aot import AheadOfTime, device_memory_limit
+from g2e_jax.aot import AheadOfTime, ProgramTooLarge, device_memory_limit, fmt_bytes
 from g2e_jax.data.images import ImageConfig
 from g2e_jax.io import save_npy_atomic, sha256_file, weights_fingerprint
 from g2e_jax.mesh import BATCH_AXES, constrain, make_mesh, state_shardings
@@ -51,6 +52,8 @@ from g2e_jax.preprocess import InputError, PreparedRow, Preprocessor, bucket, co
 from g2e_jax.prompts import PromptConfig, check_role, plural
 
 __all__ = ["Embedder", "InputError", "PreparedRow", "embed_batch"]
+
+PATCH_STEPS = 4  # patch buckets per doubling (``bucket(per_octave=...)``): padding under a quarter
 
 
 class Embedder:
@@ -95,6 +98,9 @@ class Embedder:
         self.batch_size = batch_size
         self.seq_bucket_base, self.patch_bucket_base = seq_bucket_base, patch_bucket_base
         self.traces: list[tuple] = []  # one entry per compiled program (appended while tracing)
+        # Patches of this process's batches: real, stream slots (cells x the bucket) and key slots
+        # (images x the largest image's bucket: the keys each image's queries meet); for benchmarks.
+        self.patch_stats = {"real": 0, "stream": 0, "keys": 0}
         self.prefix_cache = prefix_cache
         self._prefixes: dict[tuple, Any] = {}  # system segment ids -> per-layer (k, v); weights are fixed
         self._prefix_kv = jax.jit(lambda state, ids: nnx.merge(self.graphdef, state).prefix_kv(ids))
@@ -107,6 +113,11 @@ class Embedder:
         # Every program (one per role and shape bucket) is compiled and its memory checked before it
         # runs; traced without the mesh context, as before (no activation constraints here yet).
         limit, source = device_memory_limit(device_memory_gb, key="device_memory_gb")
+        # The largest text program is compiled up front only against a device's or a configured
+        # limit; against the host's memory (CPU) each program is checked when its shapes first come.
+        self._check_text_first = limit is not None
+        if limit is None:
+            limit, source = device_memory_limit(None, key="device_memory_gb", host_default=True)
         advice = _encode_advice(self.mesh)
         self._encode = AheadOfTime(
             jitted, "encode program", limit=limit, limit_source=source, advice=advice, static=static
@@ -360,7 +371,7 @@ class Embedder:
         header_ids = jnp.asarray(self.preprocessor.header_ids)
         prefix = self.system_prefix(role)
         max_user = self.max_len - len(sys_ids) - len(header_ids)
-        if self._encode.limit is not None:
+        if self._check_text_first:
             self._compile_largest_text(sys_ids, header_ids, prefix, max_user)
         bar = tqdm(total=n, desc=f"encoding {plural(role)}", unit="row", disable=not progress)
         many = jax.process_count() > 1
@@ -383,10 +394,19 @@ class Embedder:
             if not need[0]:
                 break
             batch = self._collate_cells(rows, need, max_user)
-            emb = self._encode(
-                self.state, sys_ids, header_ids, prefix, **batch["arrays"], scheme=self.prompt.scheme,
-                pad_id=self.preprocessor.pad_id, max_patches_per_image=batch["max_patches_per_image"],
-            )  # fmt: skip
+            try:
+                emb = self._encode(
+                    self.state, sys_ids, header_ids, prefix, **batch["arrays"], scheme=self.prompt.scheme,
+                    pad_id=self.preprocessor.pad_id, max_patches_per_image=batch["max_patches_per_image"],
+                )  # fmt: skip
+            except ProgramTooLarge as e:
+                # Every process compiled the same program against the same limit: all split alike.
+                if need[1] <= 1:
+                    raise self._too_large(e, positions, rows) from None
+                half = (len(rows) + 1) // 2
+                halves = [(positions[:half], rows[:half]), (positions[half:], rows[half:])]
+                batches = itertools.chain(halves, batches)
+                continue
             if pending is not None:
                 bar.update(self._fetch(out, *pending))
             pending = ([p - offset for p in positions], batch["slots"], emb)
@@ -394,6 +414,22 @@ class Embedder:
             bar.update(self._fetch(out, *pending))
         bar.close()
         return out
+
+    def _too_large(self, e: ProgramTooLarge, positions, rows) -> ValueError:
+        """The error for a single row whose program cannot fit: its largest image and what to change."""
+        sized = [(len(r.patches), p, r) for p, r in zip(positions, rows) if r.patches is not None]
+        if not sized:  # a text row (or another process's row): the check's own message says it all
+            return ValueError(str(e))
+        patches, position, row = max(sized, key=lambda t: t[0])
+        t, h, w = (int(x) for x in row.grid_thw)
+        side = self.config.vision.patch_size
+        return ValueError(
+            f"row {position}: its image ({w * side}x{h * side} pixels after resizing, {patches} patches) "
+            f"makes a one-row encode program of {fmt_bytes(e.need['total'])} (temporaries "
+            f"{fmt_bytes(e.need['temp'])}), more than the {fmt_bytes(e.limit)} a device holds "
+            f"({self._encode.limit_source}): resize the images smaller (image_resolution, or max_pixels in "
+            "the model's preprocessor_config.json), or shard the weights over more devices"
+        )
 
     def _compile_largest_text(self, sys_ids, header_ids, prefix, max_user: int) -> None:
         """Before the first batch: the program of a full batch of the longest text rows, compiled
@@ -433,9 +469,11 @@ class Embedder:
         # This process's rows fill its cells as _needs measured them; cells are padded to per_cell.
         mine = self._needs(rows)[1] or 1
         users = min(bucket(longest, self.seq_bucket_base), max(max_user, longest))
-        # Image slots: the cell's images rounded up to a power of two, not one per row (the vision
-        # tower's attention runs per slot).
-        patches = bucket(patches, self.patch_bucket_base) if patches else None
+        # Image slots: the cell's images rounded up to a power of two, not one per row. Patch counts in
+        # steps of a quarter octave: the stream's norms and MLPs pay for every slot, each image's
+        # queries for the largest image's keys (issue 28: 1.05 stream slots per real patch on mixed sizes).
+        real = sum(len(r.patches) for r in rows if r.patches is not None)
+        patches = bucket(patches, self.patch_bucket_base, per_octave=PATCH_STEPS) if patches else None
         images = bucket(images, 1) if images else None
         cells = []
         for c in range(self.local_cells):
@@ -446,7 +484,11 @@ class Embedder:
                                  patch_dim=self.config.vision.patch_dim, pixel_dtype=self.dtype))  # fmt: skip
         arrays = {k: None if cells[0][k] is None else self._to_mesh(np.stack([c[k] for c in cells]))
                   for k in cells[0]}  # fmt: skip
-        max_per_image = bucket(largest, self.patch_bucket_base) if largest else None
+        max_per_image = bucket(largest, self.patch_bucket_base, per_octave=PATCH_STEPS) if largest else None
+        if real:
+            self.patch_stats["real"] += real
+            self.patch_stats["stream"] += patches * len(cells)
+            self.patch_stats["keys"] += max_per_image * sum(r.patches is not None for r in rows)
         slots = [(j // mine) * per_cell + j % mine for j in range(len(rows))]  # rows in the flat output
         return {"arrays": arrays, "max_patches_per_image": max_per_image, "slots": slots}
 

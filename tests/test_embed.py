@@ -248,3 +248,62 @@ def test_the_encode_program_is_compiled_and_checked_before_the_first_batch(tiny_
     assert "encode program: " in said and "per device of 100.00 GiB (device_memory_gb)" in said
     assert "(a full batch of 256-token text rows)" in said
     assert len(big.traces) == 2  # the largest text program ahead, then the batch's bucket
+
+
+MIXED_IMAGES = [random_image(112, 112, 10), random_image(28, 28, 11), random_image(56, 168, 12),
+                random_image(84, 56, 13), random_image(168, 112, 14)]  # fmt: skip
+
+
+@pytest.mark.parametrize("block", [None, 8])
+def test_mixed_image_sizes_equal_each_image_alone(tiny_dir, monkeypatch, block):
+    """One batch of five images of 4 to 96 patches gives each image's embedding alone (1e-5); with
+    8-row query blocks every image but the smallest spans several blocks, and blocks end inside
+    images (4, 24, 48, 64 and 96 patches)."""
+    from g2e_jax.models.qwen2_vl import vision
+
+    if block is not None:
+        monkeypatch.setattr(vision, "VISION_QUERY_BLOCK", block)
+    emb = Embedder.from_pretrained(tiny_dir, dtype="float32", batch_size=8, max_len=256, progress=False)
+    texts = ["<|image_1|> what is shown?"] * len(MIXED_IMAGES)
+    together = emb.encode(texts, MIXED_IMAGES, role="query")
+    alone = np.concatenate([emb.encode([t], [im], role="query") for t, im in zip(texts, MIXED_IMAGES)])
+    report(f"mixed image sizes together vs alone (block {block})", max_abs=float(np.abs(together - alone).max()))
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+def _host_of(monkeypatch, nbytes: int) -> None:
+    from g2e_jax import aot
+
+    monkeypatch.setattr(aot, "host_memory_bytes", lambda: nbytes)
+
+
+def test_a_batch_too_large_for_the_host_is_split_before_it_runs(tiny_dir, monkeypatch):
+    """On CPU the host's memory is the limit: a batch whose program would not fit is compiled, refused
+    and encoded as two halves, with the embeddings of an unlimited run."""
+    texts = ["<|image_1|> what is shown?"] * 4
+    images = [random_image(224, 224, 20), random_image(56, 84, 21), random_image(112, 112, 22),
+              random_image(28, 56, 23)]  # fmt: skip
+    free = Embedder.from_pretrained(tiny_dir, dtype="float32", batch_size=4, max_len=256, progress=False)
+    assert free._encode.limit_source.startswith("this host's memory")
+    want = free.encode(texts, images, role="query")
+    (need,) = [m["total"] for m in free._encode.memory.values()]
+    _host_of(monkeypatch, need - 1)
+    tight = Embedder.from_pretrained(tiny_dir, dtype="float32", batch_size=4, max_len=256, progress=False)
+    got = tight.encode(texts, images, role="query")
+    np.testing.assert_allclose(got, want, atol=2e-6)
+    kept = [tight._encode.memory[k]["total"] for k in tight._encode.executables]
+    assert len(kept) == 2 and max(kept) < need  # one program per half (their patch buckets differ)
+    assert [t[1][0] for t in tight.traces] == [4, 2, 2]  # the refused 4-row program, then two halves
+
+
+def test_an_image_too_large_for_the_host_fails_before_it_runs(tiny_dir, monkeypatch):
+    """A single row whose program cannot fit is an error naming the row, its image and the setting to
+    change (not an allocation failure from inside the device program)."""
+    _host_of(monkeypatch, 2 << 20)
+    emb = Embedder.from_pretrained(tiny_dir, dtype="float32", batch_size=4, max_len=256, progress=False)
+    with pytest.raises(ValueError) as e:
+        emb.encode(["a text row", "<|image_1|> what is shown?"], [None, random_image(224, 224, 30)])
+    said = str(e.value)
+    assert said.startswith("row 1: its image (224x224 pixels after resizing, 256 patches) makes a one-row ")
+    assert "more than the 2.00 MiB a device holds (this host's memory; set device_memory_gb to change)" in said
+    assert "image_resolution" in said

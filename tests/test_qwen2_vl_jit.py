@@ -108,27 +108,65 @@ def test_same_bucket_does_not_recompile(jax_model):
     assert len(traces) == 1
 
 
-def test_vision_attention_cost_grows_with_per_image_sizes(jax_model):
-    """Eight 64-patch images must cost far less attention than one 512-patch image (same total)."""
-    vcfg = jax_model.config.vision
-    graphdef, state = nnx.split(jax_model.visual)
+def _attention_work(grids, per_image: int, num_patches: int | None = None) -> dict:
+    """What the tower's per-image attention runs for these images: the query rows it computes
+    (valid query blocks x block rows) and the (query, key) scores per head."""
+    from g2e_jax.models.qwen2_vl.vision import VisionLayout
 
-    def flops(grids, per_image):
-        grids = np.array(grids)
-        pixels = jax.ShapeDtypeStruct((int(grids.prod(-1).sum()), vcfg.patch_dim), jnp.float32)
+    grids = np.asarray(grids)
+    n = int(grids.prod(-1).sum()) if num_patches is None else num_patches
+    layout = VisionLayout(jnp.asarray(grids), n, per_image, 2)
+    blocks = int(np.asarray(layout.block_valid).sum())
+    rows = blocks * layout.block
+    return {"rows": rows, "scores": rows * per_image, "loop": layout.num_blocks}
+
+
+def test_vision_attention_cost_grows_with_per_image_sizes():
+    """Eight 64-patch images must cost far less attention than one 512-patch image (same total):
+    each image's queries meet its own keys only."""
+    many_small = _attention_work([[1, 8, 8]] * 8, 64)
+    one_large = _attention_work([[1, 16, 32]], 512)
+    report("vision attention scores", many_small=many_small["scores"], one_large=one_large["scores"])
+    assert many_small["scores"] == 8 * 64**2
+    assert one_large["scores"] == 512**2
+
+
+def test_small_and_large_image_cost_their_own_rows():
+    """A batch of one small and one large image computes the rows of those two, not of two large
+    ones (the old [images, largest] layout ran 2 x 1024 query rows here)."""
+    from g2e_jax.models.qwen2_vl import vision
+
+    small, large = [1, 8, 8], [1, 32, 32]  # 64 and 1024 patches; the batch's largest is 1024
+    mixed = _attention_work([small, large], 1024, num_patches=64 + 1024 + 128)  # bucketed stream
+    report("small + large image attention", rows=mixed["rows"], scores=mixed["scores"])
+    block = vision.VISION_QUERY_BLOCK
+    assert mixed["rows"] == block + 1024  # one block for the small image, 1024 / block for the large
+    assert mixed["rows"] < 2 * 1024
+    # The static loop is bounded by the stream, not by images x largest.
+    assert mixed["loop"] <= -(-(64 + 1024 + 128) // block) + 2
+
+
+def test_vision_attention_memory_follows_one_block():
+    """The compiled tower's temporaries grow with the patches, not with images x largest**2: four
+    4,096-patch images need less than one image's full float32 score matrix of temporaries, and
+    about four times what one image needs (issue 33: 8 photographs asked for 27 GB)."""
+    from g2e_jax.models.qwen2_vl import VisionConfig
+    from g2e_jax.models.qwen2_vl.vision import VisionTower
+
+    cfg = VisionConfig(depth=1, embed_dim=32, num_heads=2, out_hidden_size=32, patch_size=2,
+                       temporal_patch_size=1, in_channels=1)  # fmt: skip
+    graphdef, state = nnx.split(VisionTower(cfg, rngs=nnx.Rngs(0)))
+    side = 64  # a 64 x 64 patch grid: 4,096 patches
+    per_image = side * side
+
+    def temp_bytes(images: int) -> int:
+        pixels = jax.ShapeDtypeStruct((images * per_image, cfg.patch_dim), jnp.float32)
+        grid = jax.ShapeDtypeStruct((images, 3), jnp.int32)
         fn = jax.jit(lambda s, p, g: nnx.merge(graphdef, s)(p, g, per_image))
-        cost = fn.lower(state, pixels, jnp.asarray(grids)).compile().cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        return float(cost["flops"])
+        return int(fn.lower(state, pixels, grid).compile().memory_analysis().temp_size_in_bytes)
 
-    many_small = flops([[1, 8, 8]] * 8, 64)
-    one_large = flops([[1, 16, 32]], 512)
-    # QK^T and PV over all heads: 2 matmuls x 2 flops x embed_dim per (query, key) pair, per block.
-    predicted_gap = vcfg.depth * 2 * 2 * vcfg.embed_dim * (512**2 - 8 * 64**2)
-    report(
-        "vision attention flops",
-        many_small=many_small,
-        one_large=one_large,
-        predicted_gap=float(predicted_gap),
-    )
-    assert one_large - many_small >= 0.9 * predicted_gap
+    one, four = temp_bytes(1), temp_bytes(4)
+    scores_of_one_image = cfg.num_heads * per_image**2 * 4
+    report("vision tower temporaries", one_image=one, four_images=four, one_score_matrix=scores_of_one_image)
+    assert four < scores_of_one_image
+    assert four <= 5 * one

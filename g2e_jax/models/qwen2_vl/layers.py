@@ -109,6 +109,9 @@ def attention_implementation(dtype) -> str | None:
     return "cudnn" if half and jax.default_backend() == "gpu" else None
 
 
+SCORE_BUDGET = 1 << 26  # score elements one XLA attention call may hold: 256 MiB in float32
+
+
 def attention(q, k, v, mask=None, *, kv_lengths=None):
     """Scaled dot-product attention with a float32 softmax (``jax.nn.dot_product_attention``).
 
@@ -118,17 +121,53 @@ def attention(q, k, v, mask=None, *, kv_lengths=None):
     general mask only as a materialised bias). Fully masked query rows give a finite (uniform)
     result instead of NaN. Where cuDNN cannot take the shapes (head size, mask layout), XLA's
     implementation runs instead, with the same result.
+
+    XLA's implementation materialises every score, so where ``B * Hq * Lq * Lk`` exceeds
+    ``SCORE_BUDGET`` it runs over groups of rows, and of query blocks within a row, one group at a
+    time (``lax.map``): each query's softmax is unchanged, and memory follows the budget instead of
+    the batch (eight large images asked for 27 GB at once, issue 33).
     """
     if mask is not None:
         mask = jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))
-    kw = dict(mask=mask, key_value_seq_lengths=kv_lengths)
     implementation = attention_implementation(q.dtype)
     if implementation is not None:
         try:
-            return jax.nn.dot_product_attention(q, k, v, **kw, implementation=implementation)
+            return jax.nn.dot_product_attention(
+                q, k, v, mask=mask, key_value_seq_lengths=kv_lengths, implementation=implementation
+            )
         except (ValueError, NotImplementedError, TypeError, RuntimeError):
             pass
-    return jax.nn.dot_product_attention(q, k, v, **kw)
+    return bounded_attention(q, k, v, mask, kv_lengths, budget=SCORE_BUDGET)
+
+
+def bounded_attention(q, k, v, mask, kv_lengths, *, budget: int):
+    """XLA's attention with at most about ``budget`` scores alive (see ``attention``)."""
+    b, lq, hq, d = q.shape
+    lk = k.shape[1]
+    if b * hq * lq * lk <= budget:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, key_value_seq_lengths=kv_lengths)
+    # Query blocks of a row (the whole row where it fits), then as many blocks per step as fit.
+    block = lq if hq * lq * lk <= budget else max(1, budget // (hq * lk))
+    nq = -(-lq // block)
+    pad = nq * block - lq
+    qb = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b * nq, block, hq, d)
+    row = jnp.repeat(jnp.arange(b), nq)
+    mb = None
+    if mask is not None:
+        mb = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(b, 1, nq, block, lk)
+        mb = mb.transpose(0, 2, 1, 3, 4).reshape(b * nq, 1, block, lk)
+
+    def one(xs):
+        qi, r, mi = xs
+        out = jax.nn.dot_product_attention(
+            qi[None], k[r][None], v[r][None], mask=None if mi is None else mi[None],
+            key_value_seq_lengths=None if kv_lengths is None else kv_lengths[r][None],
+        )  # fmt: skip
+        return out[0]
+
+    per_step = max(1, budget // (hq * block * lk))
+    out = jax.lax.map(one, (qb, row, mb), batch_size=per_step if per_step > 1 else None)
+    return out.reshape(b, nq * block, hq, d)[:, :lq]
 
 
 def attention_with_probs(q, k, v, mask=None):
