@@ -438,10 +438,12 @@ def bench_workload(label, jside: JaxSide, tside: TorchSide, w: Workload, args, o
             side["speed_vs_torch"] = side["emb_per_s"] / (len(rows) / statistics.median(times["torch"][1:]))
         result["sides"][name] = side
     if stats["real"]:
+        stream, keys = input_order_slots(jside, rows, args.batch_size)
         result["patch_slots"] = {
             "stream_per_patch": stats["stream"] / stats["real"],
-            "stream_per_patch_input_order": input_order_slots(jside, rows, args.batch_size),
             "keys_per_patch": stats["keys"] / stats["real"],
+            "stream_per_patch_input_order": stream,
+            "keys_per_patch_input_order": keys,
         }
     if "g2e_cache" in times:
         result["prefix_cache_speedup"] = (
@@ -452,19 +454,20 @@ def bench_workload(label, jside: JaxSide, tside: TorchSide, w: Workload, args, o
     return result
 
 
-def input_order_slots(jside: JaxSide, rows, batch_size: int) -> float:
-    """Stream slots per real patch had the batches kept the rows' input order (no size sort)."""
+def input_order_slots(jside: JaxSide, rows, batch_size: int) -> tuple[float, float]:
+    """(stream, key) slots per real patch had the batches kept the rows' input order (no size sort)."""
     from g2e_jax.embed import PATCH_STEPS
     from g2e_jax.preprocess import bucket
 
     emb = jside.variants["g2e"]
-    real = stream = 0
+    real = stream = keys = 0
     for start in range(0, len(rows), batch_size):
         sizes = [len(r.patches) for r in rows[start : start + batch_size] if r.patches is not None]
         if sizes:
             real += sum(sizes)
             stream += bucket(sum(sizes), emb.patch_bucket_base, per_octave=PATCH_STEPS)
-    return stream / real
+            keys += len(sizes) * bucket(max(sizes), emb.patch_bucket_base, per_octave=PATCH_STEPS)
+    return stream / real, keys / real
 
 
 def _fmt(x, spec: str) -> str:
@@ -511,8 +514,9 @@ def print_table(results, args, on_gpu: bool, depth_note: str, cached: bool):
             ps = r["patch_slots"]
             print(
                 f"{r['model']} / {r['description']}: {r['patches_per_image']:.0f} patches an image on average; "
-                f"vision stream {ps['stream_per_patch']:.3f} slots per real patch (sorted by size; "
-                f"{ps['stream_per_patch_input_order']:.3f} in input order), key slots {ps['keys_per_patch']:.3f}"
+                f"slots per real patch, sorted by size (in input order): vision stream "
+                f"{ps['stream_per_patch']:.3f} ({ps['stream_per_patch_input_order']:.3f}), keys "
+                f"{ps['keys_per_patch']:.3f} ({ps['keys_per_patch_input_order']:.3f})"
             )
     if on_gpu:
         peak = f"{args.peak_tflops:g} TFLOP/s (--peak-tflops)"

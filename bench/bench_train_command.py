@@ -13,6 +13,10 @@ logs, checkpoints and compiles. For each (model, adapter, GradCache) this runs, 
 2. the same command again with that cache warm: the start-up a resumed or restarted run pays. The
    command's s/step is the mean of the two runs' steady states (the same steps: on 2 cores one run
    of 8 steps at 2B widths varied from the other by up to 30%);
+   and once more, warm, with ``--short-steps`` steps: the wall clock's s/step is the difference of
+   the two warm runs' wall times over the difference of their steps (what a user timing two runs
+   sees: set-up, compiles, metric and checkpoint writes, evaluation all included where they scale
+   with the steps, and nothing of the compilation cache's state, which both runs share);
 3. the trainer's own step (``trainer.step_function``, the same program) alone on the command's own
    first batches, device-resident: the floor the command's s/step is compared with (ratio <= 1.15
    is issue 23's target);
@@ -128,6 +132,7 @@ def main():
     parser.add_argument("--chunk", type=int, default=4)
     parser.add_argument("--steps", type=int, default=24, help="steps of each command run")
     parser.add_argument("--log-every", type=int, default=4, help="metric records (timing intervals)")
+    parser.add_argument("--short-steps", type=int, default=4, help="steps of the short run (wall clock)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps of the step alone and of torch")
     parser.add_argument("--shape-buckets", default="True", choices=("True", "False"))
     parser.add_argument("--rank", type=int, default=8)
@@ -170,11 +175,19 @@ def main():
                 cache = work / f"xla_{name}_{adapter}_{gc}"
                 cold = run_command(work / f"run_{tag.replace('/', '_')}_cold", flags, cache)
                 warm = run_command(work / f"run_{tag.replace('/', '_')}_warm", flags, cache)
+                short_flags = [f for f in flags if not f.startswith(("--config.train.steps=",
+                                                                     "--config.train.checkpoint_every="))]
+                short_flags += [f"--config.train.steps={args.short_steps}",
+                                f"--config.train.checkpoint_every={args.short_steps}"]  # fmt: skip
+                short = run_command(work / f"run_{tag.replace('/', '_')}_short", short_flags, cache)
+                wall = (warm["wall_s"] - short["wall_s"]) / (args.steps - args.short_steps)
                 alone, bg = step_alone(flags, work / f"alone_{tag.replace('/', '_')}", args.repeats)
                 command = (cold["step_s"] + warm["step_s"]) / 2  # the same steps; only compiling differs
                 row = dict(model=name, adapter=adapter, grad_cache=gc, command_s=command,
                            command_cold_s=cold["step_s"], command_warm_s=warm["step_s"], step_alone_s=alone,
                            torch_s=t_s, overhead=command / alone, torch_over_command=t_s / command,
+                           wall_s=wall, wall_over_command=wall / command, torch_over_wall=t_s / wall,
+                           wall_long_s=warm["wall_s"], wall_short_s=short["wall_s"],
                            setup_s=cold["setup_s"], compile_cold_s=cold["first_compile_s"],
                            compile_warm_s=warm["first_compile_s"], programs_cold=cold["first_compile_programs"],
                            programs_warm=warm["first_compile_programs"], loop_compiles=cold["compiles_in_loop"],
@@ -183,16 +196,19 @@ def main():
                 print(f"{tag}: command {command:.4f} s/step (cold cache run {cold['step_s']:.4f}, warm "
                       f"{warm['step_s']:.4f}), step "
                       f"alone {alone:.4f}, overhead x{row['overhead']:.2f}; torch {t_s:.4f} s/step = "
-                      f"x{row['torch_over_command']:.2f} the command; set-up {row['setup_s']:.1f} s, step "
+                      f"x{row['torch_over_command']:.2f} the command; wall clock {wall:.4f} s/step "
+                      f"(x{row['wall_over_command']:.2f} the steady state, torch x{row['torch_over_wall']:.2f}); set-up {row['setup_s']:.1f} s, step "
                       f"compile {row['compile_cold_s']:.1f} s cold ({row['programs_cold']} programs) / "
                       f"{row['compile_warm_s']:.1f} s warm ({row['programs_warm']}); bg cores {row['bg_cores']:.2f}",
                       flush=True)  # fmt: skip
-    print("\n| model | adapter | GradCache | command s/step | step alone | command / step | torch + PEFT s/step "
-          "| torch / command | set-up s | compile s cold / cached | bg cores |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| model | adapter | GradCache | command s/step | wall clock s/step | step alone | command / step "
+          "| torch + PEFT s/step | torch / command | torch / wall clock | set-up s | compile s cold / cached "
+          "| bg cores |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['model']} | {r['adapter']} | {'on' if r['grad_cache'] else 'off'} | {r['command_s']:.4f} | "
-              f"{r['step_alone_s']:.4f} | {r['overhead']:.2f} | {r['torch_s']:.4f} | {r['torch_over_command']:.2f} | "
+              f"{r['wall_s']:.4f} | {r['step_alone_s']:.4f} | {r['overhead']:.2f} | {r['torch_s']:.4f} | "
+              f"{r['torch_over_command']:.2f} | {r['torch_over_wall']:.2f} | "
               f"{r['setup_s']:.1f} | {r['compile_cold_s']:.1f} / {r['compile_warm_s']:.1f} | {r['bg_cores']:.2f} |")  # fmt: skip
     Path(args.output).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
     print(f"\nwrote {args.output}")

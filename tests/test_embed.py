@@ -256,10 +256,14 @@ MIXED_IMAGES = [random_image(112, 112, 10), random_image(28, 28, 11), random_ima
 
 @pytest.mark.parametrize("block", [None, 8])
 def test_mixed_image_sizes_equal_each_image_alone(tiny_dir, monkeypatch, block):
-    """One batch of five images of 4 to 96 patches gives each image's embedding alone (1e-5); with
-    8-row query blocks every image but the smallest spans several blocks, and blocks end inside
-    images (4, 24, 48, 64 and 96 patches)."""
+    """One batch of five images of 4 to 96 patches gives each image's embedding alone (1e-5), and
+    the official pipeline's (transformers, cosine >= 0.99999); with 8-row query blocks every image
+    but the smallest spans several blocks, and blocks end inside images (4, 24, 48, 64, 96 patches)."""
+    pytest.importorskip("torch")
+    from hf_reference import OFFICIAL_SYSTEM, load_hf_model, official_embeddings, official_template
+
     from g2e_jax.models.qwen2_vl import vision
+    from g2e_jax.models.qwen2_vl.hf_files import load_hf_processor
 
     if block is not None:
         monkeypatch.setattr(vision, "VISION_QUERY_BLOCK", block)
@@ -267,8 +271,15 @@ def test_mixed_image_sizes_equal_each_image_alone(tiny_dir, monkeypatch, block):
     texts = ["<|image_1|> what is shown?"] * len(MIXED_IMAGES)
     together = emb.encode(texts, MIXED_IMAGES, role="query")
     alone = np.concatenate([emb.encode([t], [im], role="query") for t, im in zip(texts, MIXED_IMAGES)])
-    report(f"mixed image sizes together vs alone (block {block})", max_abs=float(np.abs(together - alone).max()))
+    strings = [official_template(t, has_image=True, role="query", system=OFFICIAL_SYSTEM, scheme="gen2embed")
+               for t in texts]  # fmt: skip
+    ref = official_embeddings(load_hf_model(tiny_dir), load_hf_processor(tiny_dir), strings, MIXED_IMAGES,
+                              scheme="gen2embed")  # fmt: skip
+    cosine = (ref * together).sum(-1)
+    report(f"mixed image sizes together vs alone and vs transformers (block {block})",
+           max_abs=float(np.abs(together - alone).max()), min_cosine=float(cosine.min()))  # fmt: skip
     np.testing.assert_allclose(together, alone, atol=1e-5)
+    assert cosine.min() >= 0.99999
 
 
 def _host_of(monkeypatch, nbytes: int) -> None:

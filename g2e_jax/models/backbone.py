@@ -123,6 +123,7 @@ class Backbone:
                     f"but config.json implies {list(_hf_shape(rule, expected, cfg))}"
                 )
             variable.set_value(jnp.asarray(rule.transform.to_nnx(reader.get(name)).astype(target_dtype)))
+            reader.release(name)  # the copy is made: the file's pages need not stay resident
             filled.add(nnx_path)
         missing = sorted(set(variables) - filled)
         if missing:

@@ -76,6 +76,20 @@ class SafetensorsReader:
         array = np.frombuffer(self._map, dtype=dtype, count=count, offset=self._data_start + start)
         return array.reshape(info["shape"])
 
+    def release(self, name: str) -> None:
+        """Drops the pages of ``name`` that reading it mapped into this process (they stay in the
+        page cache; a later ``get`` maps them again). Read pages count as this process's resident
+        memory until then: loading a checkpoint would otherwise hold the file's size on top of the
+        weights (1.6 GiB more at Qwen2-VL-2B widths in float32)."""
+        if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start, end = self.header[name]["data_offsets"]
+        page = mmap.PAGESIZE
+        lo = (self._data_start + start) // page * page
+        hi = min(len(self._map), -(-(self._data_start + end) // page) * page)
+        if hi > lo:
+            self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
     def close(self):
         # Views handed out by get() keep the map alive; closing it under them would be unsafe.
         self._file.close()

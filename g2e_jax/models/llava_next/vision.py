@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from g2e_jax.models.llava_next.config import ClipVisionConfig
-from g2e_jax.models.qwen2_vl.layers import activation, attention, call_layer, linear
+from g2e_jax.models.qwen2_vl.layers import activation, attention, call_layer, linear, map_rows
 
 
 class ClipEmbeddings(nnx.Module):
@@ -62,7 +62,7 @@ class ClipMLP(nnx.Module):
         self.act = activation(cfg.hidden_act)
 
     def __call__(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        return map_rows(lambda h: self.fc2(self.act(self.fc1(h))), x, self.fc1.out_features, self)
 
 
 def layer_norm(cfg: ClipVisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:

@@ -30,6 +30,7 @@ from g2e_jax.models.qwen2_vl.layers import (
     attention_implementation,
     call_layer,
     linear,
+    map_rows,
 )
 
 
@@ -166,7 +167,7 @@ class VisionMLP(nnx.Module):
         self.act = activation(cfg.hidden_act)
 
     def __call__(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        return map_rows(lambda h: self.fc2(self.act(self.fc1(h))), x, self.fc1.out_features, self)
 
 
 def layer_norm(dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
