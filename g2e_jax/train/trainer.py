@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from g2e_jax.adapters.lora import AdapterConfig, trainable_filter
 from g2e_jax.adapters.trained import apply_run_adapters, restore_newest
+from g2e_jax.aot import device_memory_limit
 from g2e_jax.compile_cache import CompileClock
 from g2e_jax.config_utils import config_to_json
 from g2e_jax.data.check import check_before_run
@@ -429,6 +430,14 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
     biggest = abstract_batch(run.shape, run.preprocessor.pad_id, lambda n: NamedSharding(run.mesh, _batch_spec(n)),
                              run.sides)  # fmt: skip
     first_key = jax.random.fold_in(base_key, start)  # before the mark: the next window is the step's alone
+    batches = BatchesAhead(run, range(start, cfg.train.steps))
+    first = None
+    if device_memory_limit(cfg.train.get("device_memory_gb"))[0] is None and start < cfg.train.steps:
+        # No limit to check the largest program against (CPU without train.device_memory_gb): compile
+        # the program step one runs instead, not a largest one that the data may never need (with
+        # shape buckets, text-only data: a second program, minutes at full depth, issue 28).
+        first = batches.get(start)
+        biggest = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), first[0])
     clock.mark("setup_s")
     fn = before_first_step(run, fn, biggest, run.consts, first_key, lead=lead)
     clock.mark("first_compile_s")
@@ -439,10 +448,9 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
     last = {}
     started, pairs_done = time.perf_counter(), 0
     bad = BadSteps(cfg.train.get("max_bad_steps", 0), total=run.bad_steps, log=bar.write)
-    batches = BatchesAhead(run, range(start, cfg.train.steps))
     try:
         for step in range(start, cfg.train.steps):
-            batch, subset, skipped_rows = batches.get(step)
+            batch, subset, skipped_rows = first if step == start and first is not None else batches.get(step)
             record_skipped(skipped, [dict(step=step + 1, **r) for r in skipped_rows])
             run.params, run.opt_state, metrics = fn(run.params, run.rest, run.opt_state, batch, run.consts,
                                                     jax.random.fold_in(base_key, step))  # fmt: skip
