@@ -46,6 +46,10 @@ Row counts should be multiples of ``--batch-size``: g2e_jax runs every batch at 
 shapes; its user segments are padded to shape buckets, see ``g2e_jax.preprocess.bucket``), the reference pads each batch to
 its own longest row and runs the last one short.
 
+--end-to-end: the timed region starts from the raw rows on both sides, as a user calls it: g2e_jax's
+``Embedder.encode(texts, images)`` (tokenisation, image resize and patches on its worker threads,
+then the above) against the reference's processor calls, positions and model, batch by batch.
+
 Timing: one warm-up call per side (compilation, prefix K/V) is excluded, then ``--repeats`` timed
 calls; the sides run in turn within each repeat so that a varying background load hits them
 alike, and the cores other processes kept busy meanwhile are measured (``bg cores``: on a shared
@@ -268,6 +272,12 @@ class JaxSide:
         out = self.variants[variant].encode_prepared(rows, role=role, progress=False)
         return out, time.perf_counter() - start
 
+    def run_raw(self, variant: str, w: Workload) -> tuple[np.ndarray, float]:
+        """(embeddings, seconds) of one ``encode`` call on the raw rows (preprocessing included)."""
+        start = time.perf_counter()
+        out = self.variants[variant].encode(w.texts, w.images, role=w.role, progress=False)
+        return out, time.perf_counter() - start
+
 
 class TorchSide:
     """transformers' Qwen2-VL (sdpa) and the official pipeline's tokenisation."""
@@ -332,12 +342,20 @@ class TorchSide:
 
     def run(self, batches) -> tuple[np.ndarray, float]:
         """(embeddings, seconds) of the whole workload, ending with numpy results."""
+        return self._run(lambda: batches)
+
+    def run_raw(self, w: Workload) -> tuple[np.ndarray, float]:
+        """The same from the raw rows: the processor's work inside the timed region."""
+        return self._run(lambda: self.batches(w))
+
+    def _run(self, make_batches) -> tuple[np.ndarray, float]:
         import torch
 
         cuda = self.device.startswith("cuda")
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
+        batches = make_batches()
         outs = []
         with torch.inference_mode():
             for inputs, last in batches:
@@ -386,10 +404,14 @@ def bench_workload(label, jside: JaxSide, tside: TorchSide, w: Workload, args, o
     torch_lens = np.concatenate([inputs["attention_mask"].sum(-1).numpy() for inputs, _ in batches])
     grids = [r.grid_thw for r in rows if r.grid_thw is not None]
     flops = model_flops(jside.config, seq_lens, grids)
-    runs = {name: (lambda name=name: jside.run(name, rows, w.role)) for name in jside.variants}
+    if args.end_to_end:
+        runs = {name: (lambda name=name: jside.run_raw(name, w)) for name in jside.variants}
+        runs["torch"] = lambda: tside.run_raw(w)
+    else:
+        runs = {name: (lambda name=name: jside.run(name, rows, w.role)) for name in jside.variants}
+        runs["torch"] = lambda: tside.run(batches)
     stats = jside.variants["g2e"].patch_stats
     stats.update(real=0, stream=0, keys=0)
-    runs["torch"] = lambda: tside.run(batches)
 
     times = {name: [] for name in runs}
     outputs, background = {}, []
@@ -411,6 +433,7 @@ def bench_workload(label, jside: JaxSide, tside: TorchSide, w: Workload, args, o
         "model": label,
         "workload": w.name,
         "description": WORKLOADS[w.name][0],
+        "timed": "end to end (raw rows)" if args.end_to_end else "prepared rows",
         "role": w.role,
         "rows": len(rows),
         "batch_size": args.batch_size,
@@ -482,7 +505,8 @@ def print_table(results, args, on_gpu: bool, depth_note: str, cached: bool):
         f"{perf:>17} {'bg cores':>8}"
     )
     print(
-        f"\n{args.dtype} on {args.device_label}, batch size {args.batch_size}, median of {args.repeats} runs"
+        f"\n{args.dtype} on {args.device_label}, batch size {args.batch_size}, median of {args.repeats} runs, "
+        + ("end to end from the raw rows (preprocessing timed)" if args.end_to_end else "prepared rows")
     )
     if depth_note:
         print(depth_note)
@@ -683,6 +707,9 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", help="where to write the models (default: a temporary folder)")
     parser.add_argument("--out", help="JSON file (default: bench/results/encode_<device>[_quick].json)")
+    parser.add_argument(
+        "--end-to-end", action="store_true", help="time from the raw rows (preprocessing included) on both sides"
+    )
     parser.add_argument("--memory", action="store_true", help="only the peak-RSS comparison (CPU, 2b widths)")
     parser.add_argument("--rss-child", choices=("g2e", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -743,7 +770,8 @@ def main():
     args.device_label = (
         f"{torch.cuda.get_device_name()} (GPU)" if on_gpu else f"CPU ({os.cpu_count()} cores, {_cpu_model()})"
     )
-    default_out = f"encode_{'gpu' if on_gpu else 'cpu'}{'_quick' if args.quick else ''}.json"
+    suffix = ("_end_to_end" if args.end_to_end else "") + ("_quick" if args.quick else "")
+    default_out = f"encode_{'gpu' if on_gpu else 'cpu'}{suffix}.json"
     out = Path(args.out) if args.out else REPO / "bench" / "results" / default_out
 
     def log(msg):
