@@ -111,7 +111,7 @@ def _train(args, overrides) -> int:
 
 def _check_data(args, overrides) -> int:
     from g2e_jax.config_utils import load_config
-    from g2e_jax.data.check import check_data, format_report
+    from g2e_jax.check_data import check_data, format_report
 
     cfg = load_config(args.config, overrides)
     result = check_data(cfg, source=args.source, force=args.force)
@@ -131,7 +131,7 @@ def _export_hf(args, overrides) -> int:
 
 
 def _prepare(args, overrides) -> int:
-    from g2e_jax.data.prepared import prepare_config, run_prepare
+    from g2e_jax.prepare import prepare_config, run_prepare
 
     cfg = _config(args, overrides, prepare_config)
     path = run_prepare(cfg)
@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     _config_command(
         sub, "prepare", _prepare, "MMEB-format train set -> TFDS array_record records (tokenised, patchified)",
-        config="config file (default: built-in, g2e_jax.data.prepared.prepare_config)", example="--config.data.root=DIR",
+        config="config file (default: built-in, g2e_jax.prepare.prepare_config)", example="--config.data.root=DIR",
     )  # fmt: skip
     train = _config_command(
         sub, "train", _train, "contrastive fine-tuning (LoRA/DoRA/full) from mined clusters or MMEB rows",

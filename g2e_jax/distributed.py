@@ -61,10 +61,8 @@ def init_distributed(cfg) -> None:
     else:
         return
     if jax.process_count() > 1:
-        from jax._src import distributed as jax_distributed
-
         global _watchdog
-        client = jax_distributed.global_state.client
+        client = coordination_client()
         _watchdog = Watchdog(client, jax.process_index(), jax.process_count(), timeout)
         _watchdog.start()
     print(
@@ -73,6 +71,27 @@ def init_distributed(cfg) -> None:
         f"{timeout} s stops the others",
         flush=True,
     )
+
+
+def coordination_client():
+    """The coordination service's client (its key-value store) of a multi-process run.
+
+    JAX exposes the store only through ``jax._src.distributed`` (no public API as of 0.10): this is
+    the package's one private import, kept here so that a JAX change breaks one place."""
+    from jax._src import distributed as jax_distributed
+
+    return jax_distributed.global_state.client
+
+
+def publish(key: str, value: str) -> None:
+    """Sets ``key`` in the coordination store, for the other processes to read with ``wait_for``."""
+    coordination_client().key_value_set(f"g2e_jax/{key}", value)
+
+
+def wait_for(key: str, timeout_s: float = 7 * 24 * 3600) -> str:
+    """The value another process ``publish``-ed under ``key``, waiting for it up to ``timeout_s``
+    (no collective: a long first step on one process cannot time it out)."""
+    return coordination_client().blocking_key_value_get(f"g2e_jax/{key}", int(timeout_s * 1000))
 
 
 def wait_for_lost_process(error: BaseException) -> None:

@@ -135,7 +135,7 @@ def run_mine(cfg) -> dict:
         raise ValueError("no data: set --config.data.root=/path/to/MMEB-train")
     if cfg.mine.output_dir is None:
         raise ValueError("no output: set --config.mine.output_dir=DIR")
-    from g2e_jax.data.check import check_before_run
+    from g2e_jax.check_data import check_before_run
 
     distributed.init_distributed(cfg)
     lead = distributed.is_lead()

@@ -14,7 +14,7 @@ from pathlib import Path
 import ml_collections
 import pytest
 
-from g2e_jax.data.check import cache_file, check_data, format_report
+from g2e_jax.check_data import cache_file, check_data, format_report
 from g2e_jax.data.synthetic import make_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]

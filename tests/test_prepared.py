@@ -21,7 +21,8 @@ from g2e_jax.data.images import (
     smart_resize,
 )
 from g2e_jax.data.mmeb import read_train
-from g2e_jax.data.prepared import META_FILE, SIDES, PreparedDataset, content_id, prepare_config, run_prepare
+from g2e_jax.data.prepared import META_FILE, SIDES, PreparedDataset, content_id
+from g2e_jax.prepare import prepare_config, run_prepare
 from g2e_jax.data.synthetic import make_synthetic
 from g2e_jax.preprocess import Preprocessor
 
@@ -192,7 +193,8 @@ def test_no_tensorflow(prepared, tiny_dir, synthetic, tmp_path):
     cfg = _cfg(tiny_dir, synthetic, tmp_path / "again", subsets=("SynT2I",))
     code = textwrap.dedent(f"""
         import sys
-        from g2e_jax.data.prepared import PreparedDataset, run_prepare
+        from g2e_jax.data.prepared import PreparedDataset
+        from g2e_jax.prepare import run_prepare
         ds = PreparedDataset({str(prepared)!r})
         for i in range(len(ds)):
             ds.prepared_row(i, "qry"), ds.prepared_row(i, "pos")

@@ -292,12 +292,12 @@ def test_two_processes_match_one(setup):
 
 def test_training_reads_a_prepared_dataset(setup, tiny_dir):
     """The same rows from a prepared (array_record) dataset and from MMEB files train alike."""
-    from g2e_jax.data.prepared import run_prepare
+    from g2e_jax.prepare import run_prepare
 
     base, args = setup
     data = base / "data"
     prepared = base / "prepared"
-    from g2e_jax.data.prepared import prepare_config
+    from g2e_jax.prepare import prepare_config
 
     cfg = prepare_config()
     cfg.model.path, cfg.data.root, cfg.data.image_dir = (

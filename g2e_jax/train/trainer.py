@@ -31,7 +31,7 @@ from g2e_jax.adapters.trained import apply_run_adapters, restore_newest
 from g2e_jax.aot import device_memory_limit
 from g2e_jax.compile_cache import CompileClock
 from g2e_jax.config_utils import config_to_json
-from g2e_jax.data.check import check_before_run
+from g2e_jax.check_data import check_before_run
 from g2e_jax.data.clusters import ClusterBatchSampler, batch_label
 from g2e_jax.distributed import distributed_section, init_distributed, wait_for_lost_process
 from g2e_jax.io import save_figure_atomic, write_atomic

@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 
 from g2e_jax.data.images import ImageError, load_image
 from g2e_jax.data.mmeb import TRAIN_COLUMNS, split_files
+from g2e_jax.data.prepared import META_FILE, PreparedDataset
+from g2e_jax.distributed import publish, wait_for
 from g2e_jax.io import write_atomic
 
 VERSION = 1
@@ -214,8 +216,6 @@ def _check_subset(kind, folder, subset, split, image_dir, pool, progress) -> dic
 
 
 def _check_prepared(folder: Path, subset: str, progress) -> dict:
-    from g2e_jax.data.prepared import META_FILE, PreparedDataset
-
     data = PreparedDataset(folder)
     if subset not in data.subsets:
         raise ValueError(f"{folder}: no subset {subset!r}; has {data.subsets}")
@@ -372,10 +372,7 @@ def _verdict(value: int | None) -> int:
 
     if jax.process_count() == 1:
         return value or 0
-    from jax._src import distributed
-
-    client = distributed.global_state.client
     if value is not None:
-        client.key_value_set("g2e_jax/check-data", str(value))
+        publish("check-data", str(value))
         return value
-    return int(client.blocking_key_value_get("g2e_jax/check-data", 7 * 24 * 3600 * 1000))
+    return int(wait_for("check-data"))
