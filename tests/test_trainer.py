@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -93,6 +94,26 @@ def test_reports_before_step_one(uninterrupted):
     # the loop's only one.
     timing = json.loads((uninterrupted / "timing.json").read_text())
     assert timing["compiles_in_loop"] == 0 and timing["compile_s_in_loop"] == 0.0, timing
+
+
+def test_logged_learning_rate_is_the_reference_schedule(uninterrupted):
+    """metrics.jsonl's lr at step k is the rate step k ran with: transformers' linear warm-up and
+    decay (12 steps, 2 of warm-up), whose LambdaLR gives step k the factor of optimizer step k - 1."""
+    torch = pytest.importorskip("torch")
+    from transformers import get_linear_schedule_with_warmup
+
+    (rate,) = re.findall(r"^\s+learning_rate: (\S+)$", (uninterrupted / "config.txt").read_text(), re.M)
+    records = [json.loads(x) for x in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = get_linear_schedule_with_warmup(opt, num_warmup_steps=2, num_training_steps=12)
+    factors = []
+    for _ in range(12):
+        factors.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert [r["step"] for r in records] == list(range(2, 13, 2))
+    for r in records:
+        assert r["lr"] == pytest.approx(float(rate) * factors[r["step"] - 1], rel=1e-6, abs=1e-12), r
 
 
 @pytest.mark.slow

@@ -158,15 +158,20 @@ def loss_and_grads(graphdef, params, rest, batch, consts, cfg: StepConfig, rng=N
     return (loss, metrics), grads
 
 
+def lr_schedule(learning_rate: float, total_steps: int, warmup_steps: int = 0) -> optax.Schedule:
+    """The reference's learning rate at optimizer step ``count`` (0 for the first step): transformers'
+    get_linear_schedule_with_warmup, lr * count / warmup, then lr * (total - count) / (total - warmup);
+    with no warm-up the first step already uses the full rate. The optimizer and the logs both use it."""
+    decay = optax.linear_schedule(learning_rate, 0.0, max(total_steps - warmup_steps, 1))
+    if warmup_steps <= 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), decay], [warmup_steps])
+
+
 def make_optimizer(*, learning_rate: float, total_steps: int, warmup_steps: int = 0, weight_decay: float = 0.0,
                    max_grad_norm: float | None = 1.0) -> optax.GradientTransformation:  # fmt: skip
     """AdamW with a linear warm-up then linear decay to zero (the reference's schedule), clipped."""
-    # As transformers' get_linear_schedule_with_warmup: lr * step / warmup, then lr * (total - step) /
-    # (total - warmup); with no warm-up the first step already uses the full rate.
-    decay = optax.linear_schedule(learning_rate, 0.0, max(total_steps - warmup_steps, 1))
-    schedule = decay if warmup_steps <= 0 else optax.join_schedules(
-        [optax.linear_schedule(0.0, learning_rate, warmup_steps), decay], [warmup_steps]
-    )  # fmt: skip
+    schedule = lr_schedule(learning_rate, total_steps, warmup_steps)
     parts = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm else []
     parts.append(optax.adamw(schedule, weight_decay=weight_decay))
     return optax.chain(*parts)

@@ -50,7 +50,7 @@ from g2e_jax.train.guards import (
     skipped_file,
 )
 from g2e_jax.train.report import abstract_batch, before_first_step
-from g2e_jax.train.step import StepConfig, make_optimizer, train_step
+from g2e_jax.train.step import StepConfig, lr_schedule, make_optimizer, train_step
 
 
 def train_section() -> ml_collections.ConfigDict:
@@ -438,10 +438,13 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
         # shape buckets, text-only data: a second program, minutes at full depth, issue 28).
         first = batches.get(start)
         biggest = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), first[0])
+    # The optimizer's own schedule, for the logs: evaluated for every step at once, here, so that
+    # no small program compiles inside the loop.
+    t = cfg.train
+    logged_lr = np.asarray(lr_schedule(t.learning_rate, t.steps, t.warmup_steps)(np.arange(t.steps)), np.float64)
     clock.mark("setup_s")
     fn = before_first_step(run, fn, biggest, run.consts, first_key, lead=lead)
     clock.mark("first_compile_s")
-    schedule_lr = _lr(cfg)
     preempted = _Preempted()
     bar = tqdm(total=cfg.train.steps, initial=start, desc="training", unit="step", disable=not (progress and lead),
                dynamic_ncols=True)  # fmt: skip
@@ -469,7 +472,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
                 last = {
                     "step": done,
                     "subset": subset,
-                    "lr": schedule_lr(step),
+                    "lr": float(logged_lr[step]),
                     **{k: _finite_or_none(v) for k, v in metrics.items() if k != "finite"},
                 }
                 last["masked"] = int(metrics["masked"])
@@ -594,17 +597,6 @@ def evaluate_now(run: Run, step: int) -> dict:
         with open(run.workdir / "eval.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
     return record
-
-
-def _lr(cfg):
-    t = cfg.train
-
-    def lr(step: int) -> float:
-        if step < t.warmup_steps:
-            return t.learning_rate * step / t.warmup_steps
-        return t.learning_rate * max(0.0, (t.steps - step) / max(t.steps - t.warmup_steps, 1))
-
-    return lr
 
 
 def plot_losses(metrics_file: Path, path: Path) -> None:
