@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from g2e_jax import distributed
 from g2e_jax.adapters.lora import merge_adapters
 from g2e_jax.adapters.peft import WEIGHTS_FILE, load_peft_adapter
-from g2e_jax.adapters.trained import is_run_dir, load_trained
+from g2e_jax.checkpoints import is_run_dir, load_trained
 from g2e_jax.aot import AheadOfTime, ProgramTooLarge, device_memory_limit, fmt_bytes
 from g2e_jax.data.images import ImageConfig
 from g2e_jax.io import save_npy_atomic, sha256_file, weights_fingerprint

@@ -112,7 +112,7 @@ def test_non_finite_steps_change_nothing_and_stop_the_run(tiny_dir, clean, tmp_p
     """NaN pixels in the batches of steps 3, 5 and 6, train.max_bad_steps=2: step 3 is refused and the
     run goes on; 5 and 6 in a row stop it with a checkpoint at 6 that holds step 4's state."""
     from g2e_jax.train import trainer
-    from g2e_jax.adapters.trained import load_trained
+    from g2e_jax.checkpoints import load_trained
     from g2e_jax.train.guards import TrainingStopped
 
     poison = {3, 5, 6}

@@ -59,7 +59,7 @@ def _run(cmd, env=None, timeout=600):
 def _params(workdir):
     from flax import nnx
 
-    from g2e_jax.adapters.trained import load_trained
+    from g2e_jax.checkpoints import load_trained
 
     model, _, _ = load_trained(workdir)
     return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}

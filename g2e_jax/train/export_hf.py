@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from g2e_jax.adapters.peft import save_peft_adapter
-from g2e_jax.adapters.trained import load_trained
+from g2e_jax.checkpoints import load_trained
 from g2e_jax.models import save
 
 # The non-weight files of a HF model directory that an export carries over.

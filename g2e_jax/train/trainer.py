@@ -26,12 +26,12 @@ from jax.sharding import PartitionSpec as P
 from ml_collections import config_dict
 from tqdm.auto import tqdm
 
+from g2e_jax import checkpoints
 from g2e_jax.adapters.lora import AdapterConfig, trainable_filter
-from g2e_jax.adapters.trained import apply_run_adapters, restore_newest
 from g2e_jax.aot import device_memory_limit
+from g2e_jax.check_data import check_before_run
 from g2e_jax.compile_cache import CompileClock
 from g2e_jax.config_utils import config_to_json
-from g2e_jax.check_data import check_before_run
 from g2e_jax.data.clusters import ClusterBatchSampler, batch_label
 from g2e_jax.distributed import distributed_section, init_distributed, wait_for_lost_process
 from g2e_jax.io import save_figure_atomic, write_atomic
@@ -177,7 +177,7 @@ def setup(cfg, workdir: str | Path) -> Run:
                                                 max_len=cfg.max_len, image_resolution=cfg.image_resolution)  # fmt: skip
     model = load(cfg.model.path, dtype=cfg.model.dtype, compute_dtype=cfg.model.compute_dtype,
                  progress=jax.process_index() == 0)  # fmt: skip
-    adapter = apply_run_adapters(model, cfg, rngs=nnx.Rngs(params=cfg.train.seed, dropout=cfg.train.seed + 1))
+    adapter = checkpoints.apply_run_adapters(model, cfg, rngs=nnx.Rngs(params=cfg.train.seed, dropout=cfg.train.seed + 1))
     shard_model(model, mesh)
     graphdef, params, rest = nnx.split(model, trainable_filter(adapter), ...)
     t = cfg.train
@@ -322,51 +322,27 @@ class BatchesAhead:
 
 
 def _manager(run: Run):
-    import orbax.checkpoint as ocp
-
-    options = ocp.CheckpointManagerOptions(max_to_keep=run.cfg.train.keep_checkpoints, create=True,
-                                           enable_async_checkpointing=run.cfg.train.async_checkpoint)  # fmt: skip
-    return ocp.CheckpointManager((run.workdir / "checkpoints").absolute(), options=options)
+    return checkpoints.open_manager(run.workdir, keep=run.cfg.train.keep_checkpoints,
+                                    async_save=run.cfg.train.async_checkpoint)  # fmt: skip
 
 
 def save_checkpoint(run: Run, manager, step: int, *, wait: bool = False) -> None:
-    import orbax.checkpoint as ocp
-
     meta = {
         "step": step,
         "seed": run.cfg.train.seed,
         "config": json.loads(config_to_json(run.cfg)),
         "bad_steps": run.bad_steps,
     }
-    manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(nnx.to_pure_dict(run.params)),
-        opt_state=ocp.args.StandardSave(run.opt_state),
-        meta=ocp.args.JsonSave(meta),
-    ))  # fmt: skip
-    if wait:
-        manager.wait_until_finished()
+    checkpoints.save(manager, step, params=run.params, opt_state=run.opt_state, meta=meta, wait=wait)
 
 
 def restore_latest(run: Run, manager) -> int:
-    """Restores the newest readable checkpoint into ``run`` (on the current mesh, whatever mesh saved
-    it); returns its step, 0 when there is none."""
-    import orbax.checkpoint as ocp
-
-    def abstract(tree):
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
-    args = ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract(nnx.to_pure_dict(run.params))),
-        opt_state=ocp.args.StandardRestore(abstract(run.opt_state)),
-        meta=ocp.args.JsonRestore(),
-    )
-    step, restored = restore_newest(manager, args, delete_unreadable=True)
-    if restored is None:
-        return 0
-    nnx.replace_by_pure_dict(run.params, restored["params"])
-    run.opt_state = restored["opt_state"]
-    run.bad_steps = int(restored["meta"].get("bad_steps", 0))
-    return int(restored["meta"]["step"])
+    """Restores the newest readable checkpoint into ``run``; returns its step, 0 when there is none."""
+    step, opt_state, meta = checkpoints.restore_training(manager, params=run.params, opt_state=run.opt_state)
+    if meta is not None:
+        run.opt_state = opt_state
+        run.bad_steps = int(meta.get("bad_steps", 0))
+    return step
 
 
 # --- the loop ---------------------------------------------------------------------------------------------

@@ -1,7 +1,11 @@
-"""A ``g2e-jax train`` workdir as a model: base weights + the trained parameters of a checkpoint.
+"""The training workdir's checkpoint format, written and read in one place.
 
-Used by the Embedder (``from_pretrained(workdir)``), ``export-hf`` and the trainer's resume
-(``restore_newest``); it needs Orbax and the workdir's ``config.json``, nothing of the trainer.
+Layout: ``workdir/config.json`` (the resolved training config) and ``workdir/checkpoints/<step>/``,
+an Orbax checkpoint of three items: ``params`` (the trainable parameters as a pure dict),
+``opt_state`` (the optimizer state) and ``meta`` (JSON: step, seed, config, bad_steps). ``g2e-jax
+train`` writes and resumes it; ``Embedder.from_pretrained(workdir)`` and ``export-hf`` read it as a
+model (base weights + a checkpoint's trainable parameters), which needs Orbax and ``config.json``,
+nothing of the trainer.
 """
 
 from __future__ import annotations
@@ -20,10 +24,57 @@ from g2e_jax.io import weights_fingerprint
 from g2e_jax.models import load
 from g2e_jax.paths import resolve_from
 
+CHECKPOINTS = "checkpoints"
+
+
+def _abstract(tree):
+    """Restore targets with this process's shardings: without them Orbax restores onto the saver's
+    devices, and a checkpoint written on 8 devices does not load on 1 ("topology mismatch")."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def open_manager(workdir: str | Path, *, keep: int | None = None, async_save: bool = False):
+    """The Orbax manager of ``workdir/checkpoints`` for a run (created if absent), keeping the newest
+    ``keep`` checkpoints (None: all)."""
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+    return ocp.CheckpointManager((Path(workdir) / CHECKPOINTS).absolute(), options=options)
+
+
+def save(manager, step: int, *, params, opt_state, meta: dict, wait: bool = False) -> None:
+    """Writes checkpoint ``step``: ``params`` an nnx State of the trainable parameters."""
+    import orbax.checkpoint as ocp
+
+    manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(nnx.to_pure_dict(params)),
+        opt_state=ocp.args.StandardSave(opt_state),
+        meta=ocp.args.JsonSave(meta),
+    ))  # fmt: skip
+    if wait:
+        manager.wait_until_finished()
+
+
+def restore_training(manager, *, params, opt_state):
+    """(step, opt_state, meta) of the newest readable checkpoint, its parameters written into
+    ``params`` (an nnx State, on the current mesh whatever mesh saved it); (0, None, None) when
+    there is none. Unreadable checkpoints are deleted, so that the resumed run can save them again."""
+    import orbax.checkpoint as ocp
+
+    args = ocp.args.Composite(
+        params=ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(params))),
+        opt_state=ocp.args.StandardRestore(_abstract(opt_state)),
+        meta=ocp.args.JsonRestore(),
+    )
+    step, restored = restore_newest(manager, args, delete_unreadable=True)
+    if restored is None:
+        return 0, None, None
+    nnx.replace_by_pure_dict(params, restored["params"])
+    return int(restored["meta"]["step"]), restored["opt_state"], restored["meta"]
 
 def is_run_dir(path: str | Path) -> bool:
     path = Path(path)
-    return (path / "checkpoints").is_dir() and (path / "config.json").is_file()
+    return (path / CHECKPOINTS).is_dir() and (path / "config.json").is_file()
 
 
 def restore_newest(manager, args, *, delete_unreadable: bool = False):
@@ -73,13 +124,8 @@ def load_trained(
     model = load(base, dtype=dtype or cfg.model.dtype, progress=False)
     adapter = apply_run_adapters(model, cfg, rngs=nnx.Rngs(params=0, dropout=1))
     trainable = nnx.state(model, trainable_filter(adapter))
-    # The target carries this process's shardings: without one Orbax restores onto the saver's devices
-    # and a checkpoint written on 8 devices does not load on 1 ("topology mismatch").
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), nnx.to_pure_dict(trainable)
-    )
-    args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract))
-    with ocp.CheckpointManager((workdir / "checkpoints").absolute()) as manager:
+    args = ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(trainable))))
+    with ocp.CheckpointManager((workdir / CHECKPOINTS).absolute()) as manager:
         steps = sorted(manager.all_steps())
         if step is None:
             step, restored = restore_newest(manager, args)
