@@ -19,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from g2e_jax.data.images import ImageConfig, ImageError
-from g2e_jax.models import backbone, read_config
+from g2e_jax.models import backbone_of, read_config
 from g2e_jax.models.qwen2_vl import Qwen2VLConfig, rope_index
 from g2e_jax.prompts import IMAGE_MARKER, PromptConfig, get_prompt, plural
 from g2e_jax.tokenization import Tokenizer
@@ -63,7 +63,7 @@ class Preprocessor:
         self.image_config = image_config
         self.prompt = get_prompt(prompt, **({"scheme": scheme} if scheme else {}))
         self.max_len = max_len
-        self.backbone = backbone(config.model_type)
+        self.backbone = backbone_of(config.model_type)
         self.chat = self.backbone.chat
         self.chat.image_placeholder(self.prompt.scheme)  # the scheme exists for this backbone
         self.image_pad_id = tokenizer.token_id(self.chat.image_token)
@@ -90,7 +90,7 @@ class Preprocessor:
         """From a local Hugging Face directory: config.json, tokenizer.json, preprocessor_config.json."""
         path = Path(path)
         config = read_config(path)
-        image_config = backbone(config.model_type).images.config(path, image_resolution)
+        image_config = backbone_of(config.model_type).images.config(path, image_resolution)
         return cls(config, Tokenizer(path), image_config, prompt=prompt, scheme=scheme,
                    max_len=max_len)  # fmt: skip
 

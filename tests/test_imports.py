@@ -125,3 +125,21 @@ def test_a_deliberate_cycle_and_private_import_are_found(tmp_path, deferred):
     edges, private = import_graph(pkg)
     assert cycles(edges) == [["pkg.a", "pkg.sub.b"]]
     assert private == {"pkg.c": ["jax._src"]}
+
+
+def test_no_package_attribute_shadows_its_submodule():
+    """``models.backbone`` was a function hiding the module ``g2e_jax.models.backbone``: after
+    ``import g2e_jax.models.backbone`` the name meant one or the other depending on import order."""
+    import importlib
+
+    mods = modules(PACKAGE)
+    shadowed = []
+    for name, path in mods.items():
+        if path.name != "__init__.py":
+            continue
+        package = importlib.import_module(name)
+        for sub in (m for m in mods if m.rpartition(".")[0] == name):
+            attr = getattr(package, sub.rpartition(".")[2], None)
+            if attr is not None and attr is not importlib.import_module(sub):
+                shadowed.append(f"{name}.{sub.rpartition('.')[2]} is {type(attr).__name__}, not the module")
+    assert not shadowed, shadowed

@@ -31,7 +31,7 @@ from hf_reference import OFFICIAL_SYSTEM, load_hf_model, official_template, sequ
 
 from g2e_jax.adapters.peft import load_peft_adapter  # noqa: E402
 from g2e_jax.data.prepared import content_id  # noqa: E402
-from g2e_jax.models import backbone, load  # noqa: E402
+from g2e_jax.models import backbone_of, load  # noqa: E402
 from g2e_jax.models.qwen2_vl.hf_files import load_hf_processor  # noqa: E402
 from g2e_jax.preprocess import Preprocessor  # noqa: E402
 from g2e_jax.train.batch import BatchShape, build_batch  # noqa: E402
@@ -217,7 +217,7 @@ def our_trajectory(tiny_dir, folder, steps, grad_cache, warmup=WARMUP):
         return *train_step(graphdef, p, r, o, batch, consts, key, tx=tx, cfg=cfg), grads
 
     step = jax.jit(step_and_grads)  # rest as an argument: as a constant, XLA folds its transposes slowly
-    name_map = backbone(model.config.model_type).name_map
+    name_map = backbone_of(model.config.model_type).name_map
     out = []
     for _ in range(steps):
         params, opt_state, metrics, grads = step(params, rest, opt_state)

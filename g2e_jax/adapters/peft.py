@@ -49,9 +49,9 @@ _UNSUPPORTED = {
 
 
 def _name_map(model):
-    from g2e_jax.models import backbone
+    from g2e_jax.models import backbone_of
 
-    return backbone(model.config.model_type).name_map
+    return backbone_of(model.config.model_type).name_map
 
 
 def _module_path(name_map, module: str, source: str) -> str:

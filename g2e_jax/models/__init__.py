@@ -19,7 +19,8 @@ BACKBONES: dict[str, Backbone] = {
 SUPPORTED_MODEL_TYPES = tuple(BACKBONES)
 
 
-def backbone(model_type: str | None, source: str = "model_type") -> Backbone:
+def backbone_of(model_type: str | None, source: str = "model_type") -> Backbone:
+    """The table entry of a ``model_type`` (``source`` names where it was read, for the error)."""
     if model_type not in BACKBONES:
         raise ValueError(
             f"{source}: unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
@@ -30,7 +31,7 @@ def backbone(model_type: str | None, source: str = "model_type") -> Backbone:
 def read_config(path: str | Path):
     """The config of a local Hugging Face model directory, of its backbone's config class."""
     d, source = read_hf_config(path)
-    return backbone(d.get("model_type"), source).config.from_hf_dict(d, source)
+    return backbone_of(d.get("model_type"), source).config.from_hf_dict(d, source)
 
 
 def load(
@@ -41,20 +42,20 @@ def load(
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a directory (expected a local Hugging Face model directory)")
     d, source = read_hf_config(path)
-    return backbone(d.get("model_type"), source).load(
+    return backbone_of(d.get("model_type"), source).load(
         path, dtype, compute_dtype=compute_dtype, progress=progress
     )
 
 
 def save(model, path: str | Path, **kwargs) -> None:
     """Writes ``model`` in Hugging Face layout (see ``Backbone.save``)."""
-    backbone(model.config.model_type).save(model, path, **kwargs)
+    backbone_of(model.config.model_type).save(model, path, **kwargs)
 
 
 def make_tiny(output: str | Path, *, arch: str = "qwen2_vl", seed: int = 0, config=None) -> Path:
     """A tiny random model of ``arch`` (a model_type) in Hugging Face layout, with tokenizer files."""
-    return tiny.make_tiny(backbone(arch, "arch"), output, seed=seed, config=config)
+    return tiny.make_tiny(backbone_of(arch, "arch"), output, seed=seed, config=config)
 
 
-__all__ = ["BACKBONES", "SUPPORTED_MODEL_TYPES", "Backbone", "backbone", "load", "make_tiny", "read_config",
+__all__ = ["BACKBONES", "SUPPORTED_MODEL_TYPES", "Backbone", "backbone_of", "load", "make_tiny", "read_config",
            "save"]  # fmt: skip
