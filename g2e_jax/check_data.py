@@ -25,6 +25,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from g2e_jax.data.images import ImageError, load_image
+from g2e_jax.data.jsonl import InvalidJSON, json_lines
 from g2e_jax.data.mmeb import TRAIN_COLUMNS, split_files
 from g2e_jax.data.prepared import META_FILE, PreparedDataset
 from g2e_jax.distributed import publish, wait_for
@@ -90,15 +91,8 @@ def _records(kind: str, folder: Path, subset: str, split: str):
                 for i, r in enumerate(pq.read_table(f).to_pylist()):
                     yield str(f), i + 1, r
                 continue
-            with open(f, encoding="utf-8", errors="replace") as fh:
-                for number, line in enumerate(fh, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        record = f"invalid JSON ({e.msg} at column {e.colno})"
-                    yield str(f), number, record
+            for number, record in json_lines(f, errors="replace"):
+                yield str(f), number, record.reason if isinstance(record, InvalidJSON) else record
 
     return files, rows()
 

@@ -17,7 +17,9 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
-ROW_FIELDS = ("qry", "qry_image_path", "pos_text", "pos_image_path")
+from g2e_jax.data.jsonl import InvalidJSON, json_lines
+from g2e_jax.data.mmeb import TRAIN_COLUMNS
+
 IMAGE_FIELDS = ("qry_image_path", "pos_image_path", "neg_image_path")
 # Key of each row read back by ``read_clusters``: (file, line, member), member 0 the anchor and k the
 # k-th of ``neg_samples``.
@@ -54,23 +56,18 @@ def read_clusters(path: str | Path, *, image_dir: str | Path | None = None) -> l
     if not path.is_file():
         raise FileNotFoundError(f"{path}: cluster file not found (run `g2e-jax mine` first)")
     clusters = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {number}: invalid JSON ({e.msg})") from None
-            missing = [k for k in ROW_FIELDS if k not in record]
-            if missing:
-                raise ValueError(f"{path} line {number}: missing field(s) {missing}")
-            negatives = record.pop("neg_samples", [])
-            record.pop("phase", None)
-            members = [resolve(row) for row in (record, *negatives)]
-            for k, member in enumerate(members):  # provenance for errors and skipped.jsonl
-                member[ORIGIN] = (str(path.absolute()), number, k)
-            clusters.append(members)
+    for number, record in json_lines(path):
+        if isinstance(record, InvalidJSON):
+            raise ValueError(f"{path} line {number}: {record.reason}")
+        missing = [k for k in TRAIN_COLUMNS if k not in record]
+        if missing:
+            raise ValueError(f"{path} line {number}: missing field(s) {missing}")
+        negatives = record.pop("neg_samples", [])
+        record.pop("phase", None)
+        members = [resolve(row) for row in (record, *negatives)]
+        for k, member in enumerate(members):  # provenance for errors and skipped.jsonl
+            member[ORIGIN] = (str(path.absolute()), number, k)
+        clusters.append(members)
     return clusters
 
 

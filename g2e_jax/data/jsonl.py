@@ -1,4 +1,5 @@
-"""Rows for ``g2e-jax embed``: one JSON object per line, ``{"id", "text", "image"}``.
+"""JSON lines files: the one line reader (``json_lines``), and the rows of ``g2e-jax embed``, one
+JSON object per line, ``{"id", "text", "image"}``.
 
 Every problem is reported with the file, the line number, the id (when known) and the field, so
 a user can fix the input; with ``skip_bad`` the row is set aside with its reason instead.
@@ -8,9 +9,36 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from g2e_jax.paths import resolve_from
+
+
+@dataclasses.dataclass(frozen=True)
+class InvalidJSON:
+    """A line that does not parse, in place of its object: the caller reports or raises it."""
+
+    msg: str
+    column: int
+
+    @property
+    def reason(self) -> str:
+        return f"invalid JSON ({self.msg} at column {self.column})"
+
+
+def json_lines(path: str | Path, *, errors: str = "strict") -> Iterator[tuple[int, Any]]:
+    """(1-based line number, parsed value or ``InvalidJSON``) of every non-blank line, streamed.
+    ``errors`` decodes the bytes (``"replace"``: a checker that must report, not stop)."""
+    with open(path, encoding="utf-8", errors=errors) as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield number, InvalidJSON(e.msg, e.colno)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,26 +91,21 @@ def read_embed_rows(path: str | Path, *, skip_bad: bool = False) -> tuple[list[E
     if not path.is_file():
         raise FileNotFoundError(f"{path}: input file not found")
     rows, bad, seen = [], [], {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            row = _parse(path, number, line, seen)
-            if isinstance(row, BadRow):
-                bad.append(row)
-            else:
-                seen[row.id] = number
-                rows.append(row)
+    for number, obj in json_lines(path):
+        row = _parse(path, number, obj, seen)
+        if isinstance(row, BadRow):
+            bad.append(row)
+        else:
+            seen[row.id] = number
+            rows.append(row)
     if bad and not skip_bad:
         raise bad_rows_error(path, bad)
     return rows, bad
 
 
-def _parse(path: Path, number: int, line: str, seen: dict) -> EmbedRow | BadRow:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        return BadRow(number, None, "<line>", f"invalid JSON ({e.msg} at column {e.colno})")
+def _parse(path: Path, number: int, obj, seen: dict) -> EmbedRow | BadRow:
+    if isinstance(obj, InvalidJSON):
+        return BadRow(number, None, "<line>", obj.reason)
     if not isinstance(obj, dict):
         return BadRow(number, None, "<line>", f"expected a JSON object, got {type(obj).__name__}")
     raw_id = obj.get("id")
