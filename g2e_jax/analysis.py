@@ -79,7 +79,7 @@ def attention_profile(embedder, text: str, image=None, role: str = "query") -> d
 def _profile_program(graphdef):
     """The jitted analysis of one graph: per layer, the head-averaged attention reduced to segment sums
     on the device, so no ``[L, L]`` matrix leaves it."""
-    from g2e_jax.embed import embed_batch
+    from g2e_jax.programs.encode import embed_batch
 
     def run(state, sys_ids, header_ids, segment, **arrays):
         _, attentions = embed_batch(

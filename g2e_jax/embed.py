@@ -1,9 +1,10 @@
 """``Embedder``: rows of text and/or image in, L2-normalised embeddings out.
 
 Host side (``g2e_jax.preprocess``), once per row: tokenised user segment, patchified image, M-RoPE
-offsets. Device side, one jitted program per (role, shape bucket): the constant system segment and
-assistant header are placed around the user tokens, mask and positions are derived, the backbone
-runs, and the last real token (the ``\\n`` after ``assistant``) is pooled and normalised.
+offsets. Device side (``g2e_jax.programs.encode``), one jitted program per (role, shape bucket): the
+constant system segment and assistant header are placed around the user tokens, mask and positions
+are derived, the backbone runs, and the last real token (the ``\\n`` after ``assistant``) is pooled
+and normalised.
 
 Prefix cache: the system segment is the same for every row of a role and, under causal attention,
 sees nothing after it, so its keys and values are computed once per (weights, prompt, role) and each
@@ -45,13 +46,14 @@ from g2e_jax.checkpoints import is_run_dir, load_trained
 from g2e_jax.aot import AheadOfTime, ProgramTooLarge, device_memory_limit, fmt_bytes
 from g2e_jax.data.images import ImageConfig
 from g2e_jax.io import save_npy_atomic, sha256_file, weights_fingerprint
-from g2e_jax.mesh import BATCH_AXES, constrain, make_mesh, state_shardings
+from g2e_jax.mesh import BATCH_AXES, make_mesh, state_shardings
 from g2e_jax.models import load
-from g2e_jax.pipeline import RowStream
+from g2e_jax.pipeline import RowStream, shape_key
 from g2e_jax.preprocess import InputError, PreparedRow, Preprocessor, bucket, collate
+from g2e_jax.programs.encode import encode_cells
 from g2e_jax.prompts import PromptConfig, check_role, plural
 
-__all__ = ["Embedder", "InputError", "PreparedRow", "embed_batch"]
+__all__ = ["Embedder", "InputError", "PreparedRow"]
 
 PATCH_STEPS = 4  # patch buckets per doubling (``bucket(per_octave=...)``): padding under a quarter
 
@@ -106,7 +108,7 @@ class Embedder:
         self._prefix_kv = jax.jit(lambda state, ids: nnx.merge(self.graphdef, state).prefix_kv(ids))
         static = ("scheme", "pad_id", "max_patches_per_image")
         jitted = jax.jit(
-            functools.partial(_encode_batch, self.graphdef, self.traces),
+            functools.partial(encode_cells, self.graphdef, self.traces),
             static_argnames=static,
             out_shardings=self._cell_sharding,
         )
@@ -336,7 +338,7 @@ class Embedder:
         multi-process job each process passes its own rows and gets their embeddings)."""
         check_role(role)
         size = self.local_cells * self.rows_per_cell
-        order = sorted(range(len(rows)), key=lambda i: _shape_key(rows[i]))
+        order = sorted(range(len(rows)), key=lambda i: shape_key(rows[i]))
         batches = (
             (order[s : s + size], [rows[i] for i in order[s : s + size]]) for s in range(0, len(order), size)
         )
@@ -531,75 +533,3 @@ def _encode_advice(mesh: Mesh) -> str:
             "shard_weights=True)), or lower batch_size or max_len"
         )
     return "the weights are already sharded over every device: lower batch_size or max_len, or add devices"
-
-
-def _shape_key(row: PreparedRow) -> tuple[int, int]:
-    """Similar shapes together: text-only rows first, then by image size, then by length."""
-    return (0 if row.patches is None else len(row.patches), len(row.user_ids))
-
-
-def _encode_batch(graphdef, traces, state, sys_ids, header_ids, prefix, **arrays):
-    """The Embedder's jitted program over ``[cells, rows, ...]`` arrays: the cells vmapped (sharded
-    over the data axes); weights as an argument (not constants), traces counted per cell shape."""
-    pixels = arrays["pixel_values"]
-    traces.append((sys_ids.shape, arrays["user_ids"].shape[1:], None if pixels is None else pixels.shape[1:]))
-    model = nnx.merge(graphdef, state)
-    statics = {k: arrays.pop(k) for k in ("scheme", "pad_id", "max_patches_per_image")}
-
-    def cell(a):
-        return embed_batch(model, sys_ids, header_ids, **a, **statics, prefix=prefix)
-
-    if arrays["user_ids"].shape[0] == 1:  # one cell: no batching transform at all
-        return cell({k: None if v is None else v[0] for k, v in arrays.items()})[None]
-    return jax.vmap(cell)(arrays)
-
-
-def embed_batch(
-    model, sys_ids, header_ids, user_ids, user_len, user_pos, next_pos, pixel_values, image_grid_thw, *,
-    scheme, pad_id, max_patches_per_image, prefix=None, output_attentions=False,
-):  # fmt: skip
-    """Template placement, mask, positions, backbone, last-token pooling and normalisation.
-
-    Pure and differentiable: the forward of both ``Embedder.encode`` and training. Arrays are those
-    of ``g2e_jax.preprocess.collate``; the system segment and header are the role's constants. With
-    ``prefix`` (``model.prefix_kv(sys_ids)``) the system segment is not run again: the program starts
-    at the user segment, at the same positions, and gives the same embeddings. ``output_attentions``
-    (static, for analysis) also returns each layer's attention probabilities ``[B, H, L, L]`` over
-    the tokens the program runs (system segment, user segment, header, then padding).
-    """
-    batch, users = user_ids.shape
-    n_sys, n_head = sys_ids.shape[0], header_ids.shape[0]
-    start = 0 if prefix is None else n_sys  # the first token this program runs
-    i = jnp.arange(start, n_sys + users + n_head)[None, :]  # positions in the whole template
-    rel = i - n_sys  # index into the user segment
-    head = rel - user_len[:, None]  # index into the assistant header
-    in_sys, in_user = i < n_sys, (rel >= 0) & (head < 0)
-    in_head = (head >= 0) & (head < n_head)
-    ids = jnp.where(
-        in_sys,
-        sys_ids[jnp.clip(i, 0, n_sys - 1)],
-        jnp.where(
-            in_user,
-            jnp.take_along_axis(user_ids, jnp.clip(rel, 0, users - 1), axis=1),
-            jnp.where(in_head, header_ids[jnp.clip(head, 0, n_head - 1)], pad_id),
-        ),
-    )
-    mask = in_sys | in_user | in_head
-    if scheme == "gen2embed":
-        positions = jnp.broadcast_to(jnp.where(mask, i, 1)[None], (3, batch, i.shape[1]))
-    else:
-        user = n_sys + jnp.take_along_axis(
-            user_pos, jnp.broadcast_to(jnp.clip(rel, 0, users - 1), (3, batch, i.shape[1])), axis=2
-        )
-        header = n_sys + next_pos[:, None] + head
-        positions = jnp.where(in_user[None], user, jnp.where(in_head, header, jnp.where(in_sys, i, 1))[None])
-    hidden = model(
-        ids, mask.astype(jnp.int32), pixel_values, image_grid_thw, positions, prefix=prefix,
-        max_patches_per_image=max_patches_per_image, output_attentions=output_attentions,
-    )  # fmt: skip
-    hidden, attentions = hidden if output_attentions else (hidden, None)
-    last = n_sys + user_len + n_head - 1 - start
-    pooled = hidden[jnp.arange(batch), last].astype(jnp.float32)
-    emb = pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
-    emb = constrain(emb, ("activation_batch", "activation_embed"))
-    return (emb, attentions) if output_attentions else emb

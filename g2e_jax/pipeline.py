@@ -105,7 +105,7 @@ class RowStream:
                 # The next window's images are decoded while this one is tokenised and consumed.
                 pending = self._submit(pool, windows[w + 1]) if w + 1 < len(windows) else None
                 rows = carry + self._finish(windows[w], current, system_len)
-                rows.sort(key=lambda r: _shape_key(r[1]))
+                rows.sort(key=lambda r: shape_key(r[1]))
                 full = len(rows) - len(rows) % self.batch_size
                 for start in range(0, full, self.batch_size):
                     if not self._put(out, stop, _split(rows[start : start + self.batch_size])):
@@ -143,7 +143,8 @@ class RowStream:
         return rows
 
 
-def _shape_key(row: PreparedRow) -> tuple[int, int]:
+def shape_key(row: PreparedRow) -> tuple[int, int]:
+    """Similar shapes together: text-only rows first, then by image size, then by length."""
     return (0 if row.patches is None else len(row.patches), len(row.user_ids))
 
 
