@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import pickle
 import sys
@@ -446,10 +445,6 @@ def test_adapter_is_passed_to_g2e_jax_and_applied_by_the_reference(
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    "adapter" not in inspect.signature(__import__("g2e_jax.embed").embed.Embedder.from_pretrained).parameters,
-    reason="Embedder.from_pretrained has no adapter= yet",
-)
 def test_adapter_parity(tiny_dir, rows_file, tmp_path):
     pytest.importorskip("peft")
     adapter = _peft_adapter(tiny_dir, tmp_path / "adapter")
