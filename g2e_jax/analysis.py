@@ -30,6 +30,7 @@ from flax import nnx
 from ml_collections import config_dict
 from tqdm.auto import tqdm
 
+from g2e_jax.config_sections import model_section, prompt_section
 from g2e_jax.io import save_figure_atomic, write_atomic
 from g2e_jax.preprocess import bucket, collate
 
@@ -104,15 +105,8 @@ def _profile_program(graphdef):
 def analysis_config() -> ml_collections.ConfigDict:
     """Defaults of `g2e-jax analyze-attention` (the model and prompt fields of every embedding job)."""
     c = ml_collections.ConfigDict()
-    c.model = ml_collections.ConfigDict()
-    c.model.path = config_dict.placeholder(str)  # local Hugging Face directory or training workdir (required)
-    c.model.dtype = "float32"  # attention probabilities are compared in float32
-
-    c.prompt = ml_collections.ConfigDict()
-    c.prompt.preset = "hierarchical"  # any preset of g2e_jax.prompts.PRESETS
-    c.prompt.scheme = "gen2embed"  # or "mrope"
-    c.prompt.query_system = config_dict.placeholder(str)
-    c.prompt.document_system = config_dict.placeholder(str)
+    c.model = model_section(dtype="float32", adapter=False)  # attention probabilities compared in float32
+    c.prompt = prompt_section()
 
     c.role = "query"  # the template the rows are analysed in: query or document
     c.max_len = 1024

@@ -24,6 +24,7 @@ from ml_collections import config_dict
 from tqdm.auto import tqdm
 
 from g2e_jax import distributed
+from g2e_jax.config_sections import model_section, prompt_section
 from g2e_jax.config_utils import config_to_json
 from g2e_jax.data.jsonl import BadRow, bad_rows_error, read_embed_rows
 from g2e_jax.embed import Embedder, InputError
@@ -35,16 +36,8 @@ from g2e_jax.prompts import plural
 def embed_config() -> ml_collections.ConfigDict:
     """Defaults of `g2e-jax embed` (configs/embed.py returns these; override with --config.a.b=v)."""
     c = ml_collections.ConfigDict()
-    c.model = ml_collections.ConfigDict()
-    c.model.path = config_dict.placeholder(str)  # local Hugging Face directory (required)
-    c.model.dtype = "auto"  # bfloat16 on GPU/TPU, float32 on CPU; or name one
-    c.model.adapter = config_dict.placeholder(str)  # a PEFT LoRA/DoRA folder merged onto model.path
-
-    c.prompt = ml_collections.ConfigDict()
-    c.prompt.preset = "hierarchical"  # or "plain"
-    c.prompt.scheme = "gen2embed"  # or "mrope"
-    c.prompt.query_system = config_dict.placeholder(str)  # None: the preset's
-    c.prompt.document_system = config_dict.placeholder(str)
+    c.model = model_section()
+    c.prompt = prompt_section()
 
     c.instruction = config_dict.placeholder(str)  # task instruction joined before each row's text
     c.subset = config_dict.placeholder(str)  # e.g. "RefCOCO-Matching": applies the Matching rule

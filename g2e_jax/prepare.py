@@ -23,6 +23,7 @@ from ml_collections import config_dict
 from tqdm.auto import tqdm
 
 from g2e_jax.check_data import check_before_run
+from g2e_jax.config_sections import model_section, prompt_section
 from g2e_jax.data import prepared
 from g2e_jax.data.images import ImageError, _load_resized, _uint8_patches
 from g2e_jax.data.mmeb import TrainRow, read_train
@@ -52,13 +53,10 @@ class PrepareError(ValueError):
 def prepare_config() -> ml_collections.ConfigDict:
     """Defaults of ``run_prepare`` (override with ``--config.a.b=value``)."""
     c = ml_collections.ConfigDict()
-    c.model = ml_collections.ConfigDict()
     # The backbone's directory: only config.json, tokenizer.json and preprocessor_config.json are read.
-    c.model.path = config_dict.placeholder(str)
-
-    c.prompt = ml_collections.ConfigDict()
-    c.prompt.preset = "hierarchical"  # or "plain": decides the role suffixes stored in the user segments
-    c.prompt.scheme = "gen2embed"  # or "mrope" (stores M-RoPE positions)
+    c.model = model_section(dtype=None, adapter=False)
+    # The preset decides the role suffixes stored in the user segments; "mrope" stores M-RoPE positions.
+    c.prompt = prompt_section(systems=False)
 
     c.data = ml_collections.ConfigDict()
     c.data.root = config_dict.placeholder(str)  # MMEB-train: one folder per subset

@@ -24,21 +24,14 @@ from ml_collections import config_dict
 
 from g2e_jax.compare import official as off
 from g2e_jax.compare.report import Rows, precision_at_1, write_outputs
+from g2e_jax.config_sections import model_section, prompt_section
 
 
 def compare_config() -> ml_collections.ConfigDict:
     """Defaults of `g2e-jax compare` (configs/compare.py returns these)."""
     c = ml_collections.ConfigDict()
-    c.model = ml_collections.ConfigDict()
-    c.model.path = config_dict.placeholder(str)  # local Hugging Face directory (required)
-    c.model.dtype = "auto"  # g2e_jax side: bfloat16 on GPU/TPU, float32 on CPU; or name one
-    c.model.adapter = config_dict.placeholder(str)  # PEFT adapter directory on top of model.path
-
-    c.prompt = ml_collections.ConfigDict()
-    c.prompt.preset = "hierarchical"  # or "plain"
-    c.prompt.scheme = "gen2embed"  # or "mrope"
-    c.prompt.query_system = config_dict.placeholder(str)  # None: the preset's
-    c.prompt.document_system = config_dict.placeholder(str)
+    c.model = model_section()  # model.dtype: the g2e_jax side's
+    c.prompt = prompt_section()
 
     c.reference = ml_collections.ConfigDict()  # the PyTorch side (live mode)
     c.reference.dtype = "auto"  # auto: the same dtype as the g2e_jax side; float32 | bfloat16 | float16

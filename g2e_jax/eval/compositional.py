@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 from ml_collections import config_dict
 
+from g2e_jax.config_sections import model_section, prompt_section
 from g2e_jax.eval import sugarcrepe as sc
 from g2e_jax.io import save_figure_atomic, write_atomic
 
@@ -24,15 +25,8 @@ BENCHMARKS = {"sugarcrepe": "SugarCrepe", "sugarcrepe_pp": "SugarCrepe++"}
 def sugarcrepe_config() -> ml_collections.ConfigDict:
     """Defaults of `g2e-jax eval-sugarcrepe` / `eval-sugarcrepe-pp` (configs/sugarcrepe.py returns these)."""
     c = ml_collections.ConfigDict()
-    c.model = ml_collections.ConfigDict()
-    c.model.path = config_dict.placeholder(str)  # local Hugging Face directory or training workdir (required)
-    c.model.dtype = "auto"  # bfloat16 on GPU/TPU, float32 on CPU; or name one
-
-    c.prompt = ml_collections.ConfigDict()
-    c.prompt.preset = "hierarchical"  # any preset of g2e_jax.prompts.PRESETS
-    c.prompt.scheme = "gen2embed"  # or "mrope"
-    c.prompt.query_system = config_dict.placeholder(str)
-    c.prompt.document_system = config_dict.placeholder(str)
+    c.model = model_section(adapter=False)
+    c.prompt = prompt_section()
 
     c.data = ml_collections.ConfigDict()
     c.data.dir = config_dict.placeholder(str)  # folder with <subset>.json

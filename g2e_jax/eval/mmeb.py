@@ -18,6 +18,7 @@ import numpy as np
 from ml_collections import config_dict
 
 from g2e_jax import distributed
+from g2e_jax.config_sections import model_section, prompt_section
 from g2e_jax.data.mmeb import EvalRow, read_eval
 from g2e_jax.distributed import distributed_section
 from g2e_jax.io import save_figure_atomic, write_atomic
@@ -46,16 +47,8 @@ def eval_config(preset: str = "hierarchical") -> ml_collections.ConfigDict:
 
     get_prompt(preset)  # configs/mmeb_eval.py:NAME: a typo is an error here, not at encode time
     c = ml_collections.ConfigDict()
-    c.model = ml_collections.ConfigDict()
-    c.model.path = config_dict.placeholder(str)  # local Hugging Face directory (required)
-    c.model.dtype = "auto"  # bfloat16 on GPU/TPU, float32 on CPU; or name one
-    c.model.adapter = config_dict.placeholder(str)  # a PEFT LoRA/DoRA folder merged onto model.path
-
-    c.prompt = ml_collections.ConfigDict()
-    c.prompt.preset = preset  # "hierarchical" or "plain"
-    c.prompt.scheme = "gen2embed"  # or "mrope"
-    c.prompt.query_system = config_dict.placeholder(str)
-    c.prompt.document_system = config_dict.placeholder(str)
+    c.model = model_section()
+    c.prompt = prompt_section(preset)
 
     c.data = ml_collections.ConfigDict()
     c.data.root = config_dict.placeholder(str)  # folder with one sub-folder per subset (test split)

@@ -31,6 +31,7 @@ from g2e_jax.adapters.lora import AdapterConfig, trainable_filter
 from g2e_jax.aot import device_memory_limit
 from g2e_jax.check_data import check_before_run
 from g2e_jax.compile_cache import CompileClock
+from g2e_jax.config_sections import model_section, prompt_section
 from g2e_jax.config_utils import config_to_json
 from g2e_jax.data.clusters import ClusterBatchSampler, batch_label
 from g2e_jax.distributed import distributed_section, init_distributed, wait_for_lost_process
@@ -620,18 +621,11 @@ def training_config(subsets=()) -> ml_collections.ConfigDict:
     from g2e_jax.mine import mine_section
 
     c = ml_collections.ConfigDict()
-    c.model = ml_collections.ConfigDict()
-    c.model.path = config_dict.placeholder(str)
-    c.model.dtype = "float32"  # parameters (master weights)
-    c.model.adapter = config_dict.placeholder(str)  # mine: a PEFT folder merged onto model.path
+    c.model = model_section(dtype="float32")  # dtype: the parameters (master weights); adapter: mine's
     c.model.compute_dtype = config_dict.FieldReference(
         "auto", field_type=str
     )  # matmuls: auto = bf16 on GPU/TPU
-    c.prompt = ml_collections.ConfigDict()
-    c.prompt.preset = "hierarchical"
-    c.prompt.scheme = "gen2embed"
-    c.prompt.query_system = config_dict.placeholder(str)
-    c.prompt.document_system = config_dict.placeholder(str)
+    c.prompt = prompt_section()
     c.data = data_section(subsets)
     # Training's encode settings (and the periodic eval's); `g2e-jax mine` uses its own mine.* ones.
     c.max_len = 1024
