@@ -302,6 +302,16 @@ def test_offline_mode_on_official_files_needs_no_torch(model_dir, synthetic, tmp
         assert s["official_precision_at_1"] == pytest.approx(accs[subset]) == s["official_score_json_acc"]
         assert s["g2e_jax_precision_at_1"] == s["official_precision_at_1"] and s["top1_disagreements"] == 0
     assert r["sides"]["g2e_jax"]["rows_per_s"] > 0
+    # The same flags as `g2e-jax eval`: data.groups_file names the subsets when data.subsets is empty.
+    groups = tmp_path / "groups.json"
+    groups.write_text(json.dumps({"SynShape": {"category": "Classification", "split": "IND"}}))
+    rc, r, err = _run_without_torch(
+        ["compare", f"--config.model.path={model_dir}", "--config.model.dtype=float32",
+         f"--config.data.root={root}", f"--config.data.image_dir={images}", f"--config.data.groups_file={groups}",
+         "--official-dir", str(tmp_path / "official"), "--output", str(tmp_path / "out_groups")]
+    )  # fmt: skip
+    assert rc == 0, err[-3000:]
+    assert list(r["subsets"]) == ["SynShape"]
 
 
 def _pickle(path, obj):

@@ -40,7 +40,9 @@ def compare_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.root = config_dict.placeholder(str)  # MMEB-format eval set (live MMEB mode; P@1 in offline mode)
     c.data.image_dir = config_dict.placeholder(str)  # image paths in the rows are relative to it
-    c.data.subsets = ()  # empty: every subset under data.root (live) / in --official-dir (offline)
+    c.data.subsets = ()  # empty: data.groups_file's, else every subset under data.root (live) / in --official-dir
+    # JSON {subset: {category, split}}, as in `g2e-jax eval`: its subsets when data.subsets is empty.
+    c.data.groups_file = config_dict.placeholder(str)
     c.subset = config_dict.placeholder(str)  # JSONL rows: a subset name, for the Matching rule
     c.limit = config_dict.placeholder(int)  # only the first N rows (JSONL) / eval rows per subset (live MMEB)
 
@@ -200,10 +202,22 @@ def _jsonl_parts(cfg, input_path, role) -> list[Part]:
     ]
 
 
+def _subsets(cfg) -> list[str]:
+    """The configured subsets: ``data.subsets``, else those of ``data.groups_file`` (as ``eval``
+    reads it), else none (the caller's default)."""
+    if cfg.data.subsets:
+        return list(cfg.data.subsets)
+    if cfg.data.get("groups_file"):
+        from g2e_jax.eval.mmeb import load_groups
+
+        return list(load_groups(cfg.data.groups_file))
+    return []
+
+
 def _mmeb_parts(cfg) -> tuple[list[Part], list[Scoring]]:
     from g2e_jax.data.mmeb import available_subsets, read_eval
 
-    subsets = list(cfg.data.subsets) or available_subsets(cfg.data.root)
+    subsets = _subsets(cfg) or available_subsets(cfg.data.root)
     if not subsets:
         raise ValueError(f"{cfg.data.root}: no subset folders")
     parts, scorings = [], []
@@ -254,7 +268,7 @@ def _offline_parts(cfg, official_dir) -> tuple[list[Part], list[Scoring]]:
     from g2e_jax.data.mmeb import read_eval
 
     available = off.official_subsets(official_dir)
-    subsets = list(cfg.data.subsets) or available
+    subsets = _subsets(cfg) or available
     missing = [s for s in subsets if s not in available]
     if missing:
         raise ValueError(f"{official_dir}: no {{subset}}_qry/_tgt pickles for {missing}; found {available}")
