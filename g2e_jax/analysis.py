@@ -30,8 +30,9 @@ from flax import nnx
 from ml_collections import config_dict
 from tqdm.auto import tqdm
 
+from g2e_jax import plots
 from g2e_jax.config_sections import model_section, prompt_section
-from g2e_jax.io import save_figure_atomic, write_atomic
+from g2e_jax.io import write_atomic
 from g2e_jax.preprocess import bucket, collate
 
 SEGMENTS = ("system", "image", "user")
@@ -148,32 +149,8 @@ def run_analysis(cfg, input_path: str | Path, output_dir: str | Path) -> dict:
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "attention.json", json.dumps(result, indent=1) + "\n")
-    plot_shares(average, out / "attention.png", title=f"attention by segment ({len(rows)} rows, {cfg.role})")
+    title = f"attention by segment ({len(rows)} rows, {cfg.role})"
+    plots.attention_shares(average, SEGMENTS, out / "attention.png", title)
     return result
 
 
-def plot_shares(average: dict, path: Path, title: str) -> None:
-    """Per layer, each segment's share of the attention mass: over every query token (solid) and for
-    the pooled token alone (dashed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lam, last = np.asarray(average["lambda"]), np.asarray(average["last_token"])
-    share, last_share = lam / lam.sum(-1, keepdims=True), last / last.sum(-1, keepdims=True)
-    layers = np.arange(1, len(lam) + 1)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for k, name in enumerate(SEGMENTS):
-        (line,) = ax.plot(layers, share[:, k], marker="o", label=f"{name} (all tokens)")
-        ax.plot(
-            layers, last_share[:, k], linestyle="--", color=line.get_color(), label=f"{name} (pooled token)"
-        )
-    ax.set_xlabel("layer")
-    ax.set_ylabel("share of attention")
-    ax.set_ylim(0, 1)
-    ax.set_xticks(layers)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure_atomic(fig, path)

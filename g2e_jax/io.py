@@ -58,14 +58,3 @@ def weights_fingerprint(model_dir: str | Path) -> str:
             stat = file.stat()
             digest.update(name.encode() + f.read(header_len) + f"{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()
-
-
-def save_figure_atomic(fig, path: str | Path) -> None:
-    """A matplotlib figure as PNG, written under a temporary name and renamed; the figure is closed."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from g2e_jax.io import save_figure_atomic, write_atomic
+from g2e_jax import plots
+from g2e_jax.io import write_atomic
 
 
 def row_metrics(official: np.ndarray, ours: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -89,7 +90,7 @@ def write_outputs(out_dir, result: dict, rows: Rows) -> dict[str, Path]:
     write_atomic(paths["json"], json.dumps(result, indent=2) + "\n")
     write_atomic(paths["markdown"], markdown(result))
     write_atomic(paths["rows"], rows.records())
-    histogram(rows.cosines(), paths["plot"], result.get("fail_below"))
+    plots.cosine_histogram(rows.cosines(), paths["plot"], result.get("fail_below"))
     return paths
 
 
@@ -190,27 +191,3 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def histogram(cosines: np.ndarray, path: Path, threshold=None) -> None:
-    """Per-row cosines on a log scale of 1 - cosine (they crowd just below 1)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    finite = cosines[np.isfinite(cosines)]
-    if len(finite):
-        gap = np.clip(1.0 - finite, 1e-12, None)
-        bins = np.logspace(np.log10(gap.min()) - 0.1, np.log10(max(gap.max(), gap.min() * 10)) + 0.1, 40)
-        ax.hist(gap, bins=bins, color="tab:blue")
-        ax.set_xscale("log")
-        ax.set_title(f"{len(finite)} rows, min cosine {finite.min():.8f}")
-    else:
-        ax.set_title("no rows compared")
-    if threshold is not None and threshold < 1:
-        ax.axvline(1.0 - threshold, color="tab:red", linestyle="--", label=f"--fail-below {threshold}")
-        ax.legend()
-    ax.set_xlabel("1 - cosine(official, g2e_jax)  (floored at 1e-12)")
-    ax.set_ylabel("rows")
-    fig.tight_layout()
-    save_figure_atomic(fig, path)

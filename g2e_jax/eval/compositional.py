@@ -15,9 +15,10 @@ import ml_collections
 import numpy as np
 from ml_collections import config_dict
 
+from g2e_jax import plots
 from g2e_jax.config_sections import model_section, prompt_section
 from g2e_jax.eval import sugarcrepe as sc
-from g2e_jax.io import save_figure_atomic, write_atomic
+from g2e_jax.io import write_atomic
 
 BENCHMARKS = {"sugarcrepe": "SugarCrepe", "sugarcrepe_pp": "SugarCrepe++"}
 
@@ -88,27 +89,13 @@ def write_results(results: dict, out_dir: str | Path) -> dict[str, Path]:
 
 
 def _bar_chart(bars: dict[str, dict[str, float]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     subsets = list(next(iter(bars.values())))
-    x = np.arange(len(subsets))
-    width = 0.8 / len(bars)
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(subsets) + 2), 4))
-    for k, (name, values) in enumerate(bars.items()):
-        mean = np.mean(list(values.values()))
-        ax.bar(
-            x + k * width - 0.4 + width / 2,
-            [values[s] for s in subsets],
-            width,
-            label=f"{name.replace('_', '-')} (mean {mean:.1f})",
-        )
-    ax.set_xticks(x, subsets, rotation=30, ha="right")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    save_figure_atomic(fig, path)
+    series = {
+        f"{name.replace('_', '-')} (mean {np.mean(list(values.values())):.1f})": [values[s] for s in subsets]
+        for name, values in bars.items()
+    }
+    plots.grouped_bars(
+        series, subsets, path, title=title, ylabel="accuracy (%)", inch_per_group=0.9, rotation=30
+    )
+
+

@@ -17,11 +17,11 @@ import ml_collections
 import numpy as np
 from ml_collections import config_dict
 
-from g2e_jax import distributed
+from g2e_jax import distributed, plots
 from g2e_jax.config_sections import model_section, prompt_section
 from g2e_jax.data.mmeb import EvalRow, read_eval
 from g2e_jax.distributed import distributed_section
-from g2e_jax.io import save_figure_atomic, write_atomic
+from g2e_jax.io import write_atomic
 from g2e_jax.paths import absolute
 
 CATEGORIES = ("Classification", "VQA", "Retrieval", "Grounding")
@@ -177,27 +177,17 @@ def markdown_table(runs: dict[str, dict]) -> str:
 
 
 def bar_chart(runs: dict[str, dict], path: Path, title: str = "MMEB Precision@1") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(runs)
-    subsets = list(runs[names[0]]["groups"])
-    x = np.arange(len(subsets))
-    width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(subsets) + 2), 4))
-    for k, name in enumerate(names):
-        values = [100 * runs[name]["subsets"][s]["precision_at_1"] for s in subsets]
-        overall = 100 * runs[name]["summary"]["overall"]
-        ax.bar(x + k * width - 0.4 + width / 2, values, width, label=f"{name} (overall {overall:.1f})")
-    ax.set_xticks(x, subsets, rotation=45, ha="right")
-    ax.set_ylabel("Precision@1 (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    save_figure_atomic(fig, path)
+    """Each run's Precision@1 per subset, its overall mean in the legend."""
+    subsets = list(runs[next(iter(runs))]["groups"])
+    series = {
+        f"{name} (overall {100 * r['summary']['overall']:.1f})": [
+            100 * r["subsets"][s]["precision_at_1"] for s in subsets
+        ]
+        for name, r in runs.items()
+    }
+    plots.grouped_bars(
+        series, subsets, path, title=title, ylabel="Precision@1 (%)", inch_per_group=0.5, rotation=45
+    )
 
 
 def write_report(runs: dict[str, dict], out_dir: str | Path) -> dict[str, Path]:

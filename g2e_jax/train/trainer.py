@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 from ml_collections import config_dict
 from tqdm.auto import tqdm
 
-from g2e_jax import checkpoints
+from g2e_jax import checkpoints, plots
 from g2e_jax.adapters.lora import AdapterConfig, trainable_filter
 from g2e_jax.aot import device_memory_limit
 from g2e_jax.check_data import check_before_run
@@ -35,7 +35,7 @@ from g2e_jax.config_sections import model_section, prompt_section
 from g2e_jax.config_utils import config_to_json
 from g2e_jax.data.clusters import ClusterBatchSampler, batch_label
 from g2e_jax.distributed import distributed_section, init_distributed, wait_for_lost_process
-from g2e_jax.io import save_figure_atomic, write_atomic
+from g2e_jax.io import write_atomic
 from g2e_jax.mesh import BATCH_AXES, make_mesh, shard_model
 from g2e_jax.models import load
 from g2e_jax.paths import absolute_config_paths
@@ -491,7 +491,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
               f"{timing['compiles_in_loop']} more programs compiled in the loop ({timing['compile_s_in_loop']} s)",
               flush=True)  # fmt: skip
     if lead and metrics_file.exists():
-        plot_losses(metrics_file, run.workdir / "loss.png")
+        plots.loss_curve(metrics_file, run.workdir / "loss.png")
     return last
 
 
@@ -574,27 +574,6 @@ def evaluate_now(run: Run, step: int) -> dict:
         with open(run.workdir / "eval.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
     return record
-
-
-def plot_losses(metrics_file: Path, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
-    if not records:
-        return
-    records = [r for r in records if r.get("loss") is not None]  # non-finite steps are null
-    if not records:
-        return
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records], marker=".")
-    ax.set_xlabel("step")
-    ax.set_ylabel("contrastive loss")
-    ax.set_title("training loss")
-    fig.tight_layout()
-    save_figure_atomic(fig, path)
 
 
 def data_section(subsets=()) -> ml_collections.ConfigDict:
