@@ -181,7 +181,7 @@ def test_save_then_transformers_loads(model, processor, tmp_path):
     """``models.save`` writes what transformers loads (every tensor, same values, same outputs)."""
     models.save(model, tmp_path, progress=False)
     hf = load_hf_model(tmp_path)
-    ours = dict(models.backbone("llava_next").hf_tensors(model))
+    ours = dict(models.backbone_of("llava_next").hf_tensors(model))
     state = hf.state_dict()
     assert len(ours) == len([k for k in state if "position_ids" not in k])
     batch = encode(processor, [inst("<image>\nround trip")], [random_image(40, 20, 10)])
