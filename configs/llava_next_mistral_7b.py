@@ -10,7 +10,7 @@ for a 672 x 672 grid), so the sequence limits are raised to 4096; the scheme is 
 replicated on 80 GB devices; shard them with ``--config.mesh.fsdp=8`` on smaller ones.
 """
 
-from g2e_jax.train.trainer import backbone_recipe
+from g2e_jax.train.config import backbone_recipe
 
 MAX_LEN = 4096
 

@@ -18,7 +18,7 @@ SaHa fine-tuning with the paper's reference recipe (the same as for Qwen2-VL, DE
   baseline: plain rows, ``--config.data.root=/data/MMEB-train``).
 """
 
-from g2e_jax.train.trainer import backbone_recipe
+from g2e_jax.train.config import backbone_recipe
 
 
 def get_config(preset: str = "saha"):

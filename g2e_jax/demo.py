@@ -24,7 +24,7 @@ from g2e_jax.paths import absolute, relative_to_file
 def tiny_training_config() -> ml_collections.ConfigDict:
     """Fine-tuning the tiny model on the synthetic set (the demo; configs/tiny.py returns it)."""
     from g2e_jax.data.synthetic import SUBSETS
-    from g2e_jax.train.trainer import training_config
+    from g2e_jax.train.config import training_config
 
     c = training_config(subsets=tuple(SUBSETS))
     c.max_len = 256

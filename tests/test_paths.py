@@ -61,7 +61,7 @@ def synthetic(tmp_path_factory):
 
 
 def _train_cfg(tiny_dir, **data):
-    from g2e_jax.train.trainer import training_config
+    from g2e_jax.train.config import training_config
 
     cfg = training_config(subsets=("SynColor",))
     cfg.model.path = str(tiny_dir)

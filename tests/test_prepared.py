@@ -296,7 +296,7 @@ def test_plain_rows_capped_per_subset_as_the_official_sample(prepared, synthetic
     import datasets
 
     from g2e_jax.train.data import TrainData
-    from g2e_jax.train.trainer import training_config
+    from g2e_jax.train.config import training_config
 
     cfg = training_config(subsets=SUBSETS)
     cfg.data.root, cfg.data.image_dir = str(synthetic / "train"), str(synthetic / "images")
@@ -317,7 +317,7 @@ def test_plain_rows_capped_per_subset_as_the_official_sample(prepared, synthetic
 
 def test_training_refuses_a_prepared_dataset_of_other_settings(prepared, synthetic):
     from g2e_jax.train.data import TrainData
-    from g2e_jax.train.trainer import training_config
+    from g2e_jax.train.config import training_config
 
     cfg = training_config(subsets=SUBSETS)
     cfg.data.source, cfg.data.prepared_dir = "prepared", str(prepared)

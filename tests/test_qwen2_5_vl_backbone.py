@@ -206,7 +206,7 @@ def test_sharding_and_adapter_rules_cover_the_vision_mlp():
 def test_config_files(size):
     from g2e_jax.config_utils import config_to_json, load_config
     from g2e_jax.eval.mmeb import eval_config
-    from g2e_jax.train.trainer import saha_reference_config
+    from g2e_jax.train.config import saha_reference_config
 
     path = f"configs/qwen2_5vl_{size}.py"
     cfg = load_config(path)

@@ -23,18 +23,16 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from ml_collections import config_dict
 from tqdm.auto import tqdm
 
 from g2e_jax import checkpoints, plots
-from g2e_jax.adapters.lora import AdapterConfig, trainable_filter
+from g2e_jax.adapters.lora import trainable_filter
 from g2e_jax.aot import device_memory_limit
 from g2e_jax.check_data import check_before_run
 from g2e_jax.compile_cache import CompileClock
-from g2e_jax.config_sections import model_section, prompt_section
 from g2e_jax.config_utils import config_to_json
 from g2e_jax.data.clusters import ClusterBatchSampler, batch_label
-from g2e_jax.distributed import distributed_section, init_distributed, wait_for_lost_process
+from g2e_jax.distributed import init_distributed, wait_for_lost_process
 from g2e_jax.io import write_atomic
 from g2e_jax.mesh import BATCH_AXES, make_mesh, shard_model
 from g2e_jax.models import load
@@ -52,89 +50,6 @@ from g2e_jax.train.guards import (
 )
 from g2e_jax.train.report import abstract_batch, before_first_step
 from g2e_jax.train.step import StepConfig, lr_schedule, make_optimizer, train_step
-
-
-def train_section() -> ml_collections.ConfigDict:
-    """Training hyper-parameters (defaults: the reference run, DESIGN.md §1)."""
-    t = ml_collections.ConfigDict()
-    t.steps = 1500
-    t.seed = 0
-    t.clusters_per_batch = 128  # global: 16 clusters per device on 8 devices
-    # "mixed": clusters of every subset drawn at random into each batch (the official run: Hugging
-    # Face's random sampler); "same": every batch from one subset.
-    t.batch_subsets = "mixed"
-    t.learning_rate = 5e-5
-    t.warmup_steps = 100
-    t.weight_decay = 0.0
-    t.max_grad_norm = 1.0
-    t.temperature = 0.02
-    t.grad_cache = True
-    t.rows_per_cell = 4  # GradCache chunk size per device (reference: 4)
-    # none | layers (each decoder layer and vision block checkpointed: the backward keeps their inputs)
-    # | layers_dots (and their projections' outputs) | full / dots (a chunk's whole forward): step.py.
-    t.remat = "none"
-    t.users = 960  # user-segment tokens per row at most (max_len minus the template)
-    t.patches_per_cell = 4096  # packed image patches per cell and side at most
-    # Each step's sides padded to buckets of what they hold (a few programs), not to the maxima above.
-    t.shape_buckets = True
-    # Bucket sizes per doubling: padding adds under 1/4 of a side; each new size compiles once.
-    t.bucket_steps = 4
-    # The run's largest batch fitted (in buckets) to the data's longest rows, by one pass over every
-    # row at start (small data sets), instead of users / patches_per_cell: without shape buckets every
-    # step has that shape; with them it is the shape compiled and memory-checked before step one.
-    t.shape_from_data = False
-    t.max_patches_per_image = 1024  # 448 x 448 images
-    # In-step false-negative filters (ours; the official loss has none: off in the paper recipe).
-    t.mask_same_target = False
-    t.mask_same_query = False
-    t.fn_query_threshold = config_dict.placeholder(float)
-    t.fn_margin = config_dict.placeholder(float)
-    t.hard_k = config_dict.placeholder(int)
-    t.prefix_cache = True  # the system segment once per chunk, not once per row (same loss)
-    t.log_every = 10
-    t.checkpoint_every = 100
-    t.keep_checkpoints = 3
-    t.async_checkpoint = True
-    # Non-finite steps change nothing; this many in a row stop the run with a checkpoint (0: never stop).
-    t.max_bad_steps = 10
-    # Per-device memory the compiled step must fit (GiB) where the device reports none (CPU); on
-    # GPU/TPU the device's own limit is used. None: no check.
-    t.device_memory_gb = config_dict.placeholder(float)
-    return t
-
-
-def adapter_section() -> ml_collections.ConfigDict:
-    a = ml_collections.ConfigDict()
-    a.kind = "dora"  # lora | dora | full
-    a.rank = 8
-    a.alpha = 64.0
-    a.dropout = 0.1
-    a.targets = AdapterConfig().targets
-    a.init = "gaussian"
-    # A PEFT LoRA/DoRA folder to start from: it sets kind, rank, alpha and targets (dropout stays above).
-    a.init_from = config_dict.placeholder(str)
-    return a
-
-
-def mesh_section() -> ml_collections.ConfigDict:
-    m = ml_collections.ConfigDict()
-    m.data = -1
-    m.fsdp = 1
-    m.tensor = 1
-    m.dcn_data = 1
-    m.dcn_fsdp = 1
-    return m
-
-
-def eval_section() -> ml_collections.ConfigDict:
-    """Periodic evaluation on a held-out MMEB-format set (off unless ``every`` and ``root`` are set)."""
-    e = ml_collections.ConfigDict()
-    e.every = 0  # steps between evaluations (also at the last step); 0: never
-    e.root = config_dict.placeholder(str)  # MMEB-eval-format folder: one sub-folder per subset
-    e.image_dir = config_dict.placeholder(str)
-    e.subsets = ()  # (): every subset of the groups table
-    e.groups_file = config_dict.placeholder(str)  # None: the MMEB table
-    return e
 
 
 @dataclasses.dataclass
@@ -574,137 +489,3 @@ def evaluate_now(run: Run, step: int) -> dict:
         with open(run.workdir / "eval.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
     return record
-
-
-def data_section(subsets=()) -> ml_collections.ConfigDict:
-    d = ml_collections.ConfigDict()
-    d.source = "clusters"  # clusters (the `g2e-jax mine` output) | mmeb (plain rows) | prepared (TFDS)
-    d.clusters_dir = config_dict.placeholder(str)
-    d.prepared_dir = config_dict.placeholder(str)  # `g2e-jax prepare` output
-    d.root = config_dict.placeholder(str)  # MMEB-train: one folder per subset
-    d.image_dir = config_dict.placeholder(str)
-    d.split = "original"  # plain rows (mmeb); `g2e-jax mine` reads mine.split
-    d.subsets = tuple(subsets)
-    # Plain rows (mmeb, prepared) per subset at most, as the official in-batch training samples them
-    # (g2e_jax.data.mmeb.sample_rows); None: all. Mined clusters are never capped.
-    d.num_sample_per_subset = config_dict.placeholder(int)
-    d.bad_rows = "error"  # a row that cannot be used mid-run: error (stop, naming it) | skip (skipped.jsonl)
-    d.check = True  # check every row and image before the run (g2e-jax check-data; cached)
-    d.check_workers = 0  # threads opening images (0: one per CPU)
-    d.check_cache = config_dict.placeholder(str)  # the check's cache file (default: under ~/.cache/g2e_jax)
-    return d
-
-
-def training_config(subsets=()) -> ml_collections.ConfigDict:
-    """Every section a training config has; the config files change what differs."""
-    from g2e_jax.mine import mine_section
-
-    c = ml_collections.ConfigDict()
-    c.model = model_section(dtype="float32")  # dtype: the parameters (master weights); adapter: mine's
-    c.model.compute_dtype = config_dict.FieldReference(
-        "auto", field_type=str
-    )  # matmuls: auto = bf16 on GPU/TPU
-    c.prompt = prompt_section()
-    c.data = data_section(subsets)
-    # Training's encode settings (and the periodic eval's); `g2e-jax mine` uses its own mine.* ones.
-    c.max_len = 1024
-    c.image_resolution = config_dict.FieldReference(None, field_type=str)
-    c.batch_size = 16  # encode batch (mining, eval), over all devices
-    c.model.shard_weights = False  # mining: weights sharded over every device (fsdp), not replicated
-    c.mine = mine_section()
-    c.train = train_section()
-    c.adapter = adapter_section()
-    c.mesh = mesh_section()
-    c.distributed = distributed_section()
-    c.eval = eval_section()
-    return c
-
-
-RECIPES = ("saha", "filtered", "inbatch", "zero_shot", "plain")
-
-
-def backbone_recipe(preset: str = "saha") -> ml_collections.ConfigDict:
-    """A backbone config file's presets: ``saha`` (mining and training, ``saha_reference_config``),
-    ``filtered`` (the same with our in-step false-negative filters on), ``inbatch`` (the paper's
-    in-batch baseline, ``inbatch_reference_config``), ``zero_shot`` and ``plain`` (MMEB evaluation
-    with either prompt at the official eval settings, in the released weights' bf16)."""
-    from g2e_jax.eval.mmeb import eval_config
-
-    if preset == "saha":
-        return saha_reference_config()
-    if preset == "filtered":
-        return filtered_config()
-    if preset == "inbatch":
-        return inbatch_reference_config()
-    if preset in ("zero_shot", "plain"):
-        c = eval_config("hierarchical" if preset == "zero_shot" else "plain")
-        c.model.dtype = "bfloat16"
-        return c
-    raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(RECIPES)}")
-
-
-def saha_reference_config() -> ml_collections.ConfigDict:
-    """The paper's SaHa recipe as the official commands run it (README of Gen2Embed), the same for
-    Qwen2-VL-2B/7B and Qwen2.5-VL. Each stage has its own settings:
-
-    - ``g2e-jax mine`` (``cli.sample_mmeb``): the ``diverse_instruction`` rows, max length 2048,
-      ``random`` (aspect-adaptive) images, batches of 16, bf16, top_k 15 x pool_mult 3.
-    - ``g2e-jax train`` (``cli.train``): the mined clusters, mixed across subsets in every batch; DoRA
-      r=8 (alpha 64, dropout 0.1, Gaussian init) on the decoder's q/k/v/o and down projections; lr
-      5e-5 linear with 100 warm-up steps, 1,500 steps; 16 clusters per device on 8 devices; GradCache
-      chunks of 4; 448 x 448 (``mid_low``) images; max length 1024; bf16; the plain InfoNCE loss at
-      temperature 0.02 (no false-negative filters: see ``filtered_config``).
-    - ``g2e-jax eval`` (``cli.evaluate``): ``configs/mmeb_eval.py`` / the ``zero_shot`` preset
-      (max length 2048, ``random`` images).
-    """
-    from g2e_jax.mine import MMEB_TRAIN_SUBSETS
-
-    c = training_config(subsets=MMEB_TRAIN_SUBSETS)
-    c.model.dtype = "bfloat16"
-    c.image_resolution = "mid_low"
-    c.max_len = 1024
-    c.data.split = "original"
-    c.data.num_sample_per_subset = 100_000  # official flag; applies to plain rows only
-    m = c.mine
-    m.top_k = 15
-    m.pool_mult = 3
-    m.split = "diverse_instruction"
-    m.max_len = 2048
-    m.image_resolution = "random"
-    m.batch_size = 16
-    t = c.train
-    t.steps = 1500
-    t.clusters_per_batch = 128
-    t.batch_subsets = "mixed"
-    t.learning_rate = 5e-5
-    t.warmup_steps = 100
-    t.temperature = 0.02
-    t.grad_cache = True
-    t.rows_per_cell = 4
-    t.mask_same_target = False
-    t.mask_same_query = False
-    c.adapter.kind = "dora"
-    c.adapter.rank = 8
-    c.adapter.alpha = 64.0
-    c.adapter.dropout = 0.1
-    return c
-
-
-def filtered_config() -> ml_collections.ConfigDict:
-    """The SaHa recipe with this project's in-step false-negative filters on (not the paper's run):
-    candidates equal to the anchor's positive, and rows of the same query, are masked in the loss."""
-    c = saha_reference_config()
-    c.train.mask_same_target = True
-    c.train.mask_same_query = True
-    return c
-
-
-def inbatch_reference_config() -> ml_collections.ConfigDict:
-    """The paper's in-batch negative baseline: plain MMEB-train rows (``original`` split, each row its
-    own cluster, at most 100,000 per subset as ``shuffle(seed=42).select(range(n))``), drawn at random
-    across subsets, with the SaHa recipe's optimiser, schedule, steps and encode settings. As with the
-    official command's ``--per_device_train_batch_size 16`` (no hard negatives), a batch is 16 rows
-    per device: 128 pairs on 8 devices. Needs ``data.root`` (MMEB-train), not mined clusters."""
-    c = saha_reference_config()
-    c.data.source = "mmeb"
-    return c
