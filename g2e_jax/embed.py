@@ -45,11 +45,12 @@ from g2e_jax.adapters.peft import WEIGHTS_FILE, load_peft_adapter
 from g2e_jax.checkpoints import is_run_dir, load_trained
 from g2e_jax.aot import AheadOfTime, ProgramTooLarge, device_memory_limit, fmt_bytes
 from g2e_jax.data.images import ImageConfig
+from g2e_jax.data.rows import PreparedRow
 from g2e_jax.io import save_npy_atomic, sha256_file, weights_fingerprint
 from g2e_jax.mesh import BATCH_AXES, make_mesh, state_shardings
 from g2e_jax.models import load
 from g2e_jax.pipeline import RowStream, shape_key
-from g2e_jax.preprocess import InputError, PreparedRow, Preprocessor, bucket, collate
+from g2e_jax.preprocess import InputError, Preprocessor, bucket, collate
 from g2e_jax.programs.encode import encode_cells
 from g2e_jax.prompts import PromptConfig, check_role, plural
 

@@ -27,7 +27,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
-from g2e_jax.preprocess import InputError, PreparedRow, Preprocessor
+from g2e_jax.data.rows import PreparedRow
+from g2e_jax.preprocess import InputError, Preprocessor
 
 
 def default_workers() -> int:

@@ -9,7 +9,6 @@ token count, over-long content is truncated inside the content, and M-RoPE offse
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from g2e_jax.data.images import ImageConfig, ImageError
+from g2e_jax.data.rows import PreparedRow
 from g2e_jax.models import backbone_of, read_config
 from g2e_jax.models.qwen2_vl import Qwen2VLConfig, rope_index
 from g2e_jax.prompts import IMAGE_MARKER, PromptConfig, get_prompt, plural
@@ -31,18 +31,6 @@ class InputError(ValueError):
     def __init__(self, row: int, field: str, reason: str):
         super().__init__(f"row {row}, field {field!r}: {reason}")
         self.row, self.field, self.reason = row, field, reason
-
-
-@dataclasses.dataclass
-class PreparedRow:
-    """One row, ready for batching: everything the jitted encode needs from the host."""
-
-    user_ids: np.ndarray  # [U] int32, image pads expanded
-    user_pos: np.ndarray | None  # [3, U] M-RoPE positions relative to the segment start (mrope only)
-    next_pos: int  # first position after the user segment, relative to its start
-    patches: np.ndarray | None  # [P, C*T*p*p] float32 (LLaVA-NeXT: tiles [T, C*S*S])
-    grid_thw: np.ndarray | None  # [3] (LLaVA-NeXT: the anyres layout, see llava_next.anyres.image_layout)
-    truncated_from: int = 0  # original user-segment length when truncated, else 0
 
 
 class Preprocessor:

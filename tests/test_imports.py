@@ -104,6 +104,21 @@ def test_the_package_has_no_import_cycle():
     )
 
 
+# The floors below data/ (issue 29): data/ reads and writes formats with nothing of the models, the
+# programs or the jobs above it.
+UTILITIES = {"g2e_jax.io", "g2e_jax.paths", "g2e_jax.distributed", "g2e_jax.mesh", "g2e_jax.config_sections",
+             "g2e_jax.config_utils"}  # fmt: skip
+
+
+def test_data_imports_only_data_and_the_utilities():
+    edges, _ = import_graph(PACKAGE)
+    data = [m for m in edges if m == "g2e_jax.data" or m.startswith("g2e_jax.data.")]
+    assert len(data) > 5
+    upward = {m: sorted(t for t in edges[m] if not t.startswith("g2e_jax.data") and t not in UTILITIES)
+              for m in data}  # fmt: skip
+    assert not any(upward.values()), {m: t for m, t in upward.items() if t}
+
+
 def test_private_jax_is_imported_in_one_place():
     _, private = import_graph(PACKAGE)
     assert set(private) == PRIVATE_JAX_ALLOWED, private

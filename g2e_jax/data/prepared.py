@@ -34,7 +34,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from g2e_jax.data.images import ImageConfig, expand_patches
-from g2e_jax.preprocess import PreparedRow
+from g2e_jax.data.rows import PreparedRow
 
 SIDES = ("qry", "pos")
 SPLIT = "train"

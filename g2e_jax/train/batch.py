@@ -15,7 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
-from g2e_jax.preprocess import PreparedRow, bucket, collate
+from g2e_jax.data.rows import PreparedRow
+from g2e_jax.preprocess import bucket, collate
 
 SIDES = ("query", "target")
 
