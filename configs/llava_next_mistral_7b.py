@@ -10,13 +10,13 @@ for a 672 x 672 grid), so the sequence limits are raised to 4096; the scheme is 
 replicated on 80 GB devices; shard them with ``--config.mesh.fsdp=8`` on smaller ones.
 """
 
-from g2e_jax.train.config import backbone_recipe
+from g2e_jax.config_utils import sibling_config
 
 MAX_LEN = 4096
 
 
 def get_config(preset: str = "saha"):
-    c = backbone_recipe(preset)
+    c = sibling_config(__file__, "recipes.py", preset)
     if "max_len" in c:
         c.max_len = MAX_LEN
     if "mine" in c and "max_len" in c.mine:

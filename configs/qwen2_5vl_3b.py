@@ -18,8 +18,8 @@ SaHa fine-tuning with the paper's reference recipe (the same as for Qwen2-VL, DE
   baseline: plain rows, ``--config.data.root=/data/MMEB-train``).
 """
 
-from g2e_jax.train.config import backbone_recipe
+from g2e_jax.config_utils import sibling_config
 
 
 def get_config(preset: str = "saha"):
-    return backbone_recipe(preset)
+    return sibling_config(__file__, "recipes.py", preset)

@@ -4,8 +4,8 @@ with the 7B weights. With 8 devices of 80 GB the 16 GB of bf16 weights fit repli
 devices shard them with ``--config.mesh.fsdp=8``.
 """
 
-from g2e_jax.train.config import backbone_recipe
+from g2e_jax.config_utils import sibling_config
 
 
 def get_config(preset: str = "saha"):
-    return backbone_recipe(preset)
+    return sibling_config(__file__, "recipes.py", preset)

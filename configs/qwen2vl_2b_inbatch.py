@@ -1,5 +1,5 @@
 """The paper's in-batch negative baseline on Qwen2-VL-2B
-(values: ``g2e_jax.train.config.inbatch_reference_config``).
+(values: configs/recipes.py, ``inbatch``).
 
 ``g2e-jax train --config configs/qwen2vl_2b_inbatch.py --workdir runs/inbatch_2b
 --config.model.path=/models/Qwen2-VL-2B-Instruct --config.data.root=/data/MMEB-train
@@ -11,8 +11,8 @@ command (``--per_device_train_batch_size 16`` without hard negatives) a batch ho
 Evaluate with configs/mmeb_eval.py as for SaHa.
 """
 
-from g2e_jax.train.config import backbone_recipe
+from g2e_jax.config_utils import sibling_config
 
 
 def get_config():
-    return backbone_recipe("inbatch")
+    return sibling_config(__file__, "recipes.py", "inbatch")

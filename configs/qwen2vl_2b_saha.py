@@ -1,5 +1,5 @@
 """SaHa on Qwen2-VL-2B as the official commands run it
-(values: ``g2e_jax.train.config.saha_reference_config``).
+(values: configs/recipes.py, ``saha``).
 
 1. Mine: ``g2e-jax mine --config configs/qwen2vl_2b_saha.py --config.model.path=/models/Qwen2-VL-2B-Instruct
    --config.data.root=/data/MMEB-train --config.data.image_dir=/data/MMEB-train/images
@@ -19,8 +19,8 @@ false-negative filters on (``train.mask_same_target``, ``train.mask_same_query``
 in-batch baseline (configs/qwen2vl_2b_inbatch.py).
 """
 
-from g2e_jax.train.config import backbone_recipe
+from g2e_jax.config_utils import sibling_config
 
 
 def get_config(preset: str = "saha"):
-    return backbone_recipe(preset)
+    return sibling_config(__file__, "recipes.py", preset)

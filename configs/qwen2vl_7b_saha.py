@@ -10,8 +10,8 @@ keeps bf16 matmuls in bf16; its figure is not measured yet: ``g2e-jax train`` pr
 need against the device before step 1 and stops if it does not fit (add ``train.remat=layers`` then).
 """
 
-from g2e_jax.train.config import backbone_recipe
+from g2e_jax.config_utils import sibling_config
 
 
 def get_config(preset: str = "saha"):
-    return backbone_recipe(preset)
+    return sibling_config(__file__, "recipes.py", preset)

@@ -26,7 +26,8 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-__all__ = ["apply_override", "config_to_json", "load_config", "override_config", "split_config_overrides"]
+__all__ = ["apply_override", "config_to_json", "load_config", "override_config", "sibling_config",
+           "split_config_overrides"]  # fmt: skip
 
 _FLAG_PREFIX = "--config."
 
@@ -60,6 +61,20 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
             "not an ml_collections.ConfigDict"
         )
     return override_config(cfg, overrides).lock()
+
+
+def sibling_config(anchor: str, name: str, *args) -> ml_collections.ConfigDict:
+    """``get_config(*args)`` of the config file ``name`` beside ``anchor`` (a config file's ``__file__``):
+    how configs/ share a recipe without being a package (they are loaded by path, not imported)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(anchor)), name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{anchor}: config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"g2e_jax_config_{os.path.splitext(name)[0]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*args)
 
 
 def override_config(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:

@@ -23,6 +23,7 @@ VARIANTS = {
     "qwen2_5vl_3b.py": [None, "saha", "filtered", "inbatch", "zero_shot", "plain"],
     "qwen2_5vl_7b.py": [None, "saha", "filtered", "inbatch", "zero_shot", "plain"],
     "qwen2vl_2b_inbatch.py": [None],
+    "recipes.py": [None, "saha", "filtered", "inbatch", "zero_shot", "plain"],
     "qwen2vl_2b_saha.py": [None, "saha", "filtered", "inbatch", "zero_shot", "plain"],
     "qwen2vl_7b_saha.py": [None, "saha", "filtered", "inbatch", "zero_shot", "plain"],
     "sugarcrepe.py": [None],

@@ -1,6 +1,5 @@
-"""The training config's schema (every section a training config has, with its defaults) and the
-recipes that the config files in ``configs/`` return (``backbone_recipe``): the paper's SaHa run,
-its in-batch baseline, and our filtered variant."""
+"""The training config's schema: every section a training config has, with its defaults (the
+recipes that change them live in ``configs/recipes.py``)."""
 
 from __future__ import annotations
 
@@ -136,94 +135,4 @@ def training_config(subsets=()) -> ml_collections.ConfigDict:
     c.mesh = mesh_section()
     c.distributed = distributed_section()
     c.eval = eval_section()
-    return c
-
-
-RECIPES = ("saha", "filtered", "inbatch", "zero_shot", "plain")
-
-
-def backbone_recipe(preset: str = "saha") -> ml_collections.ConfigDict:
-    """A backbone config file's presets: ``saha`` (mining and training, ``saha_reference_config``),
-    ``filtered`` (the same with our in-step false-negative filters on), ``inbatch`` (the paper's
-    in-batch baseline, ``inbatch_reference_config``), ``zero_shot`` and ``plain`` (MMEB evaluation
-    with either prompt at the official eval settings, in the released weights' bf16)."""
-    from g2e_jax.eval.mmeb import eval_config
-
-    if preset == "saha":
-        return saha_reference_config()
-    if preset == "filtered":
-        return filtered_config()
-    if preset == "inbatch":
-        return inbatch_reference_config()
-    if preset in ("zero_shot", "plain"):
-        c = eval_config("hierarchical" if preset == "zero_shot" else "plain")
-        c.model.dtype = "bfloat16"
-        return c
-    raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(RECIPES)}")
-
-
-def saha_reference_config() -> ml_collections.ConfigDict:
-    """The paper's SaHa recipe as the official commands run it (README of Gen2Embed), the same for
-    Qwen2-VL-2B/7B and Qwen2.5-VL. Each stage has its own settings:
-
-    - ``g2e-jax mine`` (``cli.sample_mmeb``): the ``diverse_instruction`` rows, max length 2048,
-      ``random`` (aspect-adaptive) images, batches of 16, bf16, top_k 15 x pool_mult 3.
-    - ``g2e-jax train`` (``cli.train``): the mined clusters, mixed across subsets in every batch; DoRA
-      r=8 (alpha 64, dropout 0.1, Gaussian init) on the decoder's q/k/v/o and down projections; lr
-      5e-5 linear with 100 warm-up steps, 1,500 steps; 16 clusters per device on 8 devices; GradCache
-      chunks of 4; 448 x 448 (``mid_low``) images; max length 1024; bf16; the plain InfoNCE loss at
-      temperature 0.02 (no false-negative filters: see ``filtered_config``).
-    - ``g2e-jax eval`` (``cli.evaluate``): ``configs/mmeb_eval.py`` / the ``zero_shot`` preset
-      (max length 2048, ``random`` images).
-    """
-    from g2e_jax.mine import MMEB_TRAIN_SUBSETS
-
-    c = training_config(subsets=MMEB_TRAIN_SUBSETS)
-    c.model.dtype = "bfloat16"
-    c.image_resolution = "mid_low"
-    c.max_len = 1024
-    c.data.split = "original"
-    c.data.num_sample_per_subset = 100_000  # official flag; applies to plain rows only
-    m = c.mine
-    m.top_k = 15
-    m.pool_mult = 3
-    m.split = "diverse_instruction"
-    m.max_len = 2048
-    m.image_resolution = "random"
-    m.batch_size = 16
-    t = c.train
-    t.steps = 1500
-    t.clusters_per_batch = 128
-    t.batch_subsets = "mixed"
-    t.learning_rate = 5e-5
-    t.warmup_steps = 100
-    t.temperature = 0.02
-    t.grad_cache = True
-    t.rows_per_cell = 4
-    t.mask_same_target = False
-    t.mask_same_query = False
-    c.adapter.kind = "dora"
-    c.adapter.rank = 8
-    c.adapter.alpha = 64.0
-    c.adapter.dropout = 0.1
-    return c
-
-
-def filtered_config() -> ml_collections.ConfigDict:
-    """The SaHa recipe with this project's in-step false-negative filters on (not the paper's run):
-    candidates equal to the anchor's positive, and rows of the same query, are masked in the loss."""
-    c = saha_reference_config()
-    c.train.mask_same_target = True
-    c.train.mask_same_query = True
-    return c
-
-
-def inbatch_reference_config() -> ml_collections.ConfigDict:
-    """The paper's in-batch negative baseline: plain MMEB-train rows (``original`` split, each row its
-    own cluster, at most 100,000 per subset as ``shuffle(seed=42).select(range(n))``), drawn at random
-    across subsets, with the SaHa recipe's optimiser, schedule, steps and encode settings. As with the
-    official command's ``--per_device_train_batch_size 16`` (no hard negatives), a batch is 16 rows
-    per device: 128 pairs on 8 devices. Needs ``data.root`` (MMEB-train), not mined clusters."""
-    c = saha_reference_config()
-    c.data.source = "mmeb"
     return c
