@@ -95,12 +95,12 @@ def step_alone(flags: list[str], workdir: Path, repeats: int) -> tuple[float, fl
     import jax
 
     from g2e_jax.config_utils import load_config
-    from g2e_jax.train import trainer
+    from g2e_jax.train import feed, trainer
 
     cfg = load_config(str(REPO / "configs/qwen2vl_2b_saha.py"), [f.removeprefix("--config.") for f in flags])
     run = trainer.setup(cfg, workdir)
     fn = trainer.step_function(run)
-    batches = [trainer.global_batch(run, step)[0] for step in range(repeats + 1)]
+    batches = [feed.global_batch(run, step)[0] for step in range(repeats + 1)]
     jax.block_until_ready(batches)
     key = jax.random.key(0)
     times = []

@@ -111,12 +111,12 @@ def test_bad_rows_error_or_skip_and_a_resume_skips_the_same(tiny_dir, broken, tm
 def test_non_finite_steps_change_nothing_and_stop_the_run(tiny_dir, clean, tmp_path, monkeypatch):
     """NaN pixels in the batches of steps 3, 5 and 6, train.max_bad_steps=2: step 3 is refused and the
     run goes on; 5 and 6 in a row stop it with a checkpoint at 6 that holds step 4's state."""
-    from g2e_jax.train import trainer
     from g2e_jax.checkpoints import load_trained
+    from g2e_jax.train import feed, trainer
     from g2e_jax.train.guards import TrainingStopped
 
     poison = {3, 5, 6}
-    original = trainer.global_batch
+    original = feed.global_batch
 
     def global_batch(run, step, rows=None):
         batch, subset = original(run, step, rows)
@@ -124,7 +124,7 @@ def test_non_finite_steps_change_nothing_and_stop_the_run(tiny_dir, clean, tmp_p
             batch["query"] = dict(batch["query"], pixel_values=batch["query"]["pixel_values"] * jnp.nan)
         return batch, subset
 
-    monkeypatch.setattr(trainer, "global_batch", global_batch)
+    monkeypatch.setattr(feed, "global_batch", global_batch)
     workdir = tmp_path / "nan"
     cfg = _cfg(
         tiny_dir,

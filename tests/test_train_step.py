@@ -160,7 +160,7 @@ def test_one_run_shape_fitted_to_the_data(tiny_dir, tmp_path):
     longest rows of the whole data set (measured here by preprocessing every row directly), is every
     step's without shape buckets."""
     from g2e_jax.config_utils import load_config
-    from g2e_jax.train import trainer
+    from g2e_jax.train import feed, trainer
     from g2e_jax.train.batch import fit_sides, side_needs
 
     from PIL import Image
@@ -192,8 +192,8 @@ def test_one_run_shape_fitted_to_the_data(tiny_dir, tmp_path):
     assert sorted(patches["query"])[0] < sorted(patches["query"])[-1]  # the sizes above took
     assert run.sides["query"][0] < run.shape.users and run.sides["target"][0] < run.sides["query"][0]
     for step in range(4):
-        batch, _ = trainer.global_batch(run, step)
-        assert (np.asarray(side_needs(trainer.local_rows(run, step).pairs, run.shape)) <= need).all()
+        batch, _ = feed.global_batch(run, step)
+        assert (np.asarray(side_needs(feed.local_rows(run, step).pairs, run.shape)) <= need).all()
         for side in ("query", "target"):
             assert batch[side]["user_ids"].shape[-1] == run.sides[side][0]
             assert batch[side]["pixel_values"].shape[-2] == run.sides[side][1]
@@ -202,7 +202,7 @@ def test_one_run_shape_fitted_to_the_data(tiny_dir, tmp_path):
     bucketed = trainer.setup(load_config(str(TINY_CONFIG), [*overrides, "train.shape_buckets=True"]),
                              tmp_path / "run2")  # fmt: skip
     assert bucketed.sides == run.sides
-    users = {trainer.global_batch(bucketed, step)[0]["target"]["user_ids"].shape[-1] for step in range(4)}
+    users = {feed.global_batch(bucketed, step)[0]["target"]["user_ids"].shape[-1] for step in range(4)}
     assert max(users) <= run.sides["target"][0]
 
 

@@ -1,4 +1,7 @@
-"""``g2e-jax train``: the training program around ``train_step``.
+"""``g2e-jax train``: a run's set-up and its loop around ``train_step``.
+
+The batches come from ``train.feed``, the checkpoint format from ``g2e_jax.checkpoints``, the
+periodic evaluation from ``train.evaluate`` and the timing record from ``train.clock``.
 
 One process per host (``jax.distributed``), one mesh over all devices, parameters sharded by the
 rules table, each process building only its own cells of every global batch. Orbax checkpoints
@@ -20,7 +23,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
@@ -29,17 +31,19 @@ from g2e_jax import checkpoints, plots
 from g2e_jax.adapters.lora import trainable_filter
 from g2e_jax.aot import device_memory_limit
 from g2e_jax.check_data import check_before_run
-from g2e_jax.compile_cache import CompileClock
 from g2e_jax.config_utils import config_to_json
-from g2e_jax.data.clusters import ClusterBatchSampler, batch_label
+from g2e_jax.data.clusters import ClusterBatchSampler
 from g2e_jax.distributed import init_distributed, wait_for_lost_process
 from g2e_jax.io import write_atomic
 from g2e_jax.mesh import BATCH_AXES, make_mesh, shard_model
 from g2e_jax.models import load
 from g2e_jax.paths import absolute_config_paths
 from g2e_jax.preprocess import Preprocessor
-from g2e_jax.train.batch import BatchShape, build_batch, fit_sides, side_needs
+from g2e_jax.train.batch import BatchShape, fit_sides
+from g2e_jax.train.clock import RunClock
 from g2e_jax.train.data import TrainData
+from g2e_jax.train.evaluate import evaluate_now
+from g2e_jax.train.feed import BatchesAhead, batch_spec
 from g2e_jax.train.guards import (
     BadSteps,
     TrainingStopped,
@@ -72,10 +76,6 @@ class Run:
     preprocessor: Preprocessor
     bad_steps: int = 0  # non-finite steps so far (kept in the checkpoints)
     sides: dict | None = None  # the largest (users, patches) per side (train.shape_from_data); None: capacity
-
-
-def _batch_spec(ndim: int) -> P:
-    return P(None, BATCH_AXES, *([None] * (ndim - 2))) if ndim >= 2 else P()
 
 
 def setup(cfg, workdir: str | Path) -> Run:
@@ -142,49 +142,6 @@ def setup(cfg, workdir: str | Path) -> Run:
                preprocessor, sides=sides)  # fmt: skip
 
 
-@dataclasses.dataclass
-class LocalRows:
-    """This process's preprocessed pairs of one batch: host work only, no device and no collective."""
-
-    pairs: list
-    cells: range
-    label: str
-    skipped: list  # bad rows met (data.bad_rows=skip), for skipped.jsonl
-
-
-def local_rows(run: Run, step: int) -> LocalRows:
-    """The pairs of batch ``step`` that this process's cells hold, preprocessed."""
-    clusters = run.sampler.batch(step)
-    g, procs, me = run.shape.cells, jax.process_count(), jax.process_index()
-    cells = range(g * me // procs, g * (me + 1) // procs)
-    c, k = run.shape.rows_per_cell, run.shape.chunks
-    wanted = {(kk * g + cell) * c + r for kk in range(k) for cell in cells for r in range(c)}
-    pairs = run.data.pairs(clusters, wanted)
-    skipped = list(run.data.skipped)
-    run.data.skipped.clear()
-    return LocalRows(pairs, cells, batch_label(clusters), skipped)
-
-
-def global_batch(run: Run, step: int, rows: LocalRows | None = None):
-    """This process builds its cells of batch ``step`` (from ``rows`` when already prepared); the
-    result is one global array per leaf, and the batch's label."""
-    rows = local_rows(run, step) if rows is None else rows
-    g, procs = run.shape.cells, jax.process_count()
-    sides = run.sides
-    if run.cfg.train.shape_buckets:
-        need = side_needs(rows.pairs, run.shape, rows.cells)
-        if procs > 1:  # every process must build the same shapes
-            need = np.asarray(multihost_utils.process_allgather(need)).max(axis=0)
-        sides = fit_sides(run.shape, need, per_octave=run.cfg.train.bucket_steps)
-    local = build_batch(rows.pairs, run.shape, run.preprocessor.pad_id, cells=rows.cells, sides=sides)
-
-    # The whole tree in one call: with one process that is one batched transfer, where a call per
-    # leaf cost ~3 ms a step (11 leaves), a tenth of a tiny step on 2 cores.
-    shardings = jax.tree.map(lambda x: NamedSharding(run.mesh, _batch_spec(x.ndim)), local)
-    shapes = jax.tree.map(lambda x: (x.shape[0], g) + x.shape[2:], local)
-    return jax.make_array_from_process_local_data(shardings, local, shapes), rows.label
-
-
 def step_function(run: Run):
     """``train_step`` jitted as the loop calls it: (params, rest, opt_state, batch, consts, key) ->
     (params, opt_state, metrics), parameters and optimizer state donated. Outputs keep the inputs'
@@ -195,43 +152,6 @@ def step_function(run: Run):
         donate_argnums=(0, 2),
         out_shardings=(*shardings, None),
     )
-
-
-class BatchesAhead:
-    """Batch ``s + 1`` built on a host thread while the device runs step ``s``.
-
-    Measured: on the tiny model the host's share of a step (preprocessing, collation, transfers) was
-    about as long as the step itself, and ran in series with it. The thread does what involves no
-    collective: everything with one process, the rows (preprocessing, the bulk) with several, where
-    the shape-bucket all-gather stays on the main thread so that every process issues its
-    collectives in the same order. The data order is unchanged: batch ``s`` is still a function of
-    (seed, step) only."""
-
-    def __init__(self, run: Run, steps: range):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.run, self.steps = run, steps
-        self.whole = jax.process_count() == 1 or not run.cfg.train.shape_buckets
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="g2e-batches")
-        self._ahead = {}
-
-    def _build(self, step: int):
-        rows = local_rows(self.run, step)
-        # Looked up at call time (module global), so a test can wrap it.
-        return (*global_batch(self.run, step, rows), rows.skipped) if self.whole else rows
-
-    def get(self, step: int):
-        """(batch, label, skipped rows) of ``step``; starts building ``step + 1``."""
-        future = self._ahead.pop(step, None) or self._pool.submit(self._build, step)
-        if step + 1 in self.steps:
-            self._ahead[step + 1] = self._pool.submit(self._build, step + 1)
-        built = future.result()
-        if self.whole:
-            return built
-        return (*global_batch(self.run, step, built), built.skipped)
-
-    def close(self):
-        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------
@@ -319,7 +239,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
     fn = step_function(run)
     base_key = jax.random.key(cfg.train.seed)
     # Sharding report and the step compiled (and its memory checked) before the first batch.
-    biggest = abstract_batch(run.shape, run.preprocessor.pad_id, lambda n: NamedSharding(run.mesh, _batch_spec(n)),
+    biggest = abstract_batch(run.shape, run.preprocessor.pad_id, lambda n: NamedSharding(run.mesh, batch_spec(n)),
                              run.sides)  # fmt: skip
     first_key = jax.random.fold_in(base_key, start)  # before the mark: the next window is the step's alone
     batches = BatchesAhead(run, range(start, cfg.train.steps))
@@ -410,82 +330,9 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
     return last
 
 
-class RunClock:
-    """Where a run's time goes: set-up, the step's first compile, and the steady-state seconds per
-    step between metric records with any compile in between (a new shape bucket) taken out, so
-    that ``step_s`` compares with the step alone (``bench/bench_train.py``)."""
-
-    def __init__(self):
-        self.compiles = CompileClock()
-        self.t0 = self._last = time.perf_counter()
-        self.marks: dict = {}
-        self._done = None
-        self._compiled = self._loop_start = (0, 0.0)  # (programs, seconds) compiled before
-        self.intervals: list = []
-
-    def _compile_totals(self):
-        return self.compiles.count, self.compiles.seconds
-
-    def mark(self, name: str) -> None:
-        """The time since the previous mark, and the programs XLA compiled meanwhile (a program
-        read from the persistent compilation cache is not compiled); the last mark starts the loop."""
-        now, compiled = time.perf_counter(), self._compile_totals()
-        self.marks[name] = round(now - self._last, 3)
-        self.marks[name.removesuffix("_s") + "_programs"] = compiled[0] - self._compiled[0]
-        self._last = now
-        self._compiled = self._loop_start = compiled
-
-    def interval(self, done: int) -> None:
-        """At a metrics record, once step ``done`` has finished on the device. Kept out of
-        metrics.jsonl, which a resumed run reproduces exactly."""
-        now, compiled = time.perf_counter(), self._compile_totals()
-        if self._done is not None:
-            steps = done - self._done
-            step_s = (now - self._last - (compiled[1] - self._compiled[1])) / max(steps, 1)
-            self.intervals.append((done, steps, step_s))
-        # The first interval holds the first steps' one-off costs (allocation, warm-up): not timed.
-        self._done, self._last, self._compiled = done, now, compiled
-
-    def summary(self) -> dict:
-        steps = sum(n for _, n, _ in self.intervals)
-        count, seconds = self._compile_totals()
-        return {
-            **self.marks,
-            "steps": steps,
-            "step_s": round(sum(n * t for _, n, t in self.intervals) / steps, 4) if steps else None,
-            "compiles_in_loop": count - self._loop_start[0],
-            "compile_s_in_loop": round(seconds - self._loop_start[1], 3),
-            "total_s": round(time.perf_counter() - self.t0, 3),
-            "step_s_by_record": [[done, round(t, 4)] for done, _, t in self.intervals],
-        }
-
-    def close(self) -> None:
-        self.compiles.close()
-
-
 def _finite_or_none(value):
     """A metric for metrics.jsonl: rounded, or null when not finite (strict JSON has no NaN)."""
     value = float(value)
     return round(value, 6) if math.isfinite(value) else None
 
 
-def evaluate_now(run: Run, step: int) -> dict:
-    """MMEB on the configured held-out set with the current parameters (adapters merged on a copy),
-    data-parallel on the training mesh: each process encodes its share of the rows."""
-    from g2e_jax.adapters.lora import merge_adapters
-    from g2e_jax.embed import Embedder
-    from g2e_jax.eval.mmeb import MMEB_GROUPS, evaluate_mmeb, load_groups
-
-    e = run.cfg.eval
-    model = nnx.clone(nnx.merge(run.graphdef, run.params, run.rest))
-    merge_adapters(model)
-    embedder = Embedder(model, run.preprocessor, batch_size=run.cfg.batch_size, mesh=run.mesh)
-    groups = MMEB_GROUPS if e.groups_file is None else load_groups(e.groups_file)
-    subsets = list(e.subsets) or list(groups)
-    result = evaluate_mmeb(embedder, e.root, subsets, image_dir=e.image_dir, groups=groups, progress=False)
-    record = {"step": step, **{k: result["summary"][k] for k in ("overall", "IND", "OOD")},
-              **{s: r["precision_at_1"] for s, r in result["subsets"].items()}}  # fmt: skip
-    if jax.process_index() == 0:
-        with open(run.workdir / "eval.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-    return record
