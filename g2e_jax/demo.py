@@ -114,8 +114,7 @@ def make_tiny_model(run: DemoRun) -> str:
 
 
 def make_synthetic_data(run: DemoRun) -> str:
-    from g2e_jax.data.synthetic import make_synthetic
-    from g2e_jax.eval.sugarcrepe import make_synthetic_sugarcrepe
+    from g2e_jax.data.synthetic import make_synthetic, make_synthetic_sugarcrepe
 
     make_synthetic(run.data_dir, seed=run.cfg.seed, **run.cfg.synthetic.to_dict())
     make_synthetic_sugarcrepe(
