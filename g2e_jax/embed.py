@@ -43,6 +43,7 @@ from g2e_jax import distributed
 from g2e_jax.adapters.lora import merge_adapters
 from g2e_jax.adapters.peft import WEIGHTS_FILE, load_peft_adapter
 from g2e_jax.checkpoints import is_run_dir, load_trained
+from g2e_jax.config_sections import prompt_fields
 from g2e_jax.aot import AheadOfTime, ProgramTooLarge, device_memory_limit, fmt_bytes
 from g2e_jax.data.images import ImageConfig
 from g2e_jax.data.rows import PreparedRow
@@ -182,10 +183,7 @@ class Embedder:
         that every config of an embedding job shares (see configs/embed.py)."""
         if cfg.model.path is None:
             raise ValueError("no model: set --config.model.path=/path/to/hf_model_dir")
-        prompt = {"preset": cfg.prompt.preset, "scheme": cfg.prompt.scheme}
-        prompt.update(
-            {k: cfg.prompt[k] for k in ("query_system", "document_system") if cfg.prompt[k] is not None}
-        )
+        prompt = prompt_fields(cfg.prompt)
         return cls.from_pretrained(
             cfg.model.path, dtype=cfg.model.dtype, prompt=prompt, scheme=cfg.prompt.scheme, max_len=cfg.max_len,
             image_resolution=cfg.image_resolution, batch_size=cfg.batch_size, progress=False,

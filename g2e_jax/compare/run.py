@@ -24,7 +24,7 @@ from ml_collections import config_dict
 
 from g2e_jax.compare import official as off
 from g2e_jax.compare.report import Rows, precision_at_1, write_outputs
-from g2e_jax.config_sections import model_section, prompt_section
+from g2e_jax.config_sections import data_section, model_section, prompt_fields, prompt_section
 
 
 def compare_config() -> ml_collections.ConfigDict:
@@ -37,12 +37,9 @@ def compare_config() -> ml_collections.ConfigDict:
     c.reference.dtype = "auto"  # auto: the same dtype as the g2e_jax side; float32 | bfloat16 | float16
     c.reference.device = "auto"  # auto: cuda when available, else cpu
 
-    c.data = ml_collections.ConfigDict()
-    c.data.root = config_dict.placeholder(str)  # MMEB-format eval set (live MMEB mode; P@1 in offline mode)
-    c.data.image_dir = config_dict.placeholder(str)  # image paths in the rows are relative to it
-    c.data.subsets = ()  # empty: data.groups_file's, else every subset under data.root (live) / in --official-dir
-    # JSON {subset: {category, split}}, as in `g2e-jax eval`: its subsets when data.subsets is empty.
-    c.data.groups_file = config_dict.placeholder(str)
+    # root: an MMEB-format eval set (live MMEB mode; P@1 in offline mode). subsets empty: groups_file's,
+    # else every subset under data.root (live) / in --official-dir.
+    c.data = data_section("root", "image_dir", "subsets", "groups_file")
     c.subset = config_dict.placeholder(str)  # JSONL rows: a subset name, for the Matching rule
     c.limit = config_dict.placeholder(int)  # only the first N rows (JSONL) / eval rows per subset (live MMEB)
 
@@ -374,10 +371,7 @@ def _embedder(cfg):
 
     if cfg.model.path is None:
         raise ValueError("no model: set --config.model.path=/path/to/hf_model_dir")
-    prompt = {"preset": cfg.prompt.preset, "scheme": cfg.prompt.scheme}
-    prompt.update(
-        {k: cfg.prompt[k] for k in ("query_system", "document_system") if cfg.prompt[k] is not None}
-    )
+    prompt = prompt_fields(cfg.prompt)
     kwargs = {
         "dtype": cfg.model.dtype,
         "prompt": prompt,
