@@ -479,7 +479,7 @@ def bench_workload(label, jside: JaxSide, tside: TorchSide, w: Workload, args, o
 
 def input_order_slots(jside: JaxSide, rows, batch_size: int) -> tuple[float, float]:
     """(stream, key) slots per real patch had the batches kept the rows' input order (no size sort)."""
-    from g2e_jax.embed import PATCH_STEPS
+    from g2e_jax.encode_loop import PATCH_STEPS
     from g2e_jax.preprocess import bucket
 
     emb = jside.variants["g2e"]

@@ -16,28 +16,12 @@ import threading
 import time
 
 import jax
-import ml_collections
 import numpy as np
-from ml_collections import config_dict
-
-
-def distributed_section() -> ml_collections.ConfigDict:
-    d = ml_collections.ConfigDict()
-    d.coordinator = config_dict.placeholder(
-        str
-    )  # "host:port"; None: auto-detect (TPU, SLURM) or single process
-    d.num_processes = config_dict.placeholder(int)
-    d.process_id = config_dict.placeholder(int)
-    # A process silent for this long is lost: every other process exits naming it (``Watchdog``), so a
-    # pod never hangs on a lost host. JAX's own heartbeat timeout is 4x this (the backstop).
-    d.heartbeat_timeout_s = 100
-    d.initialization_timeout_s = 300  # how long processes wait for each other at start
-    return d
 
 
 def init_distributed(cfg) -> None:
     """``jax.distributed.initialize``: explicit coordinator, or JAX's own detection on TPU / SLURM;
-    timeouts from ``cfg.distributed``, and a ``Watchdog`` that names a lost process (one helper for
+    timeouts from ``cfg.distributed`` (``config_sections.distributed_section``), and a ``Watchdog`` that names a lost process (one helper for
     every multi-process command)."""
     d = cfg.get("distributed")
     if d is None or jax.distributed.is_initialized():

@@ -4,127 +4,47 @@ Host side (``g2e_jax.preprocess``), once per row: tokenised user segment, patchi
 offsets. Device side (``g2e_jax.programs.encode``), one jitted program per (role, shape bucket): the
 constant system segment and assistant header are placed around the user tokens, mask and positions
 are derived, the backbone runs, and the last real token (the ``\\n`` after ``assistant``) is pooled
-and normalised.
-
-Prefix cache: the system segment is the same for every row of a role and, under causal attention,
-sees nothing after it, so its keys and values are computed once per (weights, prompt, role) and each
-batch runs only the user segment and the header against them: the same embeddings for a fraction of
-the work when documents are short.
+and normalised. ``g2e_jax.encode_loop`` runs the batches on the mesh (prefix cache, cells, several
+processes), ``g2e_jax.weights`` finds the weights a path names and ``g2e_jax.embed_cache`` keeps
+embeddings on disk.
 
 Scale: rows stream from a worker pool through a bounded queue (``g2e_jax.pipeline``), so host
-memory does not grow with the number of rows; each batch is cut into one cell per device of the
-mesh's data axes (``[cells, rows_per_cell, ...]``, each cell with its own packed images) and the
-cells run data-parallel, weights replicated or sharded by the training table (``mesh.py``).
-In a multi-process job ``encode`` is collective: every process passes the same rows, prepares
-only its share and receives all the embeddings.
+memory does not grow with the number of rows. In a multi-process job ``encode`` is collective:
+every process passes the same rows, prepares only its share and receives all the embeddings.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import hashlib
-import itertools
-import json
-import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
-from tqdm.auto import tqdm
+from jax.sharding import Mesh
 
 from g2e_jax import distributed
-from g2e_jax.adapters.lora import merge_adapters
-from g2e_jax.adapters.peft import WEIGHTS_FILE, load_peft_adapter
-from g2e_jax.checkpoints import is_run_dir, load_trained
-from g2e_jax.aot import AheadOfTime, ProgramTooLarge, device_memory_limit, fmt_bytes
-from g2e_jax.data.images import ImageConfig
+from g2e_jax.config_sections import prompt_fields
 from g2e_jax.data.rows import PreparedRow
-from g2e_jax.io import save_npy_atomic, sha256_file, weights_fingerprint
-from g2e_jax.mesh import BATCH_AXES, make_mesh, state_shardings
-from g2e_jax.models import load
+from g2e_jax.embed_cache import encode_cached
+from g2e_jax.encode_loop import EncodeLoop
+from g2e_jax.mesh import make_mesh
 from g2e_jax.pipeline import RowStream, shape_key
-from g2e_jax.preprocess import InputError, Preprocessor, bucket, collate
-from g2e_jax.programs.encode import encode_cells
-from g2e_jax.prompts import PromptConfig, check_role, plural
+from g2e_jax.preprocess import InputError, Preprocessor
+from g2e_jax.prompts import PromptConfig, check_role
+from g2e_jax.weights import load_weights
 
 __all__ = ["Embedder", "InputError", "PreparedRow"]
 
-PATCH_STEPS = 4  # patch buckets per doubling (``bucket(per_octave=...)``): padding under a quarter
+# The row columns every encode takes (see ``Preprocessor.columns``).
+Texts = str | Sequence[str]
+Images = Sequence[Any] | None
+Instructions = str | Sequence[str | None] | None
 
 
-class Embedder:
+class Embedder(EncodeLoop):
     """A backbone and its Preprocessor; ``encode`` runs one jitted program per (role, shape bucket)."""
-
-    def __init__(
-        self,
-        model,
-        preprocessor: Preprocessor,
-        *,
-        batch_size: int = 8,
-        seq_bucket_base: int = 8,
-        patch_bucket_base: int = 64,
-        model_path: str | Path | None = None,
-        weights_id: str | None = None,
-        prefix_cache: bool = True,
-        mesh: Mesh | None = None,
-        workers: int | None = None,
-        window: int | None = None,
-        device_memory_gb: float | None = None,
-    ):
-        """``mesh``: default, every device on the data axis (weights replicated); a mesh with an
-        ``fsdp``/``tensor`` axis shards the weights by the training table. ``batch_size`` rows per
-        batch in all, rounded up to a multiple of the data-axis size. ``workers`` image threads
-        (default: one per core) and a sort window of ``window`` rows (default 8 batches).
-        ``device_memory_gb``: what one device holds, where the backend does not say (CPU); with a
-        limit known, the largest text program is compiled and checked before the first batch."""
-        self.config = model.config
-        self.mesh = make_mesh() if mesh is None else mesh
-        self.graphdef, state = nnx.split(model)
-        self.state = jax.device_put(state, state_shardings(state, self.mesh))
-        self.batch_axes = tuple(a for a in BATCH_AXES if a in self.mesh.axis_names)
-        self.cells = int(np.prod([self.mesh.shape[a] for a in self.batch_axes]))
-        self.rows_per_cell = max(1, -(-batch_size // self.cells))
-        self._cell_sharding = NamedSharding(self.mesh, P(self.batch_axes))
-        self.workers, self.window = workers, window
-        self.dtype = str(jax.tree.leaves(self.state)[0].dtype)
-        self.model_path = None if model_path is None else Path(model_path)
-        # Identifies the weights in on-disk caches and export metadata (None: no caching).
-        self.weights_id = weights_id
-        self.preprocessor = preprocessor
-        self.batch_size = batch_size
-        self.seq_bucket_base, self.patch_bucket_base = seq_bucket_base, patch_bucket_base
-        self.traces: list[tuple] = []  # one entry per compiled program (appended while tracing)
-        # Patches of this process's batches: real, stream slots (cells x the bucket) and key slots
-        # (images x the largest image's bucket: the keys each image's queries meet); for benchmarks.
-        self.patch_stats = {"real": 0, "stream": 0, "keys": 0}
-        self.prefix_cache = prefix_cache
-        self._prefixes: dict[tuple, Any] = {}  # system segment ids -> per-layer (k, v); weights are fixed
-        self._prefix_kv = jax.jit(lambda state, ids: nnx.merge(self.graphdef, state).prefix_kv(ids))
-        static = ("scheme", "pad_id", "max_patches_per_image")
-        jitted = jax.jit(
-            functools.partial(encode_cells, self.graphdef, self.traces),
-            static_argnames=static,
-            out_shardings=self._cell_sharding,
-        )
-        # Every program (one per role and shape bucket) is compiled and its memory checked before it
-        # runs; traced without the mesh context, as before (no activation constraints here yet).
-        limit, source = device_memory_limit(device_memory_gb, key="device_memory_gb")
-        # The largest text program is compiled up front only against a device's or a configured
-        # limit; against the host's memory (CPU) each program is checked when its shapes first come.
-        self._check_text_first = limit is not None
-        if limit is None:
-            limit, source = device_memory_limit(None, key="device_memory_gb", host_default=True)
-        advice = _encode_advice(self.mesh)
-        self._encode = AheadOfTime(
-            jitted, "encode program", limit=limit, limit_source=source, advice=advice, static=static
-        )
 
     @classmethod
     def from_pretrained(
@@ -150,23 +70,7 @@ class Embedder:
         ``mesh=None``: every device JAX sees, on the data axis, or with ``shard_weights`` on the fsdp
         axis (weights sharded by the training table: a model too big for one device).
         ``device_memory_gb``: see ``Embedder``."""
-        if is_run_dir(path):  # a `g2e-jax train` workdir: base model + trained parameters, merged
-            if adapter is not None:
-                raise ValueError(f"{path} is a training workdir; adapter= applies to a base model directory")
-            model, base, weights_id = load_trained(path, dtype=dtype)
-        elif adapter is not None:
-            model, base = load(path, dtype=dtype, progress=progress), Path(path)
-            load_peft_adapter(model, adapter)
-            merge_adapters(model)
-            weights_id = hashlib.sha256(
-                f"{weights_fingerprint(path)}:peft:{sha256_file(Path(adapter) / WEIGHTS_FILE)}".encode()
-            ).hexdigest()
-        else:
-            model, base, weights_id = (
-                load(path, dtype=dtype, progress=progress),
-                Path(path),
-                weights_fingerprint(path),
-            )
+        model, base, weights_id = load_weights(path, dtype=dtype, progress=progress, adapter=adapter)
         preprocessor = Preprocessor.from_pretrained(
             base, prompt=prompt, scheme=scheme, max_len=max_len, image_resolution=image_resolution
         )
@@ -182,15 +86,10 @@ class Embedder:
         that every config of an embedding job shares (see configs/embed.py)."""
         if cfg.model.path is None:
             raise ValueError("no model: set --config.model.path=/path/to/hf_model_dir")
-        prompt = {"preset": cfg.prompt.preset, "scheme": cfg.prompt.scheme}
-        prompt.update(
-            {k: cfg.prompt[k] for k in ("query_system", "document_system") if cfg.prompt[k] is not None}
-        )
         return cls.from_pretrained(
-            cfg.model.path, dtype=cfg.model.dtype, prompt=prompt, scheme=cfg.prompt.scheme, max_len=cfg.max_len,
-            image_resolution=cfg.image_resolution, batch_size=cfg.batch_size, progress=False,
-            adapter=cfg.model.get("adapter"),
-            shard_weights=bool(cfg.model.get("shard_weights", False)),
+            cfg.model.path, dtype=cfg.model.dtype, prompt=prompt_fields(cfg.prompt), scheme=cfg.prompt.scheme,
+            max_len=cfg.max_len, image_resolution=cfg.image_resolution, batch_size=cfg.batch_size, progress=False,
+            adapter=cfg.model.get("adapter"), shard_weights=bool(cfg.model.get("shard_weights", False)),
         )  # fmt: skip
 
     def with_prompt(self, prompt: str | PromptConfig | None = None, **changes) -> "Embedder":
@@ -200,34 +99,11 @@ class Embedder:
         other.preprocessor = self.preprocessor.with_prompt(prompt, **changes)
         return other
 
-    @property
-    def prompt(self) -> PromptConfig:
-        return self.preprocessor.prompt
-
-    @property
-    def max_len(self) -> int:
-        return self.preprocessor.max_len
-
-    @property
-    def image_config(self) -> ImageConfig:
-        return self.preprocessor.image_config
-
-    @property
-    def dim(self) -> int:
-        return self.config.text.hidden_size
-
     # --- public API ------------------------------------------------------------------------------
 
-    def encode(
-        self,
-        texts: str | Sequence[str],
-        images: Sequence[Any] | None = None,
-        *,
-        role: str = "query",
-        instruction: str | Sequence[str | None] | None = None,
-        subset: str | None = None,
-        progress: bool | None = None,
-    ) -> np.ndarray:
+    def encode(self, texts: Texts, images: Images = None, *, role: str = "query",
+               instruction: Instructions = None, subset: str | None = None,
+               progress: bool | None = None) -> np.ndarray:  # fmt: skip
         """``[N, D]`` float32 L2-normalised embeddings, in input order.
 
         ``images[i]`` is a PIL image, a path or None; an MMEB ``<|image_1|>`` marker in a text says
@@ -239,17 +115,9 @@ class Embedder:
                                   errors="raise", progress=progress)  # fmt: skip
         return emb
 
-    def encode_rows(
-        self,
-        texts: str | Sequence[str],
-        images: Sequence[Any] | None = None,
-        *,
-        role: str = "query",
-        instruction: str | Sequence[str | None] | None = None,
-        subset: str | None = None,
-        errors: str = "collect",
-        progress: bool | None = None,
-    ) -> tuple[np.ndarray, dict[int, InputError]]:
+    def encode_rows(self, texts: Texts, images: Images = None, *, role: str = "query",
+                    instruction: Instructions = None, subset: str | None = None, errors: str = "collect",
+                    progress: bool | None = None) -> tuple[np.ndarray, dict[int, InputError]]:  # fmt: skip
         """``encode`` through the streaming pipeline, also returning the bad rows ({row: error}; with
         ``errors="collect"`` their embeddings are zeros, with ``"raise"`` the first one raises)."""
         texts, images, instructions = self.preprocessor.columns(texts, images, instruction)
@@ -271,66 +139,9 @@ class Embedder:
                           f"truncated inside their content (longest user segment: {longest} tokens)", stacklevel=2)  # fmt: skip
         return distributed.gather_shares(local, n), dict(sorted(bad.items()))
 
-    def encode_cached(
-        self,
-        texts: Sequence[str],
-        images: Sequence[Any] | None,
-        *,
-        role: str,
-        cache_dir: str | Path | None,
-        name: str,
-        subset: str | None = None,
-        chunk: int = 4096,
-        progress: bool | None = None,
-    ) -> tuple[np.ndarray, bool]:
-        """``encode`` with an on-disk cache in chunks of ``chunk`` rows: an interrupted run resumes
-        at the first missing chunk, and a re-run with the same weights, prompt, settings and rows
-        encodes nothing. Returns (embeddings, whether everything came from the cache)."""
-        images = [None] * len(texts) if images is None else list(images)
-        if cache_dir is None or self.weights_id is None:
-            return self.encode(texts, images, role=role, subset=subset, progress=progress), False
-        key = self._cache_key(texts, images, role, subset)
-        folder = Path(cache_dir) / f"{name}-{key}"
-        lead = distributed.is_lead()
-        if lead:
-            folder.mkdir(parents=True, exist_ok=True)
-        starts = list(range(0, len(texts), chunk))
-        # Process 0 holds the cache (no shared file system needed); the others learn what it holds.
-        cached = distributed.broadcast(np.array([lead and (folder / f"{k:05d}.npy").is_file()
-                                                 for k in range(len(starts))], np.int32))  # fmt: skip
-        parts = []
-        for k, start in enumerate(starts):
-            file = folder / f"{k:05d}.npy"
-            if cached[k]:
-                emb = (
-                    np.load(file)
-                    if lead
-                    else np.zeros((min(chunk, len(texts) - start), self.dim), np.float32)
-                )
-                parts.append(distributed.broadcast(emb))
-                continue
-            emb = self.encode(texts[start : start + chunk], images[start : start + chunk], role=role, subset=subset,
-                              progress=progress)  # fmt: skip
-            if lead:
-                save_npy_atomic(file, emb)
-            parts.append(emb)
-        out = np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
-        return out, bool(cached.all())
-
-    def _cache_key(self, texts, images, role, subset) -> str:
-        digest = hashlib.sha256()
-        settings = {
-            "weights": self.weights_id,
-            "prompt": dataclasses.asdict(self.prompt),
-            "dtype": self.dtype,
-            "max_len": self.max_len,
-            "image": dataclasses.asdict(self.image_config),
-            "role": self.prompt.template_role(role, subset),
-        }
-        digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
-        for text, image in zip(texts, images):
-            digest.update(str(text).encode() + b"\0" + str(image or "").encode() + b"\1")
-        return digest.hexdigest()[:24]
+    # ``encode`` with an on-disk cache, defined with the cache (``g2e_jax.embed_cache``); returns
+    # (embeddings, whether everything came from the cache).
+    encode_cached = encode_cached
 
     def encode_prepared(
         self, rows: Sequence[PreparedRow], *, role: str, progress: bool | None = None
@@ -345,192 +156,3 @@ class Embedder:
         )
         show = len(rows) > self.batch_size if progress is None else progress
         return self._run(batches, len(rows), 0, role, show and distributed.is_lead())
-
-    @functools.cached_property
-    def _local_cell_range(self) -> tuple[int, int]:
-        """This process's cells: a contiguous range of the data axes (the process-local batch)."""
-        index = self._cell_sharding.addressable_devices_indices_map((self.cells,))
-        spans = {sl[0].indices(self.cells)[:2] for sl in index.values()}
-        lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
-        if sum(b - a for a, b in spans) != hi - lo:
-            raise ValueError(
-                f"this process's devices do not hold a contiguous part of the mesh's data axes: {spans}"
-            )
-        return lo, hi
-
-    @property
-    def local_cells(self) -> int:
-        lo, hi = self._local_cell_range
-        return hi - lo
-
-    def _run(self, batches, n: int, offset: int, role: str, progress: bool) -> np.ndarray:
-        """Encodes ``(positions, rows)`` batches into an ``[n, D]`` array (row ``positions - offset``).
-
-        With several processes every step first agrees on the shapes (an all-gather of each
-        process's needs), so all run the same program, also when one has no rows left or hit a bad
-        row (then every process raises the lowest such row's error)."""
-        out = np.zeros((n, self.dim), np.float32)
-        sys_ids = jnp.asarray(self.preprocessor.system_ids(role))
-        header_ids = jnp.asarray(self.preprocessor.header_ids)
-        prefix = self.system_prefix(role)
-        max_user = self.max_len - len(sys_ids) - len(header_ids)
-        if self._check_text_first:
-            self._compile_largest_text(sys_ids, header_ids, prefix, max_user)
-        bar = tqdm(total=n, desc=f"encoding {plural(role)}", unit="row", disable=not progress)
-        many = jax.process_count() > 1
-        batches = iter(batches)
-        pending = None  # the batch on the device while the host collates the next one
-        while True:
-            failed = None
-            try:
-                positions, rows = next(batches, ((), ()))
-            except InputError as e:
-                if not many:
-                    raise
-                positions, rows, failed = (), (), e
-            need = distributed.allgather_max(self._needs(rows) + [failed is not None])
-            if need[-1]:
-                reports = distributed.allgather_json(
-                    None if failed is None else [failed.row, failed.field, failed.reason]
-                )
-                raise InputError(*min(r for r in reports if r is not None))
-            if not need[0]:
-                break
-            batch = self._collate_cells(rows, need, max_user)
-            try:
-                emb = self._encode(
-                    self.state, sys_ids, header_ids, prefix, **batch["arrays"], scheme=self.prompt.scheme,
-                    pad_id=self.preprocessor.pad_id, max_patches_per_image=batch["max_patches_per_image"],
-                )  # fmt: skip
-            except ProgramTooLarge as e:
-                # Every process compiled the same program against the same limit: all split alike.
-                if need[1] <= 1:
-                    raise self._too_large(e, positions, rows) from None
-                half = (len(rows) + 1) // 2
-                halves = [(positions[:half], rows[:half]), (positions[half:], rows[half:])]
-                batches = itertools.chain(halves, batches)
-                continue
-            if pending is not None:
-                bar.update(self._fetch(out, *pending))
-            pending = ([p - offset for p in positions], batch["slots"], emb)
-        if pending is not None:
-            bar.update(self._fetch(out, *pending))
-        bar.close()
-        return out
-
-    def _too_large(self, e: ProgramTooLarge, positions, rows) -> ValueError:
-        """The error for a single row whose program cannot fit: its largest image and what to change."""
-        sized = [(len(r.patches), p, r) for p, r in zip(positions, rows) if r.patches is not None]
-        if not sized:  # a text row (or another process's row): the check's own message says it all
-            return ValueError(str(e))
-        patches, position, row = max(sized, key=lambda t: t[0])
-        t, h, w = (int(x) for x in row.grid_thw)
-        side = self.config.vision.patch_size
-        return ValueError(
-            f"row {position}: its image ({w * side}x{h * side} pixels after resizing, {patches} patches) "
-            f"makes a one-row encode program of {fmt_bytes(e.need['total'])} (temporaries "
-            f"{fmt_bytes(e.need['temp'])}), more than the {fmt_bytes(e.limit)} a device holds "
-            f"({self._encode.limit_source}): resize the images smaller (image_resolution, or max_pixels in "
-            "the model's preprocessor_config.json), or shard the weights over more devices"
-        )
-
-    def _compile_largest_text(self, sys_ids, header_ids, prefix, max_user: int) -> None:
-        """Before the first batch: the program of a full batch of the longest text rows, compiled
-        and checked against the device (an error naming its needs and the mesh change); reported
-        once. Image batches' programs get the same check when their shapes first come."""
-        batch = self._collate_cells([], [1, self.rows_per_cell, max_user, 0, 0, 0, 0], max_user)
-        known = len(self._encode.memory)
-        statics = {
-            "scheme": self.prompt.scheme,
-            "pad_id": self.preprocessor.pad_id,
-            "max_patches_per_image": None,
-        }
-        self._encode.compile(self.state, sys_ids, header_ids, prefix, **batch["arrays"], **statics)
-        if len(self._encode.memory) > known and distributed.is_lead():
-            what = self._encode.describe(list(self._encode.memory)[-1])
-            print(f"{what} (a full batch of {self.max_len}-token text rows)", file=sys.stderr, flush=True)
-
-    def _needs(self, rows: Sequence[PreparedRow]) -> list[int]:
-        """[any rows, rows per cell, longest user segment, most patches / images in a cell, largest
-        image]: maxima over processes give every process the same shapes."""
-        if not rows:
-            return [0] * 6
-        per_cell = min(self.rows_per_cell, bucket(-(-len(rows) // self.local_cells), 1))
-        cells = [rows[c : c + per_cell] for c in range(0, len(rows), per_cell)]
-        sizes = [[len(r.patches) for r in cell if r.patches is not None] for cell in cells]
-        return [1, per_cell, max(len(r.user_ids) for r in rows), max(sum(s) for s in sizes),
-                max(len(s) for s in sizes), max((max(s) for s in sizes if s), default=0)]  # fmt: skip
-
-    def _collate(self, rows: Sequence[PreparedRow], max_user: int) -> dict:
-        """This process's part of one batch of ``rows`` (see ``_collate_cells``)."""
-        return self._collate_cells(rows, self._needs(rows) + [0], max_user)
-
-    def _collate_cells(self, rows: Sequence[PreparedRow], need, max_user: int) -> dict:
-        """Buckets for the batch's shapes, then ``[local cells, rows per cell, ...]`` arrays, each cell
-        with its own packed images, placed on the mesh."""
-        _, per_cell, longest, patches, images, largest, _ = (int(v) for v in need)
-        # This process's rows fill its cells as _needs measured them; cells are padded to per_cell.
-        mine = self._needs(rows)[1] or 1
-        users = min(bucket(longest, self.seq_bucket_base), max(max_user, longest))
-        # Image slots: the cell's images rounded up to a power of two, not one per row. Patch counts in
-        # steps of a quarter octave: the stream's norms and MLPs pay for every slot, each image's
-        # queries for the largest image's keys (issue 28: 1.05 stream slots per real patch on mixed sizes).
-        real = sum(len(r.patches) for r in rows if r.patches is not None)
-        patches = bucket(patches, self.patch_bucket_base, per_octave=PATCH_STEPS) if patches else None
-        images = bucket(images, 1) if images else None
-        cells = []
-        for c in range(self.local_cells):
-            # A short last batch (or a single query) runs at the next power of two rows, not a full one.
-            # Pixels in the weights' dtype (the patch embedding's first cast): half the transfer in bf16.
-            cells.append(collate(rows[c * mine : (c + 1) * mine], batch_size=per_cell, users=users,
-                                 patches=patches, images=images, pad_id=self.preprocessor.pad_id,
-                                 patch_dim=self.config.vision.patch_dim, pixel_dtype=self.dtype))  # fmt: skip
-        arrays = {k: None if cells[0][k] is None else self._to_mesh(np.stack([c[k] for c in cells]))
-                  for k in cells[0]}  # fmt: skip
-        max_per_image = bucket(largest, self.patch_bucket_base, per_octave=PATCH_STEPS) if largest else None
-        if real:
-            self.patch_stats["real"] += real
-            self.patch_stats["stream"] += patches * len(cells)
-            self.patch_stats["keys"] += max_per_image * sum(r.patches is not None for r in rows)
-        slots = [(j // mine) * per_cell + j % mine for j in range(len(rows))]  # rows in the flat output
-        return {"arrays": arrays, "max_patches_per_image": max_per_image, "slots": slots}
-
-    def _to_mesh(self, local: np.ndarray):
-        return jax.make_array_from_process_local_data(
-            self._cell_sharding, local, (self.cells, *local.shape[1:])
-        )
-
-    def _fetch(self, out: np.ndarray, index: list[int], slots: list[int], emb) -> int:
-        """Writes this process's rows of a finished batch into ``out`` (waits for the device)."""
-        lo, hi = self._local_cell_range
-        if emb.is_fully_addressable:
-            local = np.asarray(emb)[lo:hi]
-        else:
-            shards = {s.index[0].indices(self.cells)[0]: s.data for s in emb.addressable_shards}
-            local = np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
-        out[index] = local.reshape(-1, local.shape[-1])[slots]
-        return len(index)
-
-    def system_prefix(self, role: str):
-        """The role's system-segment keys and values, computed on first use (None: cache off)."""
-        ids = tuple(int(i) for i in self.preprocessor.system_ids(role))
-        if not self.prefix_cache or not ids:
-            return None
-        if ids not in self._prefixes:
-            self._prefixes[ids] = self._prefix_kv(self.state, jnp.asarray(ids, jnp.int32))
-        return self._prefixes[ids]
-
-
-def _encode_advice(mesh: Mesh) -> str:
-    """The change that makes an encode program smaller: shard the weights, then shrink the batch."""
-    if mesh.size == 1:
-        return (
-            "one device holds the whole program: lower batch_size or max_len, or run on more devices "
-            "with the weights sharded (model.shard_weights=True)"
-        )
-    if mesh.shape.get("fsdp", 1) * mesh.shape.get("tensor", 1) < mesh.size:
-        return (
-            "shard the weights over the devices (model.shard_weights=True; Embedder.from_pretrained("
-            "shard_weights=True)), or lower batch_size or max_len"
-        )
-    return "the weights are already sharded over every device: lower batch_size or max_len, or add devices"

@@ -24,7 +24,7 @@ from ml_collections import config_dict
 from tqdm.auto import tqdm
 
 from g2e_jax import distributed
-from g2e_jax.config_sections import model_section, prompt_section
+from g2e_jax.config_sections import distributed_section, model_section, prompt_section
 from g2e_jax.config_utils import config_to_json
 from g2e_jax.data.jsonl import BadRow, bad_rows_error, read_embed_rows
 from g2e_jax.embed import Embedder, InputError
@@ -36,7 +36,7 @@ from g2e_jax.prompts import plural
 def embed_config() -> ml_collections.ConfigDict:
     """Defaults of `g2e-jax embed` (configs/embed.py returns these; override with --config.a.b=v)."""
     c = ml_collections.ConfigDict()
-    c.model = model_section()
+    c.model = model_section(shard_weights=True)
     c.prompt = prompt_section()
 
     c.instruction = config_dict.placeholder(str)  # task instruction joined before each row's text
@@ -45,8 +45,7 @@ def embed_config() -> ml_collections.ConfigDict:
     c.image_resolution = config_dict.placeholder(str)  # low | clip | mid_low | mid | mid_high | high | random
     c.batch_size = 8  # rows per batch over all devices
     c.shard_size = 512  # rows per checkpointed shard (unit of --resume)
-    c.model.shard_weights = False  # True: weights sharded over every device (fsdp), not replicated
-    c.distributed = distributed.distributed_section()  # multi-host, as in `g2e-jax train`
+    c.distributed = distributed_section()  # multi-host, as in `g2e-jax train`
     return c
 
 

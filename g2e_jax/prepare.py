@@ -23,7 +23,7 @@ from ml_collections import config_dict
 from tqdm.auto import tqdm
 
 from g2e_jax.check_data import check_before_run
-from g2e_jax.config_sections import model_section, prompt_section
+from g2e_jax.config_sections import data_section, model_section, prompt_section
 from g2e_jax.data import prepared
 from g2e_jax.data.images import ImageError, _load_resized, _uint8_patches
 from g2e_jax.data.mmeb import TrainRow, read_train
@@ -58,14 +58,8 @@ def prepare_config() -> ml_collections.ConfigDict:
     # The preset decides the role suffixes stored in the user segments; "mrope" stores M-RoPE positions.
     c.prompt = prompt_section(systems=False)
 
-    c.data = ml_collections.ConfigDict()
-    c.data.root = config_dict.placeholder(str)  # MMEB-train: one folder per subset
-    c.data.image_dir = config_dict.placeholder(str)  # image paths in the rows are relative to it
-    c.data.split = "original"  # or "diverse_instruction"
+    c.data = data_section("root", "image_dir", "split", "check", "check_workers", "check_cache")  # MMEB-train
     c.subsets = ()  # names under data.root, in the order they are stored
-    c.data.check = True  # check every row and image first (g2e-jax check-data; cached)
-    c.data.check_workers = 0  # threads opening images (0: one per CPU)
-    c.data.check_cache = config_dict.placeholder(str)  # default: under ~/.cache/g2e_jax
 
     c.max_len = 1024
     c.image_resolution = config_dict.placeholder(str)  # low | clip | mid_low | mid | mid_high | high | random

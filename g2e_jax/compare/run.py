@@ -1,21 +1,18 @@
-"""``g2e-jax compare``: g2e_jax's embeddings against the official PyTorch pipeline's, on the user's rows.
+"""``g2e-jax compare``: its config, and the run that checks the arguments, builds the parts, encodes
+both sides and summarises the comparison per row, per subset and per cluster.
 
 Live mode encodes the same rows with both (a JSONL file, or MMEB-format subsets); offline mode reads
 what the official ``cli/evaluate.py`` wrote and encodes its rows with g2e_jax only (no torch); both
 report per-row cosine and max abs difference, the worst rows, each side's dtype, device and rows/s,
 and for MMEB subsets each side's Precision@1 and the queries whose top-1 differs.
 ``--official-clusters`` compares ``cli/sample_mmeb.py``'s clusters with ``g2e-jax mine``'s.
+The parts come from ``parts.py``, each side's embeddings and timings from ``sides.py``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import gc
-import inspect
 import json
-import platform
-import statistics
-import time
 from pathlib import Path
 
 import ml_collections
@@ -23,8 +20,10 @@ import numpy as np
 from ml_collections import config_dict
 
 from g2e_jax.compare import official as off
+from g2e_jax.compare.parts import Part, Scoring, jsonl_parts, mmeb_parts, offline_parts
 from g2e_jax.compare.report import Rows, precision_at_1, write_outputs
-from g2e_jax.config_sections import model_section, prompt_section
+from g2e_jax.compare.sides import encode_g2e, encode_reference
+from g2e_jax.config_sections import data_section, model_section, prompt_fields, prompt_section
 
 
 def compare_config() -> ml_collections.ConfigDict:
@@ -37,12 +36,9 @@ def compare_config() -> ml_collections.ConfigDict:
     c.reference.dtype = "auto"  # auto: the same dtype as the g2e_jax side; float32 | bfloat16 | float16
     c.reference.device = "auto"  # auto: cuda when available, else cpu
 
-    c.data = ml_collections.ConfigDict()
-    c.data.root = config_dict.placeholder(str)  # MMEB-format eval set (live MMEB mode; P@1 in offline mode)
-    c.data.image_dir = config_dict.placeholder(str)  # image paths in the rows are relative to it
-    c.data.subsets = ()  # empty: data.groups_file's, else every subset under data.root (live) / in --official-dir
-    # JSON {subset: {category, split}}, as in `g2e-jax eval`: its subsets when data.subsets is empty.
-    c.data.groups_file = config_dict.placeholder(str)
+    # root: an MMEB-format eval set (live MMEB mode; P@1 in offline mode). subsets empty: groups_file's,
+    # else every subset under data.root (live) / in --official-dir.
+    c.data = data_section("root", "image_dir", "subsets", "groups_file")
     c.subset = config_dict.placeholder(str)  # JSONL rows: a subset name, for the Matching rule
     c.limit = config_dict.placeholder(int)  # only the first N rows (JSONL) / eval rows per subset (live MMEB)
 
@@ -53,32 +49,6 @@ def compare_config() -> ml_collections.ConfigDict:
     c.matmul_precision = config_dict.placeholder(str)  # g2e_jax side, e.g. "highest"; None: JAX's default
     c.worst = 10  # rows listed in the worst-rows table
     return c
-
-
-@dataclasses.dataclass
-class Part:
-    """Rows encoded together: one role, one subset (or None), optionally the official embeddings."""
-
-    name: str
-    role: str
-    subset: str | None
-    ids: list[str]
-    texts: list[str]
-    images: list[str | None]
-    official: np.ndarray | None = None  # [N, D] float32, from the files or the PyTorch side
-    ours: np.ndarray | None = None  # [N, D] float32, g2e_jax
-    cos: np.ndarray | None = None  # [N] per-row cosine (official, ours)
-    diff: np.ndarray | None = None  # [N] per-row max abs difference
-
-
-@dataclasses.dataclass
-class Scoring:
-    """One MMEB subset's eval rows as (query row, candidate rows) into its query and target parts."""
-
-    queries: Part
-    targets: Part
-    rows: list[tuple[int, list[int]]]
-    official_score: dict | None = None
 
 
 def run_compare(
@@ -125,7 +95,7 @@ def run_compare(
     rows = Rows()
     if embeddings:
         if official_dir is not None:
-            parts, scorings = _offline_parts(cfg, official_dir)
+            parts, scorings = offline_parts(cfg, official_dir)
             result.update(
                 mode="offline",
                 reference=f"official files in {Path(official_dir).resolve()}",
@@ -137,15 +107,15 @@ def run_compare(
 
             require_torch()  # before any work: fail fast with the install command
             if input_path is not None:
-                parts, scorings = _jsonl_parts(cfg, input_path, role), []
+                parts, scorings = jsonl_parts(cfg, input_path, role), []
                 result["input"] = f"{Path(input_path).resolve()} (role {role})"
             else:
-                parts, scorings = _mmeb_parts(cfg)
+                parts, scorings = mmeb_parts(cfg)
                 result["input"] = f"MMEB subsets under {Path(cfg.data.root).resolve()}"
             result.update(mode="live", reference="PyTorch (transformers)")
-            result["sides"]["official"] = _encode_reference(cfg, parts, progress)
+            result["sides"]["official"] = encode_reference(cfg, parts, progress)
             gc.collect()  # the PyTorch model goes before g2e_jax loads its own
-        result["sides"]["g2e_jax"] = _encode_g2e(cfg, parts, progress)
+        result["sides"]["g2e_jax"] = encode_g2e(cfg, parts, progress)
         for part in parts:
             part.cos, part.diff = rows.add(part.ids, part.official, part.ours, part.texts, part.images)
         result["subsets"] = _subset_stats(parts, scorings)
@@ -171,258 +141,10 @@ def run_compare(
 
 
 def _prompt_text(cfg) -> str:
-    custom = [k for k in ("query_system", "document_system") if cfg.prompt[k] is not None]
+    custom = [k for k in prompt_fields(cfg.prompt) if k not in ("preset", "scheme")]
     return f"{cfg.prompt.preset}, scheme {cfg.prompt.scheme}" + (
         f" (custom {', '.join(custom)})" if custom else ""
     )
-
-
-# --- rows -------------------------------------------------------------------------------------------------
-
-
-def _jsonl_parts(cfg, input_path, role) -> list[Part]:
-    """One part: the file's rows (validated as for `g2e-jax embed`), all with ``role``."""
-    from g2e_jax.data.jsonl import read_embed_rows
-
-    if role not in ("query", "document"):
-        raise ValueError(f"--role must be query or document, got {role!r}")
-    rows, _ = read_embed_rows(input_path)
-    rows = rows[: cfg.limit] if cfg.limit else rows
-    if not rows:
-        raise ValueError(f"{input_path}: no rows")
-    return [
-        Part(
-            Path(input_path).name,
-            role,
-            cfg.subset,
-            [r.id for r in rows],
-            [r.text for r in rows],
-            [r.image for r in rows],
-        )
-    ]
-
-
-def _subsets(cfg) -> list[str]:
-    """The configured subsets: ``data.subsets``, else those of ``data.groups_file`` (as ``eval``
-    reads it), else none (the caller's default)."""
-    if cfg.data.subsets:
-        return list(cfg.data.subsets)
-    if cfg.data.get("groups_file"):
-        from g2e_jax.eval.mmeb import load_groups
-
-        return list(load_groups(cfg.data.groups_file))
-    return []
-
-
-def _mmeb_parts(cfg) -> tuple[list[Part], list[Scoring]]:
-    from g2e_jax.data.mmeb import available_subsets, read_eval
-
-    subsets = _subsets(cfg) or available_subsets(cfg.data.root)
-    if not subsets:
-        raise ValueError(f"{cfg.data.root}: no subset folders")
-    parts, scorings = [], []
-    for subset in subsets:
-        rows = read_eval(cfg.data.root, subset, image_dir=cfg.data.image_dir)
-        rows = rows[: cfg.limit] if cfg.limit else rows
-        q_index: dict = {}
-        c_index: dict = {}
-        table = []
-        for r in rows:
-            q = q_index.setdefault((r.qry_text, r.qry_image), len(q_index))
-            table.append((q, [c_index.setdefault(k, len(c_index)) for k in zip(r.tgt_texts, r.tgt_images)]))
-        queries = _part(f"{subset}_qry", "query", subset, list(q_index))
-        targets = _part(f"{subset}_tgt", "document", subset, list(c_index))
-        parts += [queries, targets]
-        scorings.append(Scoring(queries, targets, table))
-    return parts, scorings
-
-
-def _part(name, role, subset, keys, official=None) -> Part:
-    return Part(
-        name,
-        role,
-        subset,
-        [f"{name}#{k}" for k in range(len(keys))],
-        [t for t, _ in keys],
-        [im for _, im in keys],
-        official,
-    )
-
-
-def _image_path(image_dir, value: str, where: str) -> str | None:
-    """An official img_path ("" = none) as the eval reader resolves it (relative to image_dir)."""
-    if not value:
-        return None
-    if Path(value).is_absolute():
-        path = Path(value)
-    elif image_dir is None:
-        raise ValueError(f"{where}: image {value!r} is relative; set --config.data.image_dir")
-    else:
-        path = Path(image_dir) / value
-    if not path.is_file():
-        raise ValueError(f"{where}: image not found: {path}")
-    return str(path)
-
-
-def _offline_parts(cfg, official_dir) -> tuple[list[Part], list[Scoring]]:
-    from g2e_jax.data.mmeb import read_eval
-
-    available = off.official_subsets(official_dir)
-    subsets = _subsets(cfg) or available
-    missing = [s for s in subsets if s not in available]
-    if missing:
-        raise ValueError(f"{official_dir}: no {{subset}}_qry/_tgt pickles for {missing}; found {available}")
-    parts, scorings = [], []
-    for subset in subsets:
-        sides = {}
-        for side, role in (("qry", "query"), ("tgt", "document")):
-            emb, keys = off.read_side(official_dir, subset, side)
-            file = Path(official_dir) / f"{subset}_{side}"
-            resolved = [
-                (t, _image_path(cfg.data.image_dir, p, f"{file} row {i}")) for i, (t, p) in enumerate(keys)
-            ]
-            sides[side] = _part(f"{subset}_{side}", role, subset, resolved, emb)
-        parts += [sides["qry"], sides["tgt"]]
-        if cfg.data.root is None:
-            continue
-        q_index = {(t, im): i for i, (t, im) in enumerate(zip(sides["qry"].texts, sides["qry"].images))}
-        t_index = {(t, im): i for i, (t, im) in enumerate(zip(sides["tgt"].texts, sides["tgt"].images))}
-        table = []
-        for i, r in enumerate(read_eval(cfg.data.root, subset, image_dir=cfg.data.image_dir)):
-            key = (r.qry_text, r.qry_image)
-            if key not in q_index:
-                raise ValueError(
-                    f"{official_dir}/{subset}_qry has no row for eval row {i}'s query {key!r}: "
-                    "the official run used other data (or another image_dir)"
-                )
-            cands = []
-            for key in zip(r.tgt_texts, r.tgt_images):
-                if key not in t_index:
-                    raise ValueError(
-                        f"{official_dir}/{subset}_tgt has no row for eval row {i}'s candidate {key!r}"
-                    )
-                cands.append(t_index[key])
-            table.append((q_index[(r.qry_text, r.qry_image)], cands))
-        scorings.append(Scoring(sides["qry"], sides["tgt"], table, off.read_score(official_dir, subset)))
-    return parts, scorings
-
-
-# --- encoding -----------------------------------------------------------------------------------------
-
-
-def _timed(encode_all, repeats: int) -> dict:
-    """First pass (its results kept) and, with repeats, the median of further passes."""
-    started = time.perf_counter()
-    rows = encode_all()
-    first = time.perf_counter() - started
-    again = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        encode_all()
-        again.append(time.perf_counter() - started)
-    seconds = statistics.median(again) if again else first
-    return {
-        "first_pass_seconds": round(first, 3),
-        "first_pass_rows_per_s": rows / first if first else None,
-        "seconds": round(seconds, 3),
-        "rows_per_s": rows / seconds if seconds else None,
-        "timed_passes": len(again) or 1,
-    }
-
-
-def _encode_reference(cfg, parts: list[Part], progress: bool) -> dict:
-    from g2e_jax.compare.reference import OfficialPrompt, TorchReference, official_prompt
-    from g2e_jax.models.dtypes import resolve_dtype
-
-    dtype = resolve_dtype(cfg.model.dtype) if cfg.reference.dtype == "auto" else cfg.reference.dtype
-    prompt = official_prompt(
-        cfg.prompt.preset, cfg.prompt.scheme, cfg.prompt.query_system, cfg.prompt.document_system
-    )
-    if cfg.model.path is None:
-        raise ValueError("no model: set --config.model.path=/path/to/hf_model_dir")
-    ref = TorchReference(
-        cfg.model.path,
-        prompt=prompt,
-        dtype=dtype,
-        device=cfg.reference.device,
-        adapter=cfg.model.adapter,
-        max_len=cfg.max_len,
-        image_resolution=cfg.image_resolution,
-        batch_size=cfg.batch_size,
-    )
-
-    def encode_all():
-        for part in parts:
-            query = OfficialPrompt.uses_query_template(part.role, part.subset)
-            part.official = ref.encode(
-                part.texts, part.images, query_template=query, progress=progress, desc=f"PyTorch {part.name}"
-            )
-        return sum(len(p.ids) for p in parts)
-
-    timing = _timed(encode_all, cfg.timing_repeats)
-    device = ref.device
-    if device.startswith("cuda"):
-        device = f"{device} ({ref.torch.cuda.get_device_name()})"
-    else:
-        device = f"cpu ({ref.torch.get_num_threads()} threads, {platform.machine()})"
-    return {"dtype": dtype, "device": device, "framework": f"torch {ref.torch.__version__}", **timing}
-
-
-def _embedder(cfg):
-    """The g2e_jax Embedder of the config (model.adapter passed on when from_pretrained takes it)."""
-    from g2e_jax.embed import Embedder
-
-    if cfg.model.path is None:
-        raise ValueError("no model: set --config.model.path=/path/to/hf_model_dir")
-    prompt = {"preset": cfg.prompt.preset, "scheme": cfg.prompt.scheme}
-    prompt.update(
-        {k: cfg.prompt[k] for k in ("query_system", "document_system") if cfg.prompt[k] is not None}
-    )
-    kwargs = {
-        "dtype": cfg.model.dtype,
-        "prompt": prompt,
-        "scheme": cfg.prompt.scheme,
-        "max_len": cfg.max_len,
-        "image_resolution": cfg.image_resolution,
-        "batch_size": cfg.batch_size,
-        "progress": False,
-    }
-    if cfg.model.adapter is not None:
-        if "adapter" not in inspect.signature(Embedder.from_pretrained).parameters:
-            raise ValueError(
-                "--config.model.adapter: this g2e_jax's Embedder.from_pretrained takes no adapter"
-            )
-        kwargs["adapter"] = cfg.model.adapter
-    return Embedder.from_pretrained(cfg.model.path, **kwargs)
-
-
-def _encode_g2e(cfg, parts: list[Part], progress: bool) -> dict:
-    import contextlib
-
-    import jax
-
-    embedder = _embedder(cfg)
-
-    def encode_all():
-        for part in parts:
-            part.ours = embedder.encode(
-                part.texts, part.images, role=part.role, subset=part.subset, progress=progress
-            )
-        return sum(len(p.ids) for p in parts)
-
-    precision = cfg.matmul_precision
-    with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
-        timing = _timed(encode_all, cfg.timing_repeats)
-    dev = jax.devices()[0]
-    device = f"{dev.platform} ({dev.device_kind}) x{jax.device_count()}"
-    info = {
-        "dtype": embedder.dtype,
-        "device": device,
-        "framework": f"jax {jax.__version__}",
-        "matmul_precision": precision or "default",
-        **timing,
-    }
-    return info
 
 
 # --- per subset -----------------------------------------------------------------------------------------

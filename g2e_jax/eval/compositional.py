@@ -16,7 +16,7 @@ import numpy as np
 from ml_collections import config_dict
 
 from g2e_jax import plots
-from g2e_jax.config_sections import model_section, prompt_section
+from g2e_jax.config_sections import data_section, model_section, prompt_section
 from g2e_jax.eval import sugarcrepe as sc
 from g2e_jax.io import write_atomic
 
@@ -29,9 +29,7 @@ def sugarcrepe_config() -> ml_collections.ConfigDict:
     c.model = model_section(adapter=False)
     c.prompt = prompt_section()
 
-    c.data = ml_collections.ConfigDict()
-    c.data.dir = config_dict.placeholder(str)  # folder with <subset>.json
-    c.data.image_dir = config_dict.placeholder(str)  # the images the items' filenames name (COCO val2017)
+    c.data = data_section("dir", "image_dir")  # image_dir: the images the items name (COCO val2017)
     c.subsets = ()  # empty: every subset of the benchmark
     c.output_dir = config_dict.placeholder(str)  # results.json / results.md / results.png
     c.max_len = 1024

@@ -18,9 +18,8 @@ import numpy as np
 from ml_collections import config_dict
 
 from g2e_jax import distributed, plots
-from g2e_jax.config_sections import model_section, prompt_section
+from g2e_jax.config_sections import data_section, distributed_section, model_section, prompt_section
 from g2e_jax.data.mmeb import EvalRow, read_eval
-from g2e_jax.distributed import distributed_section
 from g2e_jax.io import write_atomic
 from g2e_jax.paths import absolute
 
@@ -47,13 +46,9 @@ def eval_config(preset: str = "hierarchical") -> ml_collections.ConfigDict:
 
     get_prompt(preset)  # configs/mmeb_eval.py:NAME: a typo is an error here, not at encode time
     c = ml_collections.ConfigDict()
-    c.model = model_section()
+    c.model = model_section(shard_weights=True)
     c.prompt = prompt_section(preset)
-
-    c.data = ml_collections.ConfigDict()
-    c.data.root = config_dict.placeholder(str)  # folder with one sub-folder per subset (test split)
-    c.data.image_dir = config_dict.placeholder(str)  # image paths in the rows are relative to it
-    c.data.groups_file = config_dict.placeholder(str)  # JSON {subset: {category, split}}; None: MMEB's table
+    c.data = data_section("root", "image_dir", "groups_file")  # root: the test split
     c.subsets = ()  # (): every subset of the groups table (the 36 of MMEB, or those of data.groups_file)
 
     c.output_dir = config_dict.placeholder(str)  # results.json / results.md / results.png
@@ -62,7 +57,6 @@ def eval_config(preset: str = "hierarchical") -> ml_collections.ConfigDict:
     c.max_len = 2048
     c.image_resolution = config_dict.FieldReference("random", field_type=str)  # None: native size
     c.batch_size = 8  # rows per batch over all devices
-    c.model.shard_weights = False  # True: weights sharded over every device (fsdp), not replicated
     c.distributed = distributed_section()  # multi-host, as in `g2e-jax train`
     return c
 

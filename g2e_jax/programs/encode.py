@@ -3,7 +3,7 @@
 ``embed_batch`` is the pure, differentiable forward of both ``Embedder.encode`` and training
 (template placement, mask, positions, backbone, last-token pooling); ``encode_cells`` is the
 Embedder's jitted program around it, one cell per device of the data axes. Host work (batching,
-buckets, the prefix cache's bookkeeping) stays in ``g2e_jax.embed``.
+buckets, the prefix cache's bookkeeping) stays in ``g2e_jax.encode_loop``.
 """
 
 from __future__ import annotations

@@ -7,8 +7,13 @@ import ml_collections
 from ml_collections import config_dict
 
 from g2e_jax.adapters.lora import AdapterConfig
-from g2e_jax.config_sections import model_section, prompt_section
-from g2e_jax.distributed import distributed_section
+from g2e_jax.config_sections import (
+    data_section,
+    distributed_section,
+    mesh_section,
+    model_section,
+    prompt_section,
+)
 
 
 def train_section() -> ml_collections.ConfigDict:
@@ -73,44 +78,12 @@ def adapter_section() -> ml_collections.ConfigDict:
     return a
 
 
-def mesh_section() -> ml_collections.ConfigDict:
-    m = ml_collections.ConfigDict()
-    m.data = -1
-    m.fsdp = 1
-    m.tensor = 1
-    m.dcn_data = 1
-    m.dcn_fsdp = 1
-    return m
-
-
 def eval_section() -> ml_collections.ConfigDict:
     """Periodic evaluation on a held-out MMEB-format set (off unless ``every`` and ``root`` are set)."""
     e = ml_collections.ConfigDict()
     e.every = 0  # steps between evaluations (also at the last step); 0: never
-    e.root = config_dict.placeholder(str)  # MMEB-eval-format folder: one sub-folder per subset
-    e.image_dir = config_dict.placeholder(str)
-    e.subsets = ()  # (): every subset of the groups table
-    e.groups_file = config_dict.placeholder(str)  # None: the MMEB table
-    return e
-
-
-def data_section(subsets=()) -> ml_collections.ConfigDict:
-    d = ml_collections.ConfigDict()
-    d.source = "clusters"  # clusters (the `g2e-jax mine` output) | mmeb (plain rows) | prepared (TFDS)
-    d.clusters_dir = config_dict.placeholder(str)
-    d.prepared_dir = config_dict.placeholder(str)  # `g2e-jax prepare` output
-    d.root = config_dict.placeholder(str)  # MMEB-train: one folder per subset
-    d.image_dir = config_dict.placeholder(str)
-    d.split = "original"  # plain rows (mmeb); `g2e-jax mine` reads mine.split
-    d.subsets = tuple(subsets)
-    # Plain rows (mmeb, prepared) per subset at most, as the official in-batch training samples them
-    # (g2e_jax.data.mmeb.sample_rows); None: all. Mined clusters are never capped.
-    d.num_sample_per_subset = config_dict.placeholder(int)
-    d.bad_rows = "error"  # a row that cannot be used mid-run: error (stop, naming it) | skip (skipped.jsonl)
-    d.check = True  # check every row and image before the run (g2e-jax check-data; cached)
-    d.check_workers = 0  # threads opening images (0: one per CPU)
-    d.check_cache = config_dict.placeholder(str)  # the check's cache file (default: under ~/.cache/g2e_jax)
-    return d
+    # As `g2e-jax eval`'s data fields; subsets (): every subset of the groups table.
+    return data_section("root", "image_dir", "subsets", "groups_file", into=e)
 
 
 def training_config(subsets=()) -> ml_collections.ConfigDict:
@@ -118,17 +91,18 @@ def training_config(subsets=()) -> ml_collections.ConfigDict:
     from g2e_jax.mine import mine_section
 
     c = ml_collections.ConfigDict()
-    c.model = model_section(dtype="float32")  # dtype: the parameters (master weights); adapter: mine's
-    c.model.compute_dtype = config_dict.FieldReference(
-        "auto", field_type=str
-    )  # matmuls: auto = bf16 on GPU/TPU
+    # dtype: the parameters (master weights); adapter: mine's; shard_weights: mining's
+    c.model = model_section(dtype="float32", compute_dtype=True, shard_weights=True)
     c.prompt = prompt_section()
-    c.data = data_section(subsets)
+    c.data = data_section(
+        "source", "clusters_dir", "prepared_dir", "root", "image_dir", "split", "subsets",
+        "num_sample_per_subset", "bad_rows", "check", "check_workers", "check_cache", subsets=tuple(subsets),
+    )  # fmt: skip
+    # data.split: plain rows (mmeb); `g2e-jax mine` reads mine.split
     # Training's encode settings (and the periodic eval's); `g2e-jax mine` uses its own mine.* ones.
     c.max_len = 1024
     c.image_resolution = config_dict.FieldReference(None, field_type=str)
     c.batch_size = 16  # encode batch (mining, eval), over all devices
-    c.model.shard_weights = False  # mining: weights sharded over every device (fsdp), not replicated
     c.mine = mine_section()
     c.train = train_section()
     c.adapter = adapter_section()

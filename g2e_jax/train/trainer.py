@@ -31,6 +31,7 @@ from g2e_jax import checkpoints, plots
 from g2e_jax.adapters.lora import trainable_filter
 from g2e_jax.aot import device_memory_limit
 from g2e_jax.check_data import check_before_run
+from g2e_jax.config_sections import prompt_fields
 from g2e_jax.config_utils import config_to_json
 from g2e_jax.data.clusters import ClusterBatchSampler
 from g2e_jax.distributed import init_distributed, wait_for_lost_process
@@ -85,12 +86,10 @@ def setup(cfg, workdir: str | Path) -> Run:
     check_before_run(cfg, "train")
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, dcn_data=cfg.mesh.dcn_data,
                      dcn_fsdp=cfg.mesh.dcn_fsdp)  # fmt: skip
-    prompt = {"preset": cfg.prompt.preset, "scheme": cfg.prompt.scheme}
-    prompt.update(
-        {k: cfg.prompt[k] for k in ("query_system", "document_system") if cfg.prompt[k] is not None}
-    )
-    preprocessor = Preprocessor.from_pretrained(cfg.model.path, prompt=prompt, scheme=cfg.prompt.scheme,
-                                                max_len=cfg.max_len, image_resolution=cfg.image_resolution)  # fmt: skip
+    preprocessor = Preprocessor.from_pretrained(
+        cfg.model.path, prompt=prompt_fields(cfg.prompt), scheme=cfg.prompt.scheme, max_len=cfg.max_len,
+        image_resolution=cfg.image_resolution,
+    )  # fmt: skip
     model = load(cfg.model.path, dtype=cfg.model.dtype, compute_dtype=cfg.model.compute_dtype,
                  progress=jax.process_index() == 0)  # fmt: skip
     adapter = checkpoints.apply_run_adapters(model, cfg, rngs=nnx.Rngs(params=cfg.train.seed, dropout=cfg.train.seed + 1))
