@@ -44,7 +44,7 @@ from g2e_jax.adapters.lora import merge_adapters
 from g2e_jax.adapters.peft import WEIGHTS_FILE, load_peft_adapter
 from g2e_jax.checkpoints import is_run_dir, load_trained
 from g2e_jax.aot import AheadOfTime, ProgramTooLarge, device_memory_limit, fmt_bytes
-from g2e_jax.data.images import ImageConfig
+from g2e_jax.models.qwen2_vl.images import ImageConfig
 from g2e_jax.data.rows import PreparedRow
 from g2e_jax.io import save_npy_atomic, sha256_file, weights_fingerprint
 from g2e_jax.mesh import BATCH_AXES, make_mesh, state_shardings
