@@ -120,7 +120,7 @@ def load_image(image: Image.Image | str | os.PathLike, *, source: str) -> Image.
 
 
 def resize_for_resolution(img: Image.Image, resolution: str | None) -> Image.Image:
-    """The Gen2Embed/VLM2Vec ``process_image`` pre-resize, applied before the Qwen2-VL processor.
+    """The Gen2Embed/VLM2Vec ``process_image`` pre-resize, applied before the backbone's processor.
 
     Square modes call ``img.resize((s, s))`` without a filter, like the reference (Pillow's default: bicubic).
     ``"random"`` is the reference's name for its fallback branch, which is deterministic and aspect-adaptive:
