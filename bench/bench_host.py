@@ -64,7 +64,7 @@ def _write_inputs(work: Path, n_files: int, size: int):
 
 def _image_work(args):
     path, cfg = args
-    from g2e_jax.data.images import preprocess
+    from g2e_jax.models.qwen2_vl.images import preprocess
 
     return preprocess(path, cfg, source="image")
 

@@ -210,7 +210,10 @@ def _check_subset(kind, folder, subset, split, image_dir, pool, progress) -> dic
 
 
 def _check_prepared(folder: Path, subset: str, progress) -> dict:
+    from g2e_jax.preprocess import PreparedInputs  # here: the other checks need no JAX
+
     data = PreparedDataset(folder)
+    inputs = PreparedInputs(data)
     if subset not in data.subsets:
         raise ValueError(f"{folder}: no subset {subset!r}; has {data.subsets}")
     bad, count = [], data._subsets[subset]["rows"]
@@ -219,7 +222,7 @@ def _check_prepared(folder: Path, subset: str, progress) -> dict:
         try:
             record = data[index]
             for side in ("qry", "pos"):
-                data.prepared_row(record, side)
+                inputs(record, side)
         except Exception as e:  # noqa: BLE001 - any unreadable record is a bad row
             bad.append(
                 {

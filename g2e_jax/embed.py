@@ -64,7 +64,7 @@ class Embedder(EncodeLoop):
         shard_weights: bool = False,
         workers: int | None = None,
         device_memory_gb: float | None = None,
-    ) -> "Embedder":
+    ) -> Embedder:
         """``path``: a Hugging Face model directory or a ``g2e-jax train`` workdir; ``adapter``: a PEFT
         LoRA/DoRA folder (``adapter_config.json`` + ``adapter_model.safetensors``) merged onto ``path``.
         ``mesh=None``: every device JAX sees, on the data axis, or with ``shard_weights`` on the fsdp
@@ -81,7 +81,7 @@ class Embedder(EncodeLoop):
                    device_memory_gb=device_memory_gb)  # fmt: skip
 
     @classmethod
-    def from_config(cls, cfg) -> "Embedder":
+    def from_config(cls, cfg) -> Embedder:
         """From the ``model`` / ``prompt`` / ``max_len`` / ``image_resolution`` / ``batch_size`` fields
         that every config of an embedding job shares (see configs/embed.py)."""
         if cfg.model.path is None:
@@ -92,7 +92,7 @@ class Embedder(EncodeLoop):
             adapter=cfg.model.get("adapter"), shard_weights=bool(cfg.model.get("shard_weights", False)),
         )  # fmt: skip
 
-    def with_prompt(self, prompt: str | PromptConfig | None = None, **changes) -> "Embedder":
+    def with_prompt(self, prompt: str | PromptConfig | None = None, **changes) -> Embedder:
         """The same weights and tokenisation cache under another prompt (no copy, no re-load)."""
         other = object.__new__(Embedder)
         other.__dict__.update(self.__dict__)

@@ -31,9 +31,9 @@ from tqdm.auto import tqdm
 
 from g2e_jax import distributed
 from g2e_jax.aot import AheadOfTime, ProgramTooLarge, device_memory_limit, fmt_bytes
-from g2e_jax.data.images import ImageConfig
 from g2e_jax.data.rows import PreparedRow
 from g2e_jax.mesh import BATCH_AXES, make_mesh, state_shardings
+from g2e_jax.models.qwen2_vl.images import ImageConfig
 from g2e_jax.preprocess import InputError, Preprocessor, bucket, collate
 from g2e_jax.programs.encode import encode_cells
 from g2e_jax.prompts import PromptConfig, plural

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from g2e_jax.check_data import check_before_run
 from g2e_jax.config_sections import data_section, model_section, prompt_section
 from g2e_jax.data import prepared
-from g2e_jax.data.images import ImageError, _load_resized, _uint8_patches
+from g2e_jax.data.images import ImageError
 from g2e_jax.data.mmeb import TrainRow, read_train
 from g2e_jax.data.prepared import (
     BUILDER_NAME,
@@ -39,6 +39,7 @@ from g2e_jax.data.prepared import (
     features,
 )
 from g2e_jax.io import sha256_file, write_atomic
+from g2e_jax.models.qwen2_vl.images import load_resized, uint8_patches
 from g2e_jax.paths import absolute
 from g2e_jax.preprocess import InputError, Preprocessor
 
@@ -118,10 +119,10 @@ class _SideLoader:
         if path is None:
             return None
         try:
-            img = _load_resized(path, self.image_config, source=where)
+            img = load_resized(path, self.image_config, source=where)
         except ImageError as e:
             raise PrepareError(str(e)) from None
-        return img, *_uint8_patches(img, self.image_config)
+        return img, *uint8_patches(img, self.image_config)
 
     def __call__(self, subset: str, start: int, rows: list[TrainRow], side: str, image_dir: Path | None):
         text_field, image_field = _FIELDS[side]

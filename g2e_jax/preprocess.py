@@ -17,10 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from g2e_jax.data.images import ImageConfig, ImageError
+from g2e_jax.data.images import ImageError
 from g2e_jax.data.rows import PreparedRow
 from g2e_jax.models import backbone_of, read_config
 from g2e_jax.models.qwen2_vl import Qwen2VLConfig, rope_index
+from g2e_jax.models.qwen2_vl.images import ImageConfig, expand_patches
 from g2e_jax.prompts import IMAGE_MARKER, PromptConfig, get_prompt, plural
 from g2e_jax.tokenization import Tokenizer
 
@@ -242,6 +243,23 @@ class Preprocessor:
             else:
                 hi = mid - 1
         return user_ids_for(cut(lo))
+
+
+class PreparedInputs:
+    """The sides of a prepared dataset's records (``g2e_jax.data.prepared``) as ``Preprocessor.prepare``
+    makes them: the stored uint8 patches expanded by Qwen2-VL's image processor, whose patches
+    ``g2e-jax prepare`` stores, with the settings in the dataset's metadata (bit for bit)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.image_config = ImageConfig(**dataset.meta["image_config"])
+
+    def __call__(self, i_or_record: int | dict, side: str) -> PreparedRow:
+        """One side of record ``i`` (or of a record from ``dataset[i]``), for ``encode_prepared``."""
+        row = self.dataset.prepared_row(i_or_record, side)
+        if row.patches is not None:
+            row.patches = expand_patches(row.patches, self.image_config)
+        return row
 
 
 def bucket(n: int, base: int, *, per_octave: int | None = None) -> int:

@@ -8,16 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from g2e_jax.data.images import (
-    RESOLUTIONS,
-    ImageConfig,
-    ImageError,
-    load_image,
-    num_image_tokens,
-    preprocess,
-    resize_for_resolution,
-    smart_resize,
-)
+from g2e_jax.data.images import RESOLUTIONS, ImageError, load_image, resize_for_resolution
+from g2e_jax.models.qwen2_vl.images import ImageConfig, num_image_tokens, preprocess, smart_resize
 
 SMALL = (28 * 28 * 4, 28 * 28 * 64)  # the tiny test model's bounds: exercises the max_pixels branch cheaply
 REAL = (56 * 56, 28 * 28 * 1280)  # Qwen2-VL's processor defaults

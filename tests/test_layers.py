@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from g2e_jax.models.qwen2_vl import layers
-from g2e_jax.models.qwen2_vl.layers import GatedMLP, bounded_attention, map_rows
+from g2e_jax.models.common import layers
+from g2e_jax.models.common.layers import GatedMLP, bounded_attention, map_rows
 
 
 def _qkv(seed=0, b=3, lq=37, lk=41, h=4, hk=2, d=8):

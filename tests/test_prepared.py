@@ -11,20 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from g2e_jax.data.images import (
-    ImageConfig,
-    expand_patches,
-    load_image,
-    preprocess,
-    preprocess_uint8,
-    resize_for_resolution,
-    smart_resize,
-)
+from g2e_jax.data.images import load_image, resize_for_resolution
+from g2e_jax.models.qwen2_vl.images import ImageConfig, expand_patches, preprocess, preprocess_uint8, smart_resize
 from g2e_jax.data.mmeb import read_train
 from g2e_jax.data.prepared import META_FILE, SIDES, PreparedDataset, content_id
 from g2e_jax.prepare import prepare_config, run_prepare
 from g2e_jax.data.synthetic import make_synthetic
-from g2e_jax.preprocess import Preprocessor
+from g2e_jax.preprocess import PreparedInputs, Preprocessor
 
 # Image queries with repeated labels (SynShape: 6 rows, 5 shapes), text queries with image positives (SynT2I),
 # and a Matching subset, whose positives use the query template.
@@ -96,7 +89,7 @@ def _check_against_fly(ds: PreparedDataset, pp: Preprocessor, synthetic):
             assert rec["subset"] == subset and rec["row"] == k
             for side in SIDES:
                 where = f"{subset} row {k} {side}"
-                _assert_same(ds.prepared_row(rec, side), want[side][k], where)
+                _assert_same(PreparedInputs(ds)(rec, side), want[side][k], where)
                 assert rec[f"{side}_patches"].dtype == np.uint8
                 assert rec[f"{side}_pos"].shape == (3, len(rec[f"{side}_ids"]))
                 if want[side][k].grid_thw is None:
@@ -147,7 +140,7 @@ def test_embeddings_equal_on_the_fly(prepared, tiny_dir, synthetic):
         ):
             want = embedder.encode(texts, images, role=role, subset=subset, progress=False)
             got = embedder.encode_prepared(
-                [ds.prepared_row(ds.index(subset, k), side) for k in range(len(rows))],
+                [PreparedInputs(ds)(ds.index(subset, k), side) for k in range(len(rows))],
                 role=ds.role(subset, side),
                 progress=False,
             )

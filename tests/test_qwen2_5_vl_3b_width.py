@@ -26,7 +26,8 @@ from test_qwen2_vl_parity import VISION, encode, prompt, random_image  # noqa: E
 from g2e_jax import models  # noqa: E402
 from g2e_jax.models.qwen2_5_vl import QWEN2_5_VL_3B, rope_index  # noqa: E402
 from g2e_jax.models.qwen2_vl.config import with_token_ids  # noqa: E402
-from g2e_jax.models.qwen2_vl.hf_files import load_hf_processor, special_token_ids  # noqa: E402
+from g2e_jax.models.common.hf_files import special_token_ids  # noqa: E402
+from g2e_jax.models.qwen2_vl.hf_files import load_hf_processor  # noqa: E402
 
 
 def test_qwen2_5_vl_3b_widths(tmp_path):

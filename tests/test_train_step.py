@@ -285,7 +285,7 @@ def test_per_layer_remat_gives_the_same_loss_and_gradients(setup, tiny_dir):
 def test_per_layer_remat_in_the_towers_with_their_own_block_loop(tower):
     """Qwen2.5-VL's windowed tower and LLaVA-NeXT's CLIP loop over their own blocks: inside
     ``remat_layers`` each block is a checkpoint, and the gradients are those without it."""
-    from g2e_jax.models.qwen2_vl.layers import remat_layers
+    from g2e_jax.models.common.layers import remat_layers
 
     rng = np.random.default_rng(0)
     if tower == "qwen2_5_vl":

@@ -301,7 +301,7 @@ def test_one_step_at_2b_widths(tmp_path):
     """Qwen2-VL-2B's widths (2 decoder layers, 1 vision block, the tiny tokenizer's vocabulary), DoRA,
     GradCache, one step without warm-up: loss, gradient norm and updated adapters as torch's."""
     from g2e_jax.models.qwen2_vl import Qwen2VLConfig, TextConfig, VisionConfig
-    from g2e_jax.models.qwen2_vl.config import special_token_ids
+    from g2e_jax.models.common.hf_files import special_token_ids
     from g2e_jax.models.qwen2_vl.tiny import make_tiny, with_token_ids
 
     cfg = with_token_ids(

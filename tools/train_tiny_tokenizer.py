@@ -13,7 +13,7 @@ Run once by a developer, from the repository root::
 
 The byte alphabet is seeded into the vocab, so any unicode string encodes without unknown tokens.
 The Qwen2-VL special tokens are appended last, in a fixed order, so they take consecutive ids right
-after the BPE vocab (see ``g2e_jax.models.qwen2_vl.hf_files.special_token_ids``).
+after the BPE vocab (see ``g2e_jax.models.common.hf_files.special_token_ids``).
 """
 
 from __future__ import annotations

@@ -18,9 +18,11 @@ One split, ``train``: the subsets one after another in config order, rows in sou
 shuffling disabled), so record ``meta["subsets"][k]["offset"] + row`` is row ``row`` of subset ``k``
 and a record's subset and row are known without reading it. Per record: ``subset``, ``row`` and, for
 each side (``qry``, ``pos``), the user segment as ``Preprocessor.prepare`` makes it (``ids``, ``pos``,
-``next_pos``, ``truncated_from``), the image as uint8 patches (``images.preprocess_uint8``: a quarter of
-float32's bytes per frame and no temporal copy; ``expand_patches`` restores ``preprocess``' floats bit
-for bit) with its ``grid``, and ``content_id``, a hash of the content used to mask false negatives.
+``next_pos``, ``truncated_from``), the image as uint8 patches (Qwen2-VL's ``preprocess_uint8``: a
+quarter of float32's bytes per frame and no temporal copy) with its ``grid``, and ``content_id``, a hash
+of the content used to mask false negatives. The reader gives the patches as stored: the image
+processor above expands them (``g2e_jax.preprocess.PreparedInputs``: ``expand_patches`` with the
+``image_config`` in the metadata restores ``preprocess``' floats bit for bit).
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
-from g2e_jax.data.images import ImageConfig, expand_patches
 from g2e_jax.data.rows import PreparedRow
 
 SIDES = ("qry", "pos")
@@ -79,7 +80,6 @@ class PreparedDataset:
                 f"{self.path}: format {self.meta.get('format')!r} version {self.meta.get('format_version')}, "
                 f"expected {FORMAT!r} version {FORMAT_VERSION}"
             )
-        self.image_config = ImageConfig(**self.meta["image_config"])
         self.scheme = self.meta["scheme"]
         self._subsets = {s["name"]: s for s in self.meta["subsets"]}
         self._offsets = np.array([s["offset"] for s in self.meta["subsets"]], np.int64)
@@ -144,8 +144,9 @@ class PreparedDataset:
         return self._subsets[subset]["roles"][side]
 
     def prepared_row(self, i_or_record: int | dict, side: str) -> PreparedRow:
-        """One side of a record as ``Preprocessor.prepare`` returns it (float32 patches), for
-        ``Embedder.encode_prepared``. Pass a record from ``self[i]`` to avoid reading it twice."""
+        """One side of a record as ``Preprocessor.prepare`` returns it, but for its patches: uint8
+        ``[N, C*P*P]`` as stored (``g2e_jax.preprocess.PreparedInputs`` expands them). Pass a record from
+        ``self[i]`` to avoid reading it twice."""
         if side not in SIDES:
             raise ValueError(f"unknown side {side!r}; expected one of {SIDES}")
         r = self[i_or_record] if not isinstance(i_or_record, dict) else i_or_record
@@ -155,7 +156,7 @@ class PreparedDataset:
             user_ids=r[f"{side}_ids"],
             user_pos=r[f"{side}_pos"] if self.scheme == "mrope" else None,
             next_pos=int(r[f"{side}_next_pos"]),
-            patches=expand_patches(r[f"{side}_patches"], self.image_config) if has_image else None,
+            patches=r[f"{side}_patches"] if has_image else None,
             grid_thw=grid.astype(np.int64) if has_image else None,
             truncated_from=int(r[f"{side}_truncated_from"]),
         )

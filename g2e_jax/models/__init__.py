@@ -1,8 +1,11 @@
 """Backbones, one table entry per Hugging Face ``model_type``; ``load``, ``save``, ``read_config``
 and ``make_tiny`` dispatch on it, so every command works unchanged for each.
 
-Adding a model: a package defining its config, model, name map and tiny config in a ``Backbone``
-(see ``qwen2_5_vl``, which reuses Qwen2-VL's parts), and its ``BACKBONE`` in the table below.
+Adding a model: a folder under ``models/`` that adds only what differs (its config, vision part, name map,
+tiny config and files, chat format, image processor, bundled in a ``Backbone``), reusing ``models/common/``
+(the text decoder, layers, config readers, checkpoint rule groups, the tiny tokenizer, image-processor
+arithmetic; see ``llava_next``), or its family's parts (``qwen2_5_vl`` reuses Qwen2-VL's); and its
+``BACKBONE`` in the table below.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from pathlib import Path
 
 from g2e_jax.models import llava_next, qwen2_5_vl, qwen2_vl, tiny
 from g2e_jax.models.backbone import Backbone
-from g2e_jax.models.qwen2_vl.config import read_hf_config
+from g2e_jax.models.common.config import read_hf_config
 
 BACKBONES: dict[str, Backbone] = {
     b.model_type: b for b in (qwen2_vl.BACKBONE, qwen2_5_vl.BACKBONE, llava_next.BACKBONE)

@@ -2,9 +2,9 @@
 checkpoints loaded and saved through its name map, random weights, the tiny model directory.
 
 A backbone package (``qwen2_vl``, ``qwen2_5_vl``, ``llava_next``) defines its config class, its model
-class, its ``NameMap``, its tiny config and the tiny model's tokenizer/processor files, and bundles them
-in a ``BACKBONE``; ``g2e_jax.models`` dispatches
-on ``config.json``'s ``model_type`` to it.
+class, its ``NameMap``, its tiny config, the tiny model's tokenizer/processor files, its chat format and
+its image processor, and bundles them in a ``BACKBONE``; ``g2e_jax.models`` dispatches on
+``config.json``'s ``model_type`` to it.
 """
 
 from __future__ import annotations
@@ -20,12 +20,11 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from g2e_jax.data import images as qwen_images
 from g2e_jax.io import write_atomic
 from g2e_jax.models.dtypes import DTYPES, resolve_dtype
 from g2e_jax.models.name_map import FLATTEN_CONV, TRANSPOSE, NameMap, Rule
 from g2e_jax.models.safetensors_io import iter_checkpoint, write_safetensors
-from g2e_jax.prompts import QWEN2_VL_CHAT, ChatFormat
+from g2e_jax.prompts import ChatFormat
 
 
 def _path_str(path) -> str:
@@ -52,16 +51,6 @@ class ImageProcessing:
     num_tokens: Callable[[np.ndarray, Any], int]  # (geometry, model config) -> image tokens
 
 
-def _qwen_image_config(path, resolution):
-    return dataclasses.replace(qwen_images.ImageConfig.from_preprocessor_config(path), resolution=resolution)
-
-
-QWEN2_VL_IMAGES = ImageProcessing(
-    _qwen_image_config, qwen_images.preprocess,
-    lambda grid, cfg: qwen_images.num_image_tokens(grid, cfg.vision.spatial_merge_size),
-)  # fmt: skip
-
-
 @dataclasses.dataclass(frozen=True)
 class Backbone:
     model_type: str  # config.json's model_type
@@ -70,8 +59,8 @@ class Backbone:
     name_map: NameMap
     tiny_config: Callable[[], Any]  # the tiny random model's config (make-tiny, tests)
     tiny_files: Callable[[Path, Any], None]  # (directory, config): tokenizer and processor files of make-tiny
-    chat: ChatFormat = QWEN2_VL_CHAT  # the chat template around the hierarchical prompt
-    images: ImageProcessing = QWEN2_VL_IMAGES
+    chat: ChatFormat  # the chat template around the hierarchical prompt
+    images: ImageProcessing
 
     def abstract_model(self, cfg, dtype: str = "float32", compute_dtype: str | None = None):
         """The model's structure with shapes only: nothing allocated, nothing initialised.

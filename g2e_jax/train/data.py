@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from g2e_jax.data.clusters import ORIGIN, read_clusters
 from g2e_jax.data.mmeb import read_train, sample_rows
 from g2e_jax.data.prepared import content_id
-from g2e_jax.preprocess import InputError
+from g2e_jax.preprocess import InputError, PreparedInputs
 
 BAD_ROWS = ("error", "skip")
 _SOURCE_FIELDS = {
@@ -67,6 +67,7 @@ class TrainData:
         self.clusters = clusters
         self.preprocessor = preprocessor
         self.prepared = prepared
+        self.prepared_inputs = None if prepared is None else PreparedInputs(prepared)
         self.image_dir = None if image_dir is None else Path(image_dir)
         self._cache: OrderedDict = OrderedDict()
         self._cache_rows = cache_rows
@@ -194,8 +195,8 @@ class TrainData:
             try:
                 record = self.prepared[row]
                 return (
-                    self.prepared.prepared_row(record, "qry"),
-                    self.prepared.prepared_row(record, "pos"),
+                    self.prepared_inputs(record, "qry"),
+                    self.prepared_inputs(record, "pos"),
                     int(record["qry_content_id"]),
                     int(record["pos_content_id"]),
                 )

@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 
 from g2e_jax.programs.encode import embed_batch
-from g2e_jax.models.qwen2_vl.layers import remat_layers
+from g2e_jax.models.common.layers import remat_layers
 from g2e_jax.train.loss import contrastive_loss
 from g2e_jax.mesh import local_rows
 

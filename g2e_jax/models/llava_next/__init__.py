@@ -1,5 +1,5 @@
-"""LLaVA-NeXT backbone (Flax NNX): CLIP vision tower, projector, anyres tiling, and Qwen2-VL's decoder
-module as Llama/Mistral (1-D RoPE, no q/k/v biases)."""
+"""LLaVA-NeXT backbone (Flax NNX): CLIP vision tower, projector, anyres tiling, and the common decoder
+module (``g2e_jax.models.common``) as Llama/Mistral (1-D RoPE, no q/k/v biases)."""
 
 from g2e_jax.models.llava_next.checkpoint import BACKBONE, NAME_MAP, load, save
 from g2e_jax.models.llava_next.config import (

@@ -1,5 +1,5 @@
 """LLaVA-NeXT <-> Hugging Face checkpoints: the CLIP tower, the projector, ``image_newline``, and
-Qwen2-VL's decoder rules under ``language_model.model`` without q/k/v biases.
+the common decoder rules under ``language_model.model`` without q/k/v biases.
 
 Canonical names are those transformers 5 writes (``vision_tower.embeddings...``,
 ``language_model.model.layers...``); the llava-hf hub's ``vision_tower.vision_model.*`` and transformers
@@ -9,13 +9,13 @@ Canonical names are those transformers 5 writes (``vision_tower.embeddings...``,
 from __future__ import annotations
 
 from g2e_jax.models.backbone import Backbone, ImageProcessing
+from g2e_jax.models.common.checkpoint import linears, norms, text_rules
 from g2e_jax.models.llava_next import anyres, images
 from g2e_jax.models.llava_next.chat import LLAVA_NEXT_CHAT
 from g2e_jax.models.llava_next.config import LlavaNextConfig, tiny_config
 from g2e_jax.models.llava_next.hf_files import write_processor_files
 from g2e_jax.models.llava_next.model import LlavaNext
 from g2e_jax.models.name_map import FLATTEN_CONV, NameMap, Rule
-from g2e_jax.models.qwen2_vl.checkpoint import linears, norms, text_rules
 
 LAYER = ("vision_tower.encoder.layers.{i}", "vision_tower.layers.{i}")
 

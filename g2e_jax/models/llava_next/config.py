@@ -1,6 +1,6 @@
 """LLaVA-NeXT hyper-parameters, read from and written to a Hugging Face ``config.json``.
 
-The decoder is Qwen2-VL's ``TextConfig`` read from ``text_config`` (Llama or Mistral): no q/k/v biases,
+The decoder is the common ``TextConfig`` read from ``text_config`` (Llama or Mistral): no q/k/v biases,
 and 1-D RoPE as a single M-RoPE section spanning the half head. The vision tower is CLIP's
 (``vision_config``, ``clip_vision_model``). Defaults are ``llava-hf/llava-v1.6-mistral-7b-hf``'s
 (``LLAVA_V1_6_MISTRAL_7B``).
@@ -9,10 +9,9 @@ and 1-D RoPE as a single M-RoPE section spanning the half head. The vision tower
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any, ClassVar
 
-from g2e_jax.models.qwen2_vl.config import TextConfig, pick, read_hf_config
+from g2e_jax.models.common.config import HFConfig, TextConfig, pick, tiny_text_config
 
 SELECT_STRATEGIES = ("default",)  # "full" keeps CLS, which transformers' anyres packing cannot tile
 # llava-hf/llava-v1.6-*: (height, width) of the tile grids "anyres" chooses from.
@@ -111,7 +110,7 @@ def one_d_rope(text: TextConfig) -> TextConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class LlavaNextConfig:
+class LlavaNextConfig(HFConfig):
     text: TextConfig = dataclasses.field(default_factory=_text_7b)
     vision: ClipVisionConfig = dataclasses.field(default_factory=ClipVisionConfig)
     text_model_type: str = "mistral"  # text_config.model_type: mistral or llama
@@ -168,13 +167,9 @@ class LlavaNextConfig:
 
         return Geometry(self.image_grid_pinpoints, self.vision.image_size, self.vision.grid)
 
-    def replace(self, **kw):
-        return dataclasses.replace(self, **kw)
-
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> "LlavaNextConfig":
-        if d.get("model_type") != cls.model_type:
-            raise ValueError(f"{source}: model_type {d.get('model_type')!r} is not {cls.model_type!r}")
+        cls.check_model_type(d, source)
         td = dict(d.get("text_config") or {})
         text_type = td.get("model_type", "llama")
         if text_type not in ("llama", "mistral"):
@@ -230,10 +225,6 @@ class LlavaNextConfig:
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
 
-    @classmethod
-    def from_json(cls, path: str | Path) -> "LlavaNextConfig":
-        return cls.from_hf_dict(*read_hf_config(path))
-
     def to_hf_dict(self) -> dict[str, Any]:
         t = self.text
         text = {
@@ -279,7 +270,6 @@ def tiny_config(**text_overrides) -> LlavaNextConfig:
     of 4x4 patches (the second-to-last layer's features, CLS dropped), and llava-v1.6's pinpoints scaled
     from 336 to 28 pixels per tile."""
     from g2e_jax.models.llava_next.hf_files import special_token_ids
-    from g2e_jax.models.qwen2_vl.config import tiny_text_config
 
     ids = special_token_ids()
     text = one_d_rope(

@@ -12,7 +12,8 @@ from functools import lru_cache
 from pathlib import Path
 
 from g2e_jax.io import write_atomic
-from g2e_jax.models.qwen2_vl.hf_files import IMAGE_MEAN, IMAGE_STD, TOKENIZER_ASSET
+from g2e_jax.models.common.hf_files import TOKENIZER_ASSET
+from g2e_jax.models.common.images import CLIP_MEAN, CLIP_STD
 
 SPECIAL_TOKENS = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "image": "<image>"}
 
@@ -105,8 +106,8 @@ def write_processor_files(out_dir: str | Path, cfg) -> Path:
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,
-        "image_mean": IMAGE_MEAN,
-        "image_std": IMAGE_STD,
+        "image_mean": list(CLIP_MEAN),
+        "image_std": list(CLIP_STD),
         "do_pad": True,
         "resample": 3,
         "image_grid_pinpoints": [list(p) for p in cfg.image_grid_pinpoints],

@@ -10,12 +10,12 @@ import dataclasses
 import json
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from g2e_jax.data.images import CLIP_MEAN, CLIP_STD, ImageError, load_image, resize_for_resolution
+from g2e_jax.data.images import ImageError, load_image, resize_for_resolution
+from g2e_jax.models.common.images import CLIP_MEAN, CLIP_STD, read_preprocessor_config, rescale_normalize
 from g2e_jax.models.llava_next.anyres import Geometry, image_layout, select_best_resolution
 from g2e_jax.models.llava_next.config import PINPOINTS_336
 
@@ -37,13 +37,8 @@ class LlavaImageConfig:
     def from_preprocessor_config(cls, path_or_dir: str | os.PathLike, *, resolution: str | None = None):
         """Reads a ``LlavaNextImageProcessor`` ``preprocessor_config.json`` (or the directory holding it);
         settings this port does not reproduce are refused, naming the file."""
-        path = Path(path_or_dir)
-        if path.is_dir():
-            path = path / "preprocessor_config.json"
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        for flag in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb", "do_pad", "do_center_crop"):
-            if raw.get(flag) is False:
-                raise ValueError(f"{path}: {flag}=false is not supported by g2e_jax.models.llava_next.images")
+        flags = ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb", "do_pad", "do_center_crop")
+        path, raw = read_preprocessor_config(path_or_dir, flags, __name__)
         size, crop = dict(raw.get("size") or {}), dict(raw.get("crop_size") or {})
         side = size.get("shortest_edge", size.get("height"))
         if side is None or crop.get("height", side) != side or crop.get("width", side) != side:
@@ -95,21 +90,14 @@ def tiles_uint8(img: Image.Image, cfg: LlavaImageConfig) -> np.ndarray:
     return np.concatenate([base[None], grid])
 
 
-def normalize(tiles_u8: np.ndarray, cfg: LlavaImageConfig) -> np.ndarray:
-    """uint8 -> float32 as transformers does it: rescale in float64, cast, normalise in float32."""
-    x = (np.asarray(tiles_u8).astype(np.float64) * cfg.rescale_factor).astype(np.float32)
-    mean = np.asarray(cfg.image_mean, np.float32).reshape(3, 1, 1)
-    std = np.asarray(cfg.image_std, np.float32).reshape(3, 1, 1)
-    return (x - mean) / std
-
-
 def preprocess(image, cfg: LlavaImageConfig, *, source: str = "image") -> tuple[np.ndarray, np.ndarray]:
     """One image (PIL or path) -> (pixel_values float32 ``[tiles, 3, S, S]``, image_size int64 ``[2]``
     as (height, width) of the image the processor saw)."""
     img = resize_for_resolution(load_image(image, source=source), cfg.resolution)
     if min(img.height, img.width) < 1:
         raise ImageError(f"{source}: empty image")
-    return normalize(tiles_uint8(img, cfg), cfg), np.array([img.height, img.width], np.int64)
+    pixels = rescale_normalize(tiles_uint8(img, cfg), cfg.rescale_factor, cfg.image_mean, cfg.image_std)
+    return pixels, np.array([img.height, img.width], np.int64)
 
 
 def preprocess_rows(image, cfg: LlavaImageConfig, *, source: str = "image") -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""LLaVA-NeXT in Flax NNX: CLIP tower, projector, anyres packing, and Qwen2-VL's decoder module run as
+"""LLaVA-NeXT in Flax NNX: CLIP tower, projector, anyres packing, and the common decoder module run as
 Llama/Mistral (1-D RoPE, no q/k/v biases), returning final-norm hidden states.
 
 Inputs: transformers' ``LlavaNextProcessor`` output (``pixel_values`` ``[I, tiles, C, S, S]`` and
@@ -14,12 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from g2e_jax.models.common.layers import activation, linear
+from g2e_jax.models.common.model import DecoderModel, host_value, positions_3d
 from g2e_jax.models.llava_next import anyres
 from g2e_jax.models.llava_next.config import LlavaNextConfig
 from g2e_jax.models.llava_next.vision import ClipVisionTower
-from g2e_jax.models.qwen2_vl.layers import activation, linear
-from g2e_jax.models.qwen2_vl.model import _host_value
-from g2e_jax.models.qwen2_vl.text import TextDecoder
 
 
 class Projector(nnx.Module):
@@ -33,27 +32,12 @@ class Projector(nnx.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
-class LlavaNext(nnx.Module):
-    def __init__(
-        self,
-        config: LlavaNextConfig,
-        *,
-        dtype=jnp.float32,
-        param_dtype=jnp.float32,
-        rngs: nnx.Rngs | None = None,
-    ):
-        rngs = rngs if rngs is not None else nnx.Rngs(0)
+class LlavaNext(DecoderModel):
+    def vision_parts(self, config: LlavaNextConfig, *, dtype, param_dtype, rngs: nnx.Rngs) -> None:
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.config = config
         self.vision_tower = ClipVisionTower(config.vision, **kw)
         self.multi_modal_projector = Projector(config, **kw)
         self.image_newline = nnx.Param(jnp.zeros((config.text.hidden_size,), param_dtype))
-        self.text = TextDecoder(config.text, **kw)
-        self.lm_head = (
-            None
-            if config.tie_word_embeddings
-            else linear(config.text.hidden_size, config.text.vocab_size, bias=False, **kw)
-        )
 
     def tile_features(self, pixel_values):
         """Projected patch features of every tile, ``[tiles * tokens_per_tile, H]`` (CLS dropped)."""
@@ -102,9 +86,7 @@ class LlavaNext(nnx.Module):
             if prefix is not None:
                 raise ValueError("position_ids are required with a prefix: they continue after it")
             position_ids = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
-        position_ids = jnp.asarray(position_ids)
-        if position_ids.ndim == 2:
-            position_ids = jnp.broadcast_to(position_ids[None], (3,) + position_ids.shape)
+        position_ids = positions_3d(position_ids)
         embeds = self.text.embed_tokens(input_ids)
         if pixel_values is not None:
             if image_layout is None:
@@ -122,14 +104,10 @@ class LlavaNext(nnx.Module):
             output_attentions=output_attentions,
         )
 
-    def prefix_kv(self, ids):
-        """Keys and values of a text segment ``[P]`` that starts every row (the system prompt)."""
-        return self.text.prefix_kv(self.text.embed_tokens(jnp.asarray(ids)))
-
     def _from_processor(self, input_ids, pixel_values, image_sizes):
         """The processor's ``[I, tiles, ...]`` pixels (padded per image) and ``image_sizes`` -> concatenated
         tiles and layouts, checked against the image tokens (on the host: not under jit)."""
-        sizes, ids, pixels = _host_value(image_sizes), _host_value(input_ids), _host_value(pixel_values)
+        sizes, ids, pixels = host_value(image_sizes), host_value(input_ids), host_value(pixel_values)
         if sizes is None or ids is None or pixels is None:
             raise ValueError("under jit, pass concatenated tiles and image_layout (anyres.layouts)")
         layout = anyres.layouts(sizes, self.config)

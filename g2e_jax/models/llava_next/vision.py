@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from g2e_jax.models.llava_next.config import ClipVisionConfig
-from g2e_jax.models.qwen2_vl.layers import activation, attention, call_layer, linear, map_rows
+from g2e_jax.models.common.layers import activation, attention, call_layer, linear, map_rows
 
 
 class ClipEmbeddings(nnx.Module):

@@ -1,5 +1,5 @@
-"""Qwen2.5-VL backbone (Flax NNX): Qwen2-VL's decoder, rope index and checkpoint machinery with the
-windowed RMSNorm/SwiGLU vision tower."""
+"""Qwen2.5-VL backbone (Flax NNX): the common decoder, and its family's (Qwen2-VL's) rope index, image
+processor and checkpoint rule groups, with the windowed RMSNorm/SwiGLU vision tower."""
 
 from g2e_jax.models.qwen2_5_vl.checkpoint import BACKBONE, NAME_MAP, load, save
 from g2e_jax.models.qwen2_5_vl.config import (

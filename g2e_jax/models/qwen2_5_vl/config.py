@@ -1,6 +1,6 @@
-"""Qwen2.5-VL hyper-parameters: Qwen2-VL's config (text decoder, token ids, both config.json layouts)
-with Qwen2.5-VL's vision tower: RMSNorm, a SwiGLU MLP of its own width, window attention except in
-``fullatt_block_indexes``, and ``out_hidden_size`` naming the merger's output width.
+"""Qwen2.5-VL hyper-parameters: its family's (Qwen2-VL's) config (text decoder, token ids, both
+config.json layouts) with Qwen2.5-VL's vision tower: RMSNorm, a SwiGLU MLP of its own width, window
+attention except in ``fullatt_block_indexes``, and ``out_hidden_size`` naming the merger's output width.
 
 Defaults are Qwen2.5-VL-3B-Instruct's (``QWEN2_5_VL_3B``); ``QWEN2_5_VL_7B`` is the 7B model.
 """
@@ -10,14 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from g2e_jax.models.qwen2_vl.config import (
-    Qwen2VLConfig,
-    TextConfig,
-    VisionSizes,
-    pick,
-    tiny_text_config,
-    with_token_ids,
-)
+from g2e_jax.models.common.config import TextConfig, pick, tiny_text_config
+from g2e_jax.models.qwen2_vl.config import Qwen2VLConfig, VisionSizes, with_token_ids
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Qwen2.5-VL vision tower: Qwen2-VL's parts (patch embedding, 2-D rotary, per-image attention,
+"""Qwen2.5-VL vision tower: its family's (Qwen2-VL's) parts (patch embedding, 2-D rotary, per-image attention,
 patch merger) with RMSNorm, a SwiGLU MLP, and window attention in every block not listed in
 ``fullatt_block_indexes``.
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from g2e_jax.models.qwen2_5_vl.config import Qwen2_5VisionConfig
-from g2e_jax.models.qwen2_vl.layers import GatedMLP, attention, call_layer
+from g2e_jax.models.common.layers import GatedMLP, attention, call_layer
 from g2e_jax.models.qwen2_vl.vision import VisionTower, rms_norm
 
 

@@ -4,37 +4,19 @@ Both layouts in the wild are accepted: the hub's flat one (text fields at the to
 `rope_scaling.mrope_section`) and transformers 5's nested one (`text_config`,
 `rope_parameters`). `to_hf_dict` writes the nested layout, which transformers 5 loads.
 
-Qwen2.5-VL (``g2e_jax.models.qwen2_5_vl.config``) shares all of it but the vision config: its config
-class is this one with another ``vision_class``, ``model_type`` and ``architecture``.
+The decoder's config, ``pick`` and the ``config.json`` reader are every backbone's
+(``g2e_jax.models.common.config``). Qwen2.5-VL (``g2e_jax.models.qwen2_5_vl.config``), of the same
+family, shares the rest but the vision config: its config class is this one with another
+``vision_class``, ``model_type`` and ``architecture``, and its tiny config uses ``with_token_ids``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 from typing import Any, ClassVar
 
-from g2e_jax.models.qwen2_vl.hf_files import special_token_ids
-
-
-def pick(src: dict, key: str, default):
-    """``src[key]``, or ``default`` when it is missing or null."""
-    value = src.get(key)
-    return default if value is None else value
-
-
-def read_hf_config(path: str | Path) -> tuple[dict[str, Any], str]:
-    """The parsed ``config.json`` of a model directory (or the file itself), and its path for messages."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no config.json (expected a local Hugging Face model directory)")
-    try:
-        return json.loads(path.read_text()), str(path)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+from g2e_jax.models.common.config import HFConfig, TextConfig, pick, tiny_text_config
+from g2e_jax.models.common.hf_files import special_token_ids
 
 
 class VisionSizes:
@@ -112,79 +94,7 @@ class VisionConfig(VisionSizes):
 
 
 @dataclasses.dataclass(frozen=True)
-class TextConfig:
-    vocab_size: int = 151936
-    hidden_size: int = 1536
-    intermediate_size: int = 8960
-    num_hidden_layers: int = 28
-    num_attention_heads: int = 12
-    num_key_value_heads: int = 2
-    hidden_act: str = "silu"
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 1000000.0
-    mrope_section: tuple[int, ...] = (16, 24, 24)
-    max_position_embeddings: int = 32768
-    bos_token_id: int | None = 151643
-    eos_token_id: int | None = 151645
-    attention_bias: bool = True  # q/k/v biases: Qwen2 has them, Llama/Mistral (LLaVA-NeXT) do not
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> "TextConfig":
-        """From a whole config.json: ``text_config``, or the top level (hub layout)."""
-        text = dict(d.get("text_config") or {})
-        for key, value in d.items():  # hub layout: text fields live at the top level
-            if key not in ("text_config", "vision_config"):
-                text.setdefault(key, value)
-        rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
-        t = cls()
-        return cls(
-            vocab_size=int(pick(text, "vocab_size", t.vocab_size)),
-            hidden_size=int(pick(text, "hidden_size", t.hidden_size)),
-            intermediate_size=int(pick(text, "intermediate_size", t.intermediate_size)),
-            num_hidden_layers=int(pick(text, "num_hidden_layers", t.num_hidden_layers)),
-            num_attention_heads=int(pick(text, "num_attention_heads", t.num_attention_heads)),
-            num_key_value_heads=int(
-                pick(text, "num_key_value_heads", pick(text, "num_attention_heads", t.num_key_value_heads))
-            ),
-            hidden_act=str(pick(text, "hidden_act", t.hidden_act)),
-            rms_norm_eps=float(pick(text, "rms_norm_eps", t.rms_norm_eps)),
-            rope_theta=float(pick(rope, "rope_theta", pick(text, "rope_theta", t.rope_theta))),
-            mrope_section=tuple(int(x) for x in pick(rope, "mrope_section", t.mrope_section)),
-            max_position_embeddings=int(pick(text, "max_position_embeddings", t.max_position_embeddings)),
-            bos_token_id=text.get("bos_token_id", t.bos_token_id),
-            eos_token_id=text.get("eos_token_id", t.eos_token_id),
-        )
-
-    def to_hf_dict(self, model_type: str) -> dict[str, Any]:
-        return {
-            "model_type": f"{model_type}_text",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "hidden_act": self.hidden_act,
-            "rms_norm_eps": self.rms_norm_eps,
-            "max_position_embeddings": self.max_position_embeddings,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": self.rope_theta,
-                "mrope_section": list(self.mrope_section),
-            },
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-            "attention_dropout": 0.0,
-            "use_sliding_window": False,
-        }
-
-
-@dataclasses.dataclass(frozen=True)
-class Qwen2VLConfig:
+class Qwen2VLConfig(HFConfig):
     text: TextConfig = dataclasses.field(default_factory=TextConfig)
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
     image_token_id: int = 151655
@@ -222,15 +132,11 @@ class Qwen2VLConfig:
                 f"{t.hidden_size}"
             )
 
-    def replace(self, **kw):
-        return dataclasses.replace(self, **kw)
-
     # --- Hugging Face config.json ---------------------------------------------------------------
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json"):
-        if d.get("model_type") != cls.model_type:
-            raise ValueError(f"{source}: model_type {d.get('model_type')!r} is not {cls.model_type!r}")
+        cls.check_model_type(d, source)
         text = TextConfig.from_hf_dict(d)
         tie = d.get("tie_word_embeddings")
         if tie is None:
@@ -244,10 +150,6 @@ class Qwen2VLConfig:
             vision_end_token_id=int(pick(d, "vision_end_token_id", cls.vision_end_token_id)),
             tie_word_embeddings=bool(tie),
         )
-
-    @classmethod
-    def from_json(cls, path: str | Path):
-        return cls.from_hf_dict(*read_hf_config(path))
 
     def to_hf_dict(self) -> dict[str, Any]:
         return {
@@ -275,25 +177,6 @@ def with_token_ids(cfg):
         vision_start_token_id=ids["vision_start"],
         vision_end_token_id=ids["vision_end"],
     )
-
-
-def tiny_text_config(**overrides) -> TextConfig:
-    """Every tiny backbone's decoder: 2 layers, grouped-query attention, M-RoPE sections."""
-    ids = special_token_ids()
-    text = TextConfig(
-        vocab_size=ids["vocab_size"],
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        mrope_section=(2, 3, 3),
-        rope_theta=1e6,
-        max_position_embeddings=4096,
-        bos_token_id=None,
-        eos_token_id=ids["im_end"],
-    )
-    return dataclasses.replace(text, **overrides)
 
 
 def tiny_config(**text_overrides) -> Qwen2VLConfig:

@@ -2,11 +2,12 @@
 
 Why: the project machines cannot download the Qwen2-VL tokenizer/processor, yet parity tests need a
 directory that both transformers (PyTorch reference) and our JAX code load the same way. The
-tokenizer is the small byte-level BPE trained by ``tools/train_tiny_tokenizer.py`` (Qwen2's exact
-pre-tokenisation pipeline, ~1000 tokens, the Qwen2-VL special tokens at the end of the vocab).
+tokenizer is the shared tiny BPE (``g2e_jax.models.common.hf_files``: Qwen2's exact pre-tokenisation
+pipeline, ~1000 tokens, the Qwen2-VL special tokens at the end of the vocab). Qwen2.5-VL, of the same
+family, writes the same files (``write_tiny_files``).
 
 Weights and ``config.json`` are written elsewhere; the config must use the ids returned by
-:func:`special_token_ids` (image/video/vision-start/end token ids and ``vocab_size``).
+``special_token_ids`` (image/video/vision-start/end token ids and ``vocab_size``).
 
 Padding: the tokenizer (and therefore the processor) pads on the RIGHT, which is the transformers
 default for Qwen2; ``tokenizer_config.json`` states it explicitly so it cannot drift.
@@ -19,18 +20,8 @@ import shutil
 from functools import lru_cache
 from pathlib import Path
 
-TOKENIZER_ASSET = Path(__file__).resolve().parents[2] / "assets" / "tiny_tokenizer.json"
-
-SPECIAL_TOKEN_NAMES = {
-    "endoftext": "<|endoftext|>",
-    "im_start": "<|im_start|>",
-    "im_end": "<|im_end|>",
-    "vision_start": "<|vision_start|>",
-    "vision_end": "<|vision_end|>",
-    "vision_pad": "<|vision_pad|>",
-    "image_pad": "<|image_pad|>",
-    "video_pad": "<|video_pad|>",
-}
+from g2e_jax.models.common.hf_files import SPECIAL_TOKEN_NAMES, TOKENIZER_ASSET, special_token_ids
+from g2e_jax.models.common.images import CLIP_MEAN, CLIP_STD
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -62,24 +53,6 @@ CHAT_TEMPLATE = (
     "  {{- '<|im_start|>assistant\\n' -}}\n"
     "{%- endif -%}\n"
 )
-
-IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
-IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
-
-
-@lru_cache(maxsize=None)
-def _special_token_ids(path: str) -> dict:
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    added = {t["content"]: t["id"] for t in data["added_tokens"]}
-    ids = {name: added[tok] for name, tok in SPECIAL_TOKEN_NAMES.items()}
-    ids["vocab_size"] = max(max(data["model"]["vocab"].values()), max(added.values())) + 1
-    return ids
-
-
-def special_token_ids(tokenizer_json_path: str | Path = TOKENIZER_ASSET) -> dict:
-    """Ids read from the tokenizer file itself, so config.json can never disagree with it."""
-    return dict(_special_token_ids(str(tokenizer_json_path)))
-
 
 def _tokenizer_config(ids: dict) -> dict:
     added_tokens_decoder = {
@@ -121,8 +94,8 @@ def _preprocessor_config(*, min_pixels, max_pixels, patch_size, temporal_patch_s
         "do_normalize": True,
         "rescale_factor": 1 / 255,
         "resample": 3,  # bicubic, as Qwen2-VL
-        "image_mean": IMAGE_MEAN,
-        "image_std": IMAGE_STD,
+        "image_mean": list(CLIP_MEAN),
+        "image_std": list(CLIP_STD),
         "min_pixels": min_pixels,
         "max_pixels": max_pixels,
         # transformers 5 reads `size`; min/max_pixels are kept for older readers and our own code.

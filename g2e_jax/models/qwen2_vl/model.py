@@ -1,4 +1,4 @@
-"""Qwen2-VL in Flax NNX: vision tower + text decoder, returning final-norm hidden states.
+"""Qwen2-VL in Flax NNX: vision tower + the common text decoder, returning final-norm hidden states.
 
 Inputs are what the HF Qwen2-VL processor returns (numpy). Called eagerly, anything left out is
 derived on the host (M-RoPE positions, the largest image). Under ``jit`` the caller passes
@@ -8,23 +8,14 @@ batch rows and patches to fixed buckets leaves the real positions unchanged.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from g2e_jax.models.common.model import DecoderModel, host_value, positions_3d
 from g2e_jax.models.qwen2_vl.config import Qwen2VLConfig
-from g2e_jax.models.qwen2_vl.layers import linear
 from g2e_jax.models.qwen2_vl.rope import rope_index
-from g2e_jax.models.qwen2_vl.text import TextDecoder
 from g2e_jax.models.qwen2_vl.vision import VisionTower
-
-
-def _host_value(x):
-    """The array as numpy if it is concrete, None if it is a tracer (inside jit)."""
-    if isinstance(x, jax.core.Tracer):
-        return None
-    return np.asarray(x)
 
 
 def scatter_image_features(input_ids, embeds, features, image_token_id: int):
@@ -35,33 +26,16 @@ def scatter_image_features(input_ids, embeds, features, image_token_id: int):
     return jnp.where(is_image[..., None], gathered, embeds)
 
 
-class Qwen2VL(nnx.Module):
+class Qwen2VL(DecoderModel):
     vision_tower = VisionTower  # Qwen2.5-VL's model is this one with its own tower
 
-    def __init__(
-        self,
-        config: Qwen2VLConfig,
-        *,
-        dtype=jnp.float32,
-        param_dtype=jnp.float32,
-        rngs: nnx.Rngs | None = None,
-    ):
-        rngs = rngs if rngs is not None else nnx.Rngs(0)
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.config = config
-        self.visual = self.vision_tower(config.vision, **kw)
-        self.text = TextDecoder(config.text, **kw)
-        # Unused for embeddings, kept so that an untied checkpoint survives load -> save.
-        self.lm_head = (
-            None
-            if config.tie_word_embeddings
-            else linear(config.text.hidden_size, config.text.vocab_size, bias=False, **kw)
-        )
+    def vision_parts(self, config: Qwen2VLConfig, *, dtype, param_dtype, rngs: nnx.Rngs) -> None:
+        self.visual = self.vision_tower(config.vision, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def image_features(self, pixel_values, image_grid_thw, max_patches_per_image: int | None = None):
         """Merged vision features ``[num_patches / merge**2, hidden]``, images concatenated."""
         if max_patches_per_image is None:
-            grid = _host_value(image_grid_thw)
+            grid = host_value(image_grid_thw)
             if grid is None:
                 raise ValueError("image_grid_thw is traced (inside jit): pass a static max_patches_per_image")
             grid = grid.reshape(-1, 3)
@@ -100,9 +74,9 @@ class Qwen2VL(nnx.Module):
             attention_mask = jnp.ones(jnp.shape(input_ids), jnp.int32)
         if pixel_values is not None and image_grid_thw is None:
             raise ValueError("pixel_values given without image_grid_thw")
-        ids_host = _host_value(input_ids)
+        ids_host = host_value(input_ids)
         if ids_host is not None and pixel_values is not None:
-            self._check_image_tokens(ids_host, _host_value(image_grid_thw), np.shape(pixel_values)[0])
+            self._check_image_tokens(ids_host, host_value(image_grid_thw), np.shape(pixel_values)[0])
         if position_ids is None:
             if prefix is not None:
                 raise ValueError("position_ids are required with a prefix: they continue after it")
@@ -111,11 +85,9 @@ class Qwen2VL(nnx.Module):
                     "position_ids are required under jit: compute them on the host with "
                     "g2e_jax.models.qwen2_vl.rope_index"
                 )
-            grid = None if image_grid_thw is None else _host_value(image_grid_thw)
-            position_ids = rope_index(ids_host, _host_value(attention_mask), grid, self.config, "mrope")
-        position_ids = jnp.asarray(position_ids)
-        if position_ids.ndim == 2:
-            position_ids = jnp.broadcast_to(position_ids[None], (3,) + position_ids.shape)
+            grid = None if image_grid_thw is None else host_value(image_grid_thw)
+            position_ids = rope_index(ids_host, host_value(attention_mask), grid, self.config, "mrope")
+        position_ids = positions_3d(position_ids)
 
         input_ids = jnp.asarray(input_ids)
         embeds = self.text.embed_tokens(input_ids)
@@ -126,10 +98,6 @@ class Qwen2VL(nnx.Module):
             embeds, jnp.asarray(attention_mask), position_ids, prefix=prefix,
             output_hidden_states=output_hidden_states, output_attentions=output_attentions,
         )  # fmt: skip
-
-    def prefix_kv(self, ids):
-        """Keys and values of a text segment ``[P]`` that starts every row (the system prompt)."""
-        return self.text.prefix_kv(self.text.embed_tokens(jnp.asarray(ids)))
 
     def _check_image_tokens(self, input_ids, grid, num_patches):
         window = self.config.vision.spatial_merge_size**2

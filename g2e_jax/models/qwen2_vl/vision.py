@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from g2e_jax.models.qwen2_vl.config import VisionConfig
-from g2e_jax.models.qwen2_vl.layers import (
+from g2e_jax.models.common.layers import (
     RMSNorm,
     activation,
     apply_rotary,

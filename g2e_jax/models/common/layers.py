@@ -1,4 +1,5 @@
-"""Building blocks shared by the vision tower and the text decoder."""
+"""Building blocks of every backbone's vision towers and text decoder: linears, activations, norms,
+rotary, attention (fused or memory-bounded), per-layer rematerialisation."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
-"""Qwen2-VL text decoder: grouped-query attention with M-RoPE, SwiGLU MLP, RMSNorm.
+"""The text decoder every backbone runs: grouped-query attention with M-RoPE, SwiGLU MLP, RMSNorm.
 
-LLaVA-NeXT's Llama/Mistral decoder is the same module: no q/k/v biases (``attention_bias``) and 1-D RoPE,
-which is M-RoPE with a single section spanning the half head (every frequency follows axis 0).
+Qwen2-VL's and Qwen2.5-VL's decoder as it is; LLaVA-NeXT's Llama/Mistral decoder with no q/k/v biases
+(``attention_bias``) and 1-D RoPE, which is M-RoPE with a single section spanning the half head (every
+frequency follows axis 0).
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from g2e_jax.models.qwen2_vl.config import TextConfig
-from g2e_jax.models.qwen2_vl.layers import (
+from g2e_jax.models.common.config import TextConfig
+from g2e_jax.models.common.layers import (
     GatedMLP,
     RMSNorm,
     apply_rotary,
