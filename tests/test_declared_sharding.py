@@ -121,12 +121,13 @@ def test_a_parameter_without_declared_axes_is_an_error_naming_its_path():
     model = _tiny_model()
     mesh = make_mesh(fsdp=1)
     state_shardings(nnx.state(model), mesh)  # as built: every parameter declares its axes
-    model.visual.blocks[1].attn.extra = nnx.Param(jnp.zeros((4, 8)))  # the deliberate bug
-    with pytest.raises(ValueError, match=rf"visual\.blocks\.1\.attn\.extra: {NO_AXES}"):
+    model.visual.merger.extra = nnx.Param(jnp.zeros((4, 8)))  # the deliberate bug
+    with pytest.raises(ValueError, match=rf"visual\.merger\.extra: {NO_AXES}"):
         state_shardings(nnx.state(model), mesh)
     rows = {r.path: r for r in sharding_report(nnx.state(model), nnx.State({}), {}, mesh).rows}
-    assert rows["visual.blocks.1.attn.extra"].fallback == NO_AXES
-    assert "visual.blocks.1.attn.qkv.kernel" in rows and not rows["visual.blocks.1.attn.qkv.kernel"].fallback
+    assert rows["visual.merger.extra"].fallback == NO_AXES
+    assert rows["visual.merger.fc1.kernel"].logical == ("merge", "vision_embed")
+    assert not rows["visual.merger.fc1.kernel"].fallback
 
 
 def test_an_axis_the_table_does_not_name_is_an_error():
