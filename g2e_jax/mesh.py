@@ -1,5 +1,6 @@
-"""Device mesh and sharding rules: one regex table names each parameter's logical axes, one
-table maps logical axes to mesh axes.
+"""Device mesh and sharding rules: every parameter declares the logical axes of its dimensions where it
+is made (``declared``: its Variable's ``out_sharding`` metadata), and one table, ``LOGICAL_RULES``, maps
+logical axes to mesh axes (MaxText's ``logical_axis_rules``).
 
 Mesh axes: ``data`` (pure data parallel), ``fsdp`` (data parallel with parameters sharded), and
 ``tensor`` (within-layer model parallel). On multi-slice pods each of data/fsdp has an in-slice
@@ -7,8 +8,6 @@ Mesh axes: ``data`` (pure data parallel), ``fsdp`` (data parallel with parameter
 """
 
 from __future__ import annotations
-
-import re
 
 import jax
 import numpy as np
@@ -19,9 +18,13 @@ from jax.sharding import PartitionSpec as P
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# Logical axis -> mesh axis (None: replicated).
+# Logical axis -> mesh axis (None: replicated). Every logical name a parameter or an activation
+# declares is here; a name that is not is an error, not a silent replication.
 LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": BATCH_AXES,
+    # A stack of layers' leading axis (``nnx.vmap`` adds it to each layer's declared axes): never
+    # sharded, each device holds its shard of every layer.
+    "layers": None,
     "vocab": "tensor",
     "embed": "fsdp",
     "heads": "tensor",
@@ -30,7 +33,10 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "vision_heads": "tensor",
     "vision_mlp": "tensor",
     "merge": "tensor",
+    # Replicated by rule: the patch vectors' (pixels) side of a patch embedding, a vision tower's
+    # learned positions, norm scales and biases, and the low-rank side of adapters.
     "patch": None,
+    "vision_positions": None,
     "norm": None,
     "rank": None,
     # Activations: rows over the batch axes; the residual stream's width is never sharded over
@@ -41,31 +47,21 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "activation_embed": None,
 }
 
-# Parameter path (regex, full match) -> logical axes of each dimension. The first match wins;
-# parameters matching nothing are replicated.
-PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
-    (r"text\.embed_tokens\.embedding", ("vocab", "embed")),
-    (r"text\.layers\.\d+\.attn\.[qkv]_proj\.kernel", ("embed", "heads")),
-    (r"text\.layers\.\d+\.attn\.[qkv]_proj\.bias", ("heads",)),
-    (r"text\.layers\.\d+\.attn\.o_proj\.kernel", ("heads", "embed")),
-    (r"text\.layers\.\d+\.mlp\.(gate|up)_proj\.kernel", ("embed", "mlp")),
-    (r"text\.layers\.\d+\.mlp\.down_proj\.kernel", ("mlp", "embed")),
-    (r"lm_head\.kernel", ("embed", "vocab")),
-    (r"visual\.patch_embed\.kernel", ("patch", "vision_embed")),
-    (r"visual\.blocks\.\d+\.attn\.qkv\.kernel", ("vision_embed", "vision_heads")),
-    (r"visual\.blocks\.\d+\.attn\.qkv\.bias", ("vision_heads",)),
-    (r"visual\.blocks\.\d+\.attn\.proj\.kernel", ("vision_heads", "vision_embed")),
-    (r"visual\.blocks\.\d+\.mlp\.fc1\.kernel", ("vision_embed", "vision_mlp")),
-    (r"visual\.blocks\.\d+\.mlp\.fc1\.bias", ("vision_mlp",)),
-    (r"visual\.blocks\.\d+\.mlp\.fc2\.kernel", ("vision_mlp", "vision_embed")),
-    (r"visual\.blocks\.\d+\.mlp\.(gate|up)_proj\.kernel", ("vision_embed", "vision_mlp")),  # Qwen2.5-VL
-    (r"visual\.blocks\.\d+\.mlp\.(gate|up)_proj\.bias", ("vision_mlp",)),
-    (r"visual\.blocks\.\d+\.mlp\.down_proj\.kernel", ("vision_mlp", "vision_embed")),
-    (r"visual\.merger\.fc1\.kernel", ("merge", "vision_embed")),
-    (r"visual\.merger\.fc2\.kernel", ("merge", "embed")),
-    (r".*\.(scale|bias)", ("norm",)),
-    (r".*\.(lora_a|lora_b|magnitude)", ("rank", "rank")),
-)
+NO_AXES = "no logical axes declared where it was made"
+
+
+def declared(axes) -> dict:
+    """A Variable's metadata naming the logical axis of each of its dimensions (``out_sharding``),
+    for ``nnx.Param(value, **declared(axes))`` or a layer's ``kernel_metadata``. Never sharded at
+    construction (``eager_sharding=False``), not even under ``jax.set_mesh``: models are built
+    abstractly or on the host, and placed by ``state_shardings`` / ``shard_model``."""
+    return {"out_sharding": tuple(axes), "eager_sharding": False}
+
+
+def declared_axes(variable) -> tuple | None:
+    """The logical axes a Variable declares (None: none declared)."""
+    axes = variable.get_metadata().get("out_sharding") if isinstance(variable, nnx.Variable) else None
+    return None if axes is None else tuple(axes)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, dcn_data: int = 1, dcn_fsdp: int = 1,
@@ -110,9 +106,14 @@ def logical_spec(names, shape, mesh: Mesh) -> P:
 
 def explain_spec(names, shape, mesh) -> tuple[P, list[str]]:
     """``logical_spec`` and, per dimension whose rule asked for sharding but could not get it, why."""
+    if len(names) != len(shape):
+        raise ValueError(f"logical axes {tuple(names)} do not name the {len(shape)} dimensions of shape "
+                         f"{tuple(shape)}")  # fmt: skip
     out, used, why = [], set(), []
     for dim, (name, size) in enumerate(zip(names, shape)):
-        axes = LOGICAL_RULES.get(name) if name is not None else None
+        if name is not None and name not in LOGICAL_RULES:
+            raise ValueError(f"logical axis {name!r} is not in g2e_jax.mesh.LOGICAL_RULES")
+        axes = LOGICAL_RULES[name] if name is not None else None
         axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
         axes = tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1 and a not in used)
         degree = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
@@ -124,18 +125,6 @@ def explain_spec(names, shape, mesh) -> tuple[P, list[str]]:
         used.update(axes)
         out.append(axes[0] if len(axes) == 1 else axes)
     return P(*out), why
-
-
-def param_axes(path: str, ndim: int) -> tuple[str | None, ...]:
-    return param_rule(path, ndim)[1]
-
-
-def param_rule(path: str, ndim: int) -> tuple[str | None, tuple[str | None, ...]]:
-    """(the PARAM_AXES pattern that matched, or None, and the logical axes of each dimension)."""
-    for pattern, names in PARAM_AXES:
-        if re.fullmatch(pattern, path):
-            return pattern, tuple(names[:ndim]) + (None,) * max(0, ndim - len(names))
-    return None, (None,) * ndim
 
 
 def _leaf_name(path) -> str:
@@ -175,14 +164,32 @@ class local_rows:
         _LOCAL_ROWS.pop()
 
 
+def variable_spec(path: str, variable, mesh: Mesh) -> P:
+    """The PartitionSpec of one Variable of a model's state at ``path``: its declared logical axes
+    through ``LOGICAL_RULES``. Random-stream state (dropout keys and counts) is replicated; a
+    parameter (or any other array) that declares no axes is an error naming its path."""
+    shape = tuple(getattr(variable, "shape", ()))
+    axes = declared_axes(variable)
+    if axes is None:
+        if isinstance(variable, nnx.RngState) or not shape:
+            return P()
+        raise ValueError(f"{path}: {NO_AXES} (name the logical axes of its {len(shape)} dimensions where it "
+                         "is made: g2e_jax.mesh.declared, models.common.layers.linear / param)")  # fmt: skip
+    try:
+        return logical_spec(axes, shape, mesh)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
 def state_shardings(state: nnx.State, mesh: Mesh):
-    """A NamedSharding for every array of an NNX state (same tree structure)."""
+    """A NamedSharding for every array of an NNX state (same tree structure), from the logical
+    axes each parameter declares (``variable_spec``)."""
 
-    def sharding(path, leaf):
-        shape = getattr(leaf, "shape", ())
-        return NamedSharding(mesh, logical_spec(param_axes(_leaf_name(path), len(shape)), shape, mesh))
+    def sharding(path, variable):
+        spec = variable_spec(_leaf_name(path), variable, mesh)
+        return jax.tree.map(lambda _: NamedSharding(mesh, spec), variable)
 
-    return jax.tree_util.tree_map_with_path(sharding, state)
+    return jax.tree_util.tree_map_with_path(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int = 0) -> NamedSharding:

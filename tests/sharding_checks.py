@@ -104,19 +104,24 @@ def tiny_golden(results, update: bool):
 
 
 def fallback_checks(results):
-    """A parameter no rule names and one whose dimension the mesh does not divide are both reported."""
+    """A parameter that declares no logical axes and one whose dimension the mesh does not divide are
+    both reported."""
     from flax import nnx
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
+    from g2e_jax.mesh import declared
+
     mesh = make_mesh(fsdp=8)
     rep = NamedSharding(mesh, P())
 
-    def param(shape):
-        return nnx.Param(jax.ShapeDtypeStruct(shape, jnp.float32, sharding=rep))
+    def param(shape, axes=None):
+        value = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=rep)
+        return nnx.Param(value, **(declared(axes) if axes else {}))
 
-    state = nnx.State({"text": {"embed_tokens": {"embedding": param((100, 36))}}, "mystery": {"kernel": param((64, 64))},
-                       "visual": {"patch_embed": {"kernel": param((1176, 64))}}})
+    state = nnx.State({"text": {"embed_tokens": {"embedding": param((100, 36), ("vocab", "embed"))}},
+                       "mystery": {"kernel": param((64, 64))},
+                       "visual": {"patch_embed": {"kernel": param((1176, 64), ("patch", "vision_embed"))}}})
     report = sharding_report(state, nnx.State({}), {}, mesh)
     results["fallback/rows"] = {r.path: r.fallback for r in report.rows}
     results["fallback/summary"] = report.summary()

@@ -190,13 +190,20 @@ def test_window_attention_costs_a_fraction_of_full_attention(monkeypatch):
 
 def test_sharding_and_adapter_rules_cover_the_vision_mlp():
     from g2e_jax.adapters.lora import AdapterConfig, apply_adapters
-    from g2e_jax.mesh import param_axes
+    from g2e_jax.mesh import declared_axes
 
-    assert param_axes("visual.blocks.3.mlp.gate_proj.kernel", 2) == ("vision_embed", "vision_mlp")
-    assert param_axes("visual.blocks.3.mlp.up_proj.bias", 1) == ("vision_mlp",)
-    assert param_axes("visual.blocks.3.mlp.down_proj.kernel", 2) == ("vision_mlp", "vision_embed")
-    assert param_axes("visual.blocks.3.norm1.scale", 1) == ("norm",)
     model = random_model(BACKBONE, tiny_config())
+    # The logical axes each block's parameters declare (the per-layer index, or a stack's leading
+    # "layers", left out).
+    axes = {}
+    for keys, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        a = declared_axes(v)
+        path = ".".join(str(k) for k in keys if not isinstance(k, int))
+        axes[path] = a[1:] if a and a[0] == "layers" else a
+    assert axes["visual.blocks.mlp.gate_proj.kernel"] == ("vision_embed", "vision_mlp")
+    assert axes["visual.blocks.mlp.up_proj.bias"] == ("vision_mlp",)
+    assert axes["visual.blocks.mlp.down_proj.kernel"] == ("vision_mlp", "vision_embed")
+    assert axes["visual.blocks.norm1.scale"] == ("norm",)
     targets = apply_adapters(model, AdapterConfig(kind="lora"), rngs=nnx.Rngs(0))
     assert targets and all(t.startswith("text.layers.") for t in targets)  # the decoder only, as for Qwen2-VL
     assert len(targets) == 5 * model.config.text.num_hidden_layers

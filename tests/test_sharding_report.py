@@ -47,7 +47,7 @@ def test_tiny_sharding_dump_matches_golden(results):
 @pytest.mark.slow
 def test_fallbacks_are_reported_with_reasons(results):
     rows = results["fallback/rows"]
-    assert rows["mystery.kernel"] == "no rule in PARAM_AXES matched"
+    assert rows["mystery.kernel"] == "no logical axes declared where it was made"
     assert rows["text.embed_tokens.embedding"] == "dim 1 (embed) = 36 is not divisible by fsdp = 8"
     assert "WARNING: 2 parameters fell back to replication" in results["fallback/summary"]
 

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from g2e_jax.mesh import declared
+
 KINDS = ("lora", "dora", "full", "none")
 INITS = ("gaussian", "default")
 # The reference's target set: the text decoder's attention projections and the MLP down projection.
@@ -103,10 +105,15 @@ class LoraLinear(nnx.Module):
         else:  # PEFT default: kaiming_uniform_(A, a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in))
             bound = 1.0 / math.sqrt(self.in_features)
             a = jax.random.uniform(key, shape, jnp.float32, -bound, bound)
-        self.lora_a = nnx.LoRAParam(a.astype(pdtype))
-        self.lora_b = nnx.LoRAParam(jnp.zeros((cfg.rank, self.out_features), pdtype))
+        # Declared replicated (``rank``): small, and every device needs them whole. Axes the kernel
+        # declares before its (in, out) pair (a stacked layer's ``layers``) lead theirs.
+        lead = tuple(self.kernel.get_metadata().get("out_sharding") or ())[:-2]
+        self.lora_a = nnx.LoRAParam(a.astype(pdtype), **declared(lead + ("rank", "rank")))
+        self.lora_b = nnx.LoRAParam(
+            jnp.zeros((cfg.rank, self.out_features), pdtype), **declared(lead + ("rank", "rank"))
+        )
         self.magnitude = (
-            nnx.LoRAParam(_column_norm(self._delta_kernel()).astype(pdtype))
+            nnx.LoRAParam(_column_norm(self._delta_kernel()).astype(pdtype), **declared(lead + ("rank",)))
             if cfg.kind == "dora"
             else nnx.data(None)
         )

@@ -1,11 +1,11 @@
 """Know before you pay: where every parameter lives and how much a compiled program needs, before step 1.
 
-``sharding_report`` lists each parameter's logical axes, its mesh sharding and its bytes per device,
-the optimizer state's bytes per device, and every parameter that fell back to replication (no rule
-matched, or the mesh does not divide a dimension its rule shards). ``AheadOfTime`` lowers and
-compiles a jitted function before its first call, reports ``memory_analysis()`` and refuses a
-program that cannot fit the device, naming what it needs and the mesh change that would help; its
-executables are the ones the steps then run.
+``sharding_report`` lists each parameter's logical axes (declared where it was made), its mesh
+sharding and its bytes per device, the optimizer state's bytes per device, and every parameter that
+fell back to replication (no logical axes declared, or the mesh does not divide a dimension that its
+axis's rule shards). ``AheadOfTime`` lowers and compiles a jitted function before its first call,
+reports ``memory_analysis()`` and refuses a program that cannot fit the device, naming what it needs
+and the mesh change that would help; its executables are the ones the steps then run.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from flax import nnx
 
 from g2e_jax.aot import AheadOfTime, device_memory_limit, fmt_bytes
 from g2e_jax.io import write_atomic
-from g2e_jax.mesh import explain_spec, param_rule
+from g2e_jax.mesh import NO_AXES, declared_axes, explain_spec
 
 
 def _bytes(leaf) -> tuple[int, int]:
@@ -41,7 +41,7 @@ class ParamRow:
     total: int
     per_device: int
     trainable: bool
-    fallback: str | None  # why it is replicated against its rule (None: as the table says)
+    fallback: str | None  # why it is replicated against its axes' rules (None: as the table says)
 
     @property
     def replicated(self) -> bool:
@@ -115,13 +115,12 @@ def sharding_report(params, rest, opt_state, mesh) -> ShardingReport:
             if not isinstance(variable, nnx.Param):
                 continue  # dropout RNG state and counters
             path, leaf = ".".join(map(str, keys)), variable.get_value()
-            pattern, logical = param_rule(path, len(leaf.shape))
-            _, why = explain_spec(logical, leaf.shape, mesh)
+            logical = declared_axes(variable)
             total, local = _bytes(leaf)
-            if pattern is None and leaf.shape:
-                fallback = "no rule in PARAM_AXES matched"
+            if logical is None:
+                logical, fallback = (None,) * len(leaf.shape), NO_AXES if leaf.shape else None
             else:
-                fallback = "; ".join(why) or None
+                fallback = "; ".join(explain_spec(logical, leaf.shape, mesh)[1]) or None
             rows.append(ParamRow(path, tuple(leaf.shape), str(leaf.dtype), logical,
                                  str(getattr(leaf.sharding, "spec", "")), total, local, trainable, fallback))
     rows.sort(key=lambda r: r.path)

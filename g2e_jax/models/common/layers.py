@@ -1,5 +1,9 @@
 """Building blocks of every backbone's vision towers and text decoder: linears, activations, norms,
-rotary, attention (fused or memory-bounded), per-layer rematerialisation."""
+rotary, attention (fused or memory-bounded), per-layer rematerialisation.
+
+Every parameter declares the logical axes of its dimensions where it is made (``declared``, ``param``;
+``linear`` and ``embed`` require them), and ``g2e_jax.mesh`` maps logical axes to mesh axes: a
+parameter without declared axes is an error when the state is placed on a mesh."""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ import os
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from g2e_jax.mesh import declared
 
 ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -51,8 +57,19 @@ def activation(name: str):
     return ACTIVATIONS[name]
 
 
-def linear(din: int, dout: int, *, bias: bool, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    """A Linear initialised like transformers (normal, std 0.02; zero bias)."""
+def param(value, axes) -> nnx.Param:
+    """An ``nnx.Param`` with its logical axes declared (one name per dimension)."""
+    axes = tuple(axes)
+    if len(axes) != jnp.ndim(value):
+        raise ValueError(f"logical axes {axes} do not name the {jnp.ndim(value)} dimensions of the parameter")
+    return nnx.Param(value, **declared(axes))
+
+
+def linear(din: int, dout: int, *, axes: tuple[str, str], bias: bool, dtype, param_dtype,
+           rngs: nnx.Rngs) -> nnx.Linear:  # fmt: skip
+    """A Linear initialised like transformers (normal, std 0.02; zero bias), its kernel's logical
+    axes ``axes = (in_axis, out_axis)`` declared, and its bias's ``(out_axis,)``."""
+    in_axis, out_axis = axes
     return nnx.Linear(
         din,
         dout,
@@ -60,8 +77,23 @@ def linear(din: int, dout: int, *, bias: bool, dtype, param_dtype, rngs: nnx.Rng
         dtype=dtype,
         param_dtype=param_dtype,
         kernel_init=nnx.initializers.normal(0.02),
+        kernel_metadata=declared((in_axis, out_axis)),
+        bias_metadata=declared((out_axis,)),
         rngs=rngs,
     )
+
+
+def embed(num: int, dim: int, *, axes: tuple[str, str], dtype, param_dtype, rngs: nnx.Rngs,
+          **kw) -> nnx.Embed:  # fmt: skip
+    """An ``nnx.Embed`` whose table's logical axes ``axes = (rows, width)`` are declared."""
+    return nnx.Embed(num, dim, dtype=dtype, param_dtype=param_dtype, embedding_metadata=declared(axes),
+                     rngs=rngs, **kw)  # fmt: skip
+
+
+def layer_norm(dim: int, eps: float, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """An ``nnx.LayerNorm`` with its scale and bias declared ``("norm",)`` (replicated)."""
+    return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                         scale_metadata=declared(("norm",)), bias_metadata=declared(("norm",)))  # fmt: skip
 
 
 ACTIVATION_BUDGET = 1 << 24  # elements of an MLP's hidden activations held at once: 64 MiB in float32
@@ -86,11 +118,14 @@ def map_rows(fn, x, width: int, module: nnx.Module):
 class GatedMLP(nnx.Module):
     """SwiGLU ``down(act(gate(x)) * up(x))``: the text decoder's MLP (no bias), Qwen2.5-VL's vision MLP."""
 
-    def __init__(self, dim: int, hidden: int, act: str, *, bias: bool, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, dim: int, hidden: int, act: str, *, axes: tuple[str, str], bias: bool, dtype,
+                 param_dtype, rngs: nnx.Rngs):  # fmt: skip
+        """``axes``: the logical names of (``dim``, ``hidden``)."""
         kw = dict(bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.gate_proj = linear(dim, hidden, **kw)
-        self.up_proj = linear(dim, hidden, **kw)
-        self.down_proj = linear(hidden, dim, **kw)
+        embed_axis, mlp_axis = axes
+        self.gate_proj = linear(dim, hidden, axes=(embed_axis, mlp_axis), **kw)
+        self.up_proj = linear(dim, hidden, axes=(embed_axis, mlp_axis), **kw)
+        self.down_proj = linear(hidden, dim, axes=(mlp_axis, embed_axis), **kw)
         self.act = activation(act)
         self.hidden = hidden
 
@@ -103,7 +138,7 @@ class RMSNorm(nnx.Module):
     """RMSNorm computed in float32 and cast back before the scale, as transformers does."""
 
     def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32):
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.scale = param(jnp.ones((dim,), param_dtype), ("norm",))
         self.eps = eps
 
     def __call__(self, x):

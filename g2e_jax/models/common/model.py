@@ -40,7 +40,9 @@ class DecoderModel(nnx.Module):
         self.lm_head = (
             None
             if config.tie_word_embeddings
-            else linear(config.text.hidden_size, config.text.vocab_size, bias=False, **kw)
+            else linear(
+                config.text.hidden_size, config.text.vocab_size, axes=("embed", "vocab"), bias=False, **kw
+            )
         )
 
     def vision_parts(self, config, *, dtype, param_dtype, rngs: nnx.Rngs) -> None:

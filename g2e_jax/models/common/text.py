@@ -19,6 +19,7 @@ from g2e_jax.models.common.layers import (
     attention,
     attention_with_probs,
     call_layer,
+    embed,
     linear,
 )
 from g2e_jax.mesh import constrain
@@ -50,14 +51,13 @@ class TextAttention(nnx.Module):
             cfg.num_key_value_heads,
             cfg.head_dim,
         )
-        self.q_proj = linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=cfg.attention_bias, **kw)
-        self.k_proj = linear(
-            cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=cfg.attention_bias, **kw
+        qkv = dict(axes=("embed", "heads"), bias=cfg.attention_bias, **kw)
+        self.q_proj = linear(cfg.hidden_size, self.num_heads * self.head_dim, **qkv)
+        self.k_proj = linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, **qkv)
+        self.v_proj = linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, **qkv)
+        self.o_proj = linear(
+            self.num_heads * self.head_dim, cfg.hidden_size, axes=("heads", "embed"), bias=False, **kw
         )
-        self.v_proj = linear(
-            cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=cfg.attention_bias, **kw
-        )
-        self.o_proj = linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False, **kw)
 
     def __call__(self, x, cos, sin, mask, prefix=None, output_attentions: bool = False):
         """Output and this call's rotated (k, v); ``prefix`` (k, v) ``[P, Hk, D]`` are keys and values of
@@ -84,7 +84,9 @@ class TextAttention(nnx.Module):
 class TextMLP(GatedMLP):
     def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        super().__init__(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=False, **kw)
+        super().__init__(
+            cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, axes=("embed", "mlp"), bias=False, **kw
+        )
 
 
 class DecoderLayer(nnx.Module):
@@ -107,14 +109,8 @@ class TextDecoder(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.cfg = cfg
-        self.embed_tokens = nnx.Embed(
-            cfg.vocab_size,
-            cfg.hidden_size,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            embedding_init=nnx.initializers.normal(0.02),
-            rngs=rngs,
-        )
+        self.embed_tokens = embed(cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"),
+                                  embedding_init=nnx.initializers.normal(0.02), **kw)  # fmt: skip
         self.layers = nnx.List([DecoderLayer(cfg, **kw) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
 

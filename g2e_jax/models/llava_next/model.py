@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from g2e_jax.models.common.layers import activation, linear
+from g2e_jax.models.common.layers import activation, linear, param
 from g2e_jax.models.common.model import DecoderModel, host_value, positions_3d
 from g2e_jax.models.llava_next import anyres
 from g2e_jax.models.llava_next.config import LlavaNextConfig
@@ -24,8 +24,11 @@ from g2e_jax.models.llava_next.vision import ClipVisionTower
 class Projector(nnx.Module):
     def __init__(self, cfg: LlavaNextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(bias=cfg.multimodal_projector_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.linear_1 = linear(cfg.vision.embed_dim, cfg.text.hidden_size, **kw)
-        self.linear_2 = linear(cfg.text.hidden_size, cfg.text.hidden_size, **kw)
+        # Column- then row-parallel, as the merger of Qwen2-VL's tower into the decoder's width.
+        self.linear_1 = linear(
+            cfg.vision.embed_dim, cfg.text.hidden_size, axes=("vision_embed", "merge"), **kw
+        )
+        self.linear_2 = linear(cfg.text.hidden_size, cfg.text.hidden_size, axes=("merge", "embed"), **kw)
         self.act = activation(cfg.projector_hidden_act)
 
     def __call__(self, x):
@@ -37,7 +40,7 @@ class LlavaNext(DecoderModel):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.vision_tower = ClipVisionTower(config.vision, **kw)
         self.multi_modal_projector = Projector(config, **kw)
-        self.image_newline = nnx.Param(jnp.zeros((config.text.hidden_size,), param_dtype))
+        self.image_newline = param(jnp.zeros((config.text.hidden_size,), param_dtype), ("embed",))
 
     def tile_features(self, pixel_values):
         """Projected patch features of every tile, ``[tiles * tokens_per_tile, H]`` (CLS dropped)."""

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from g2e_jax.models.llava_next.config import ClipVisionConfig
-from g2e_jax.models.common.layers import activation, attention, call_layer, linear, map_rows
+from g2e_jax.models.common.layers import activation, attention, call_layer, embed, linear, map_rows, param
+from g2e_jax.models.common.layers import layer_norm as common_layer_norm
 
 
 class ClipEmbeddings(nnx.Module):
@@ -17,15 +18,17 @@ class ClipEmbeddings(nnx.Module):
         self.patch_embedding = linear(
             cfg.in_channels * cfg.patch_size**2,
             cfg.embed_dim,
+            axes=("patch", "vision_embed"),
             bias=False,
             dtype=dtype,
             param_dtype=param_dtype,
             rngs=rngs,
         )
-        self.class_embedding = nnx.Param(jnp.zeros((cfg.embed_dim,), param_dtype))
-        self.position_embedding = nnx.Embed(
-            cfg.num_positions, cfg.embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-        )
+        self.class_embedding = param(jnp.zeros((cfg.embed_dim,), param_dtype), ("vision_embed",))
+        self.position_embedding = embed(
+            cfg.num_positions, cfg.embed_dim, axes=("vision_positions", "vision_embed"), dtype=dtype,
+            param_dtype=param_dtype, rngs=rngs,
+        )  # fmt: skip
 
     def __call__(self, pixel_values):
         """``[T, C, S, S]`` -> ``[T, 1 + (S/P)**2, D]``."""
@@ -42,9 +45,11 @@ class ClipAttention(nnx.Module):
     def __init__(self, cfg: ClipVisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.num_heads = cfg.num_heads
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
-            linear(cfg.embed_dim, cfg.embed_dim, **kw) for _ in range(4)
+        self.q_proj, self.k_proj, self.v_proj = (
+            linear(cfg.embed_dim, cfg.embed_dim, axes=("vision_embed", "vision_heads"), **kw)
+            for _ in range(3)
         )
+        self.out_proj = linear(cfg.embed_dim, cfg.embed_dim, axes=("vision_heads", "vision_embed"), **kw)
 
     def __call__(self, x):
         t, length, _ = x.shape
@@ -57,8 +62,8 @@ class ClipAttention(nnx.Module):
 class ClipMLP(nnx.Module):
     def __init__(self, cfg: ClipVisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.fc1 = linear(cfg.embed_dim, cfg.intermediate_size, **kw)
-        self.fc2 = linear(cfg.intermediate_size, cfg.embed_dim, **kw)
+        self.fc1 = linear(cfg.embed_dim, cfg.intermediate_size, axes=("vision_embed", "vision_mlp"), **kw)
+        self.fc2 = linear(cfg.intermediate_size, cfg.embed_dim, axes=("vision_mlp", "vision_embed"), **kw)
         self.act = activation(cfg.hidden_act)
 
     def __call__(self, x):
@@ -66,8 +71,8 @@ class ClipMLP(nnx.Module):
 
 
 def layer_norm(cfg: ClipVisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    return nnx.LayerNorm(
-        cfg.embed_dim, epsilon=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    return common_layer_norm(
+        cfg.embed_dim, cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs
     )
 
 

@@ -81,7 +81,8 @@ class WindowLayout:
 
 
 def swiglu(cfg: Qwen2_5VisionConfig, **kw) -> GatedMLP:
-    return GatedMLP(cfg.embed_dim, cfg.intermediate_size, cfg.hidden_act, bias=True, **kw)
+    return GatedMLP(cfg.embed_dim, cfg.intermediate_size, cfg.hidden_act, axes=("vision_embed", "vision_mlp"),
+                    bias=True, **kw)  # fmt: skip
 
 
 class Qwen2_5VisionTower(VisionTower):

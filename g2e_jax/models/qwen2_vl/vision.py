@@ -32,6 +32,7 @@ from g2e_jax.models.common.layers import (
     linear,
     map_rows,
 )
+from g2e_jax.models.common.layers import layer_norm as common_layer_norm
 
 
 VISION_QUERY_BLOCK = 256  # query rows per block of the per-image attention (XLA): 2B-width tower 1.4x faster than one call
@@ -145,8 +146,9 @@ class VisionAttention(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.num_heads = cfg.num_heads
-        self.qkv = linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=True, **kw)
-        self.proj = linear(cfg.embed_dim, cfg.embed_dim, bias=True, **kw)
+        kw["bias"] = True
+        self.qkv = linear(cfg.embed_dim, 3 * cfg.embed_dim, axes=("vision_embed", "vision_heads"), **kw)
+        self.proj = linear(cfg.embed_dim, cfg.embed_dim, axes=("vision_heads", "vision_embed"), **kw)
 
     def __call__(self, x, cos, sin, attend):
         """``attend(q, k, v)`` runs attention within the groups it knows (images, or windows)."""
@@ -162,8 +164,8 @@ class VisionAttention(nnx.Module):
 class VisionMLP(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.fc1 = linear(cfg.embed_dim, cfg.mlp_dim, bias=True, **kw)
-        self.fc2 = linear(cfg.mlp_dim, cfg.embed_dim, bias=True, **kw)
+        self.fc1 = linear(cfg.embed_dim, cfg.mlp_dim, axes=("vision_embed", "vision_mlp"), bias=True, **kw)
+        self.fc2 = linear(cfg.mlp_dim, cfg.embed_dim, axes=("vision_mlp", "vision_embed"), bias=True, **kw)
         self.act = activation(cfg.hidden_act)
 
     def __call__(self, x):
@@ -171,7 +173,7 @@ class VisionMLP(nnx.Module):
 
 
 def layer_norm(dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-    return nnx.LayerNorm(dim, epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    return common_layer_norm(dim, 1e-6, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 def rms_norm(dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
@@ -201,8 +203,8 @@ class PatchMerger(nnx.Module):
         self.window = cfg.spatial_merge_size**2
         merged = cfg.embed_dim * self.window
         self.ln_q = norm(cfg.embed_dim, **kw)
-        self.fc1 = linear(merged, merged, bias=True, **kw)
-        self.fc2 = linear(merged, cfg.out_hidden_size, bias=True, **kw)
+        self.fc1 = linear(merged, merged, axes=("merge", "vision_embed"), bias=True, **kw)
+        self.fc2 = linear(merged, cfg.out_hidden_size, axes=("merge", "embed"), bias=True, **kw)
 
     def __call__(self, x):
         x = self.ln_q(x).reshape(-1, self.window * x.shape[-1])
@@ -218,7 +220,9 @@ class VisionTower(nnx.Module):
                  rngs: nnx.Rngs):  # fmt: skip
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.cfg = cfg
-        self.patch_embed = linear(cfg.patch_dim, cfg.embed_dim, bias=False, **kw)
+        self.patch_embed = linear(
+            cfg.patch_dim, cfg.embed_dim, axes=("patch", "vision_embed"), bias=False, **kw
+        )
         self.rotary = VisionRotary(cfg)
         self.blocks = nnx.List([VisionBlock(cfg, norm=norm, mlp=mlp, **kw) for _ in range(cfg.depth)])
         self.merger = PatchMerger(cfg, norm=norm, **kw)
