@@ -121,14 +121,24 @@ class LoraLinear(nnx.Module):
         else:  # PEFT default: kaiming_uniform_(A, a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in))
             bound = 1.0 / math.sqrt(self.in_features)
             a = jax.random.uniform(key, shape, jnp.float32, -bound, bound)
-        self.lora_a = nnx.LoRAParam(a.astype(pdtype))
-        self.lora_b = nnx.LoRAParam(jnp.zeros((cfg.rank, self.out_features), pdtype))
+        self.lora_a = self._adapter_param(a.astype(pdtype))
+        self.lora_b = self._adapter_param(jnp.zeros((cfg.rank, self.out_features), pdtype))
         self.magnitude = (
-            nnx.LoRAParam(_column_norm(self._delta_kernel()).astype(pdtype))
+            self._adapter_param(_column_norm(self._delta_kernel()).astype(pdtype))
             if cfg.kind == "dora"
             else nnx.data(None)
         )
         self.dropout = nnx.Dropout(cfg.dropout, deterministic=False, rngs=rngs if cfg.dropout > 0 else None)
+
+    def _adapter_param(self, value) -> nnx.LoRAParam:
+        """An adapter variable; where the kernel declares its sharding (``out_sharding``), the adapter
+        declares the logical axis ``rank`` on every dimension (replicated by the mesh table), and a
+        stack's ``nnx.vmap`` puts ``layers`` in front, as on the kernel."""
+        meta = self.kernel.get_metadata()
+        if meta.get("out_sharding") is None:
+            return nnx.LoRAParam(value)
+        extra = {k: meta[k] for k in ("eager_sharding", "mesh") if meta.get(k) is not None}
+        return nnx.LoRAParam(value, out_sharding=("rank",) * value.ndim, **extra)
 
     @classmethod
     def stacked(cls, linear: nnx.Linear, cfg: AdapterConfig, stack_size: int, *, rngs: nnx.Rngs):
