@@ -42,7 +42,9 @@ TARGET_PATHS = sorted(
     [f"text.layers.{i}.{m}" for i in range(L) for m in ("attn.q_proj", "attn.o_proj", "mlp.down_proj")]
     + ["visual.merger.fc1"]
 )
-HF_TARGETS = r".*(language_model\.layers\.\d+\.(self_attn\.(q_proj|o_proj)|mlp\.down_proj)|visual\.merger\.mlp\.0)"
+HF_TARGETS = (
+    r".*(language_model\.layers\.\d+\.(self_attn\.(q_proj|o_proj)|mlp\.down_proj)|visual\.merger\.mlp\.0)"
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -103,7 +105,10 @@ def scan_layers(layers, x, body):
     """``body(layer, x) -> (x, out)`` over a stack: the layer's state (parameters and random
     streams) scanned on axis 0, ``out`` stacked on axis 0."""
     scan = nnx.scan(
-        body, in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0), transform_metadata={nnx.PARTITION_NAME: "layers"}
+        body,
+        in_axes=(0, nnx.Carry),
+        out_axes=(nnx.Carry, 0),
+        transform_metadata={nnx.PARTITION_NAME: "layers"},
     )
     return scan(layers, x)
 
@@ -173,7 +178,7 @@ def unstacked_twin(model):
     leaves = nnx.to_flat_state(state)
     assert len(leaves) == sum(1 if "text.layers" not in k else L for k in src)
     for path, var in leaves:
-        stacked, stack, i = stacked_path(".".join(map(str, path)), STACKS)
+        stacked, _, i = stacked_path(".".join(map(str, path)), STACKS)
         value = src[stacked].get_value()
         var.set_value(value if i is None else value[i])
     nnx.update(plain, state)
@@ -189,7 +194,9 @@ def randomise_adapters(model, seed=0):
             m.lora_b.set_value(jnp.asarray(0.05 * rng.standard_normal(shape), jnp.float32))
             if m.is_dora:
                 mag = np.asarray(m.magnitude[...])
-                m.magnitude.set_value(jnp.asarray(mag * (1 + 0.2 * rng.standard_normal(mag.shape)), jnp.float32))
+                m.magnitude.set_value(
+                    jnp.asarray(mag * (1 + 0.2 * rng.standard_normal(mag.shape)), jnp.float32)
+                )
 
 
 def inputs(seed=0):
@@ -209,8 +216,15 @@ def adapted_toy(kind, **kw):
 
 def test_stacked_and_unstacked_paths():
     assert unstacked_path("text.layers.attn.q_proj", "text.layers", 5) == "text.layers.5.attn.q_proj"
-    assert unstacked_path("text.layers.attn.q_proj.kernel", "text.layers", 0) == "text.layers.0.attn.q_proj.kernel"
-    assert stacked_path("text.layers.5.attn.q_proj", ["text.layers"]) == ("text.layers.attn.q_proj", "text.layers", 5)
+    assert (
+        unstacked_path("text.layers.attn.q_proj.kernel", "text.layers", 0)
+        == "text.layers.0.attn.q_proj.kernel"
+    )
+    assert stacked_path("text.layers.5.attn.q_proj", ["text.layers"]) == (
+        "text.layers.attn.q_proj",
+        "text.layers",
+        5,
+    )
     assert stacked_path("text.layers.12", {"text.layers": 28}) == ("text.layers", "text.layers", 12)
     assert stacked_path("visual.merger.fc1", ["text.layers"]) == ("visual.merger.fc1", None, None)
     assert stacked_path("text.layers_x.1.a", ["text.layers"]) == ("text.layers_x.1.a", None, None)
@@ -265,7 +279,9 @@ def test_apply_stacked_layout(kind):
     assert sorted(p for p, _, _ in layers) == TARGET_PATHS
     assert [(p, i) for p, m, i in layers if m is q] == [(f"text.layers.{i}.attn.q_proj", i) for i in range(L)]
     assert [(p, i) for p, m, i in layers if m is fc1] == [("visual.merger.fc1", None)]
-    per_layer = lambda m: m.rank * (m.in_features + m.out_features) + (m.out_features if kind == "dora" else 0)
+    per_layer = lambda m: (
+        m.rank * (m.in_features + m.out_features) + (m.out_features if kind == "dora" else 0)
+    )
     assert count_parameters(model, nnx.LoRAParam) == sum(per_layer(m) for _, m, _ in adapter_layers(model))
     with pytest.raises(ValueError, match="call it inside the nnx.scan"):
         q(jnp.ones((2, D)))
@@ -315,7 +331,9 @@ def test_stacked_equals_per_layer_plain_adapters(kind):
     if kind == "dora":
         norms = np.asarray(q.weight_norm())
         for i in range(L):
-            np.testing.assert_allclose(norms[i], np.asarray(plain.text.layers[i].attn.q_proj.weight_norm()), rtol=1e-6)
+            np.testing.assert_allclose(
+                norms[i], np.asarray(plain.text.layers[i].attn.q_proj.weight_norm()), rtol=1e-6
+            )
     report(f"stacked {kind} vs per-layer plain LoraLinear", **diffs, merged_kernel=kernel_diff)
     assert max(diffs.values()) <= ATOL and kernel_diff <= 1e-6
     model.eval()
@@ -337,7 +355,10 @@ def test_merge_round_trip_and_gradients(kind):
     assert set(g) == set(flat(model, nnx.LoRAParam))
     assert g["text.layers.attn.q_proj.lora_a"].shape == (L, D, 8)
     assert all(np.abs(v[i]).max() > 0 for k, v in g.items() if k.startswith("text.layers") for i in range(L))
-    base_before = {k: np.asarray(v.get_value()) for k, v in flat(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))).items()}
+    base_before = {
+        k: np.asarray(v.get_value())
+        for k, v in flat(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))).items()
+    }
     optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=wrt)
     optimizer.update(model, grads)
     base_after = flat(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
@@ -531,7 +552,10 @@ def test_peft_folders_on_stacked_layers(tmp_path, kind):
     assert effect > 1e-2 and diff <= ATOL
 
     save_peft_adapter(model, tmp_path / "ours")
-    theirs, ours = load_file(tmp_path / "theirs/adapter_model.safetensors"), load_file(tmp_path / "ours/adapter_model.safetensors")
+    theirs, ours = (
+        load_file(tmp_path / "theirs/adapter_model.safetensors"),
+        load_file(tmp_path / "ours/adapter_model.safetensors"),
+    )
     assert sorted(ours) == sorted(theirs)
     assert "base_model.model.model.language_model.layers.2.self_attn.q_proj.lora_A.weight" in ours
     assert all(ours[k].dtype == theirs[k].dtype and np.array_equal(ours[k], theirs[k]) for k in ours)
@@ -543,7 +567,9 @@ def test_peft_folders_on_stacked_layers(tmp_path, kind):
     load_peft_adapter(again, tmp_path / "ours")
     first, second = flat(model, nnx.LoRAParam), flat(again, nnx.LoRAParam)
     assert first.keys() == second.keys()
-    assert all(np.array_equal(np.asarray(first[k].get_value()), np.asarray(second[k].get_value())) for k in first)
+    assert all(
+        np.array_equal(np.asarray(first[k].get_value()), np.asarray(second[k].get_value())) for k in first
+    )
 
     plain = unstacked_twin(toy())  # the same base weights in an nnx.List of layers
     load_peft_adapter(plain, tmp_path / "theirs")
@@ -569,6 +595,8 @@ def test_peft_folders_on_stacked_layers(tmp_path, kind):
 
 def test_peft_folder_on_part_of_a_stack_is_an_error(tmp_path):
     model = toy()
-    peft_folder(torch_mirror(model), "lora", tmp_path / "a", targets=r".*language_model\.layers\.1\.self_attn\.q_proj")
+    peft_folder(
+        torch_mirror(model), "lora", tmp_path / "a", targets=r".*language_model\.layers\.1\.self_attn\.q_proj"
+    )
     with pytest.raises(ValueError, match=r"only some layers of the stacked text\.layers\.attn\.q_proj"):
         load_peft_adapter(model, tmp_path / "a")

@@ -148,7 +148,9 @@ class LoraLinear(nnx.Module):
         its own initial ``A`` and dropout key. The kernel and bias variables are the linear's own."""
         shape = tuple(linear.kernel.get_value().shape)
         if len(shape) != 3 or shape[0] != stack_size:
-            raise ValueError(f"a linear in a stack of {stack_size} layers needs a kernel [L, in, out], got {shape}")
+            raise ValueError(
+                f"a linear in a stack of {stack_size} layers needs a kernel [L, in, out], got {shape}"
+            )
 
         @nnx.vmap(in_axes=(0, 0), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make(linear, rngs):
@@ -272,7 +274,9 @@ def find_stacks(model: nnx.Module) -> dict[str, int]:
     for inner in stacks:
         for outer in stacks:
             if inner != outer and inner.startswith(outer + "."):
-                raise ValueError(f"stack {inner!r} is inside stack {outer!r}; nested stacks are not supported")
+                raise ValueError(
+                    f"stack {inner!r} is inside stack {outer!r}; nested stacks are not supported"
+                )
     return stacks
 
 

@@ -100,7 +100,7 @@ def unstacked_path(path: str, stack: str, index: int) -> str:
         raise ValueError(f"{path!r} is not under the stack {stack!r}")
     if isinstance(index, bool) or not isinstance(index, int) or index < 0:
         raise ValueError(f"layer index must be a non-negative int, got {index!r}")
-    return f"{stack}.{index}{path[len(stack):]}"
+    return f"{stack}.{index}{path[len(stack) :]}"
 
 
 def stacked_path(path: str, stacks) -> tuple[str, str | None, int | None]:
