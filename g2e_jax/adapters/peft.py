@@ -172,7 +172,7 @@ def load_peft_adapter(
             if index is None:
                 buffers[name] = value
             else:
-                buffers.setdefault(name, np.zeros(shape, var.get_value().dtype))[index] = value
+                buffers.setdefault(name, np.zeros(shape, value.dtype))[index] = value
     if found != set(by_path):
         raise ValueError(f"{weights_path}: no linear layer at {sorted(set(by_path) - found)}")
     for layer, buffers in staged.values():
