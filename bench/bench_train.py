@@ -111,11 +111,20 @@ def hf_module_name(path: str) -> str:
     return "model.language_model." + hub.removeprefix("model.")
 
 
-def _module_at(model, path: str):
+def _set_adapter(model, path: str, a, b):
+    """PEFT's A [r, in], B [out, r] into the adapter at the per-layer ``path`` (its slice of a stack)."""
+    import jax.numpy as jnp
+
+    from g2e_jax.adapters.lora import find_stacks
+    from g2e_jax.models.name_map import stacked_path
+
+    path, _, index = stacked_path(path, find_stacks(model))
     node = model
     for key in path.split("."):
         node = node[int(key)] if key.isdigit() else getattr(node, key)
-    return node
+    for var, value in ((node.lora_a, a.T), (node.lora_b, b.T)):
+        value = jnp.asarray(value)
+        var.set_value(value if index is None else var.get_value().at[index].set(value))
 
 
 class JaxSide:
@@ -135,9 +144,7 @@ class JaxSide:
         acfg = AdapterConfig(kind=adapter, rank=args.rank, alpha=args.alpha, dropout=0.0)
         for p in apply_adapters(model, acfg, rngs=nnx.Rngs(args.seed)):
             a, b = lora_init[hf_module_name(p)]  # PEFT [out, in] layout -> ours [in, out]
-            layer = _module_at(model, p)
-            layer.lora_a.set_value(jnp.asarray(a.T))
-            layer.lora_b.set_value(jnp.asarray(b.T))
+            _set_adapter(model, p, a, b)
         self.graphdef, self.init_params, self.rest = nnx.split(model, trainable_filter(acfg), ...)
         self.trainable = int(sum(x.size for x in jax.tree.leaves(self.init_params)))
         self.tx = make_optimizer(

@@ -17,11 +17,14 @@ from g2e_jax.models.qwen2_vl.tiny import random_model, tiny_config
 from g2e_jax.adapters.lora import (
     AdapterConfig,
     LoraLinear,
+    adapter_layers,
     apply_adapters,
     count_parameters,
+    find_stacks,
     merge_adapters,
     trainable_filter,
 )
+from g2e_jax.models.name_map import stacked_path
 
 ATOL = 1e-5
 HF_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.down_proj)"
@@ -43,10 +46,24 @@ def text_batch(cfg, seed=0):
 
 
 def module_at(model, path: str):
+    """The module holding the per-layer path ``path`` and the layer's index in its leading axis: the
+    stacked module and ``i`` for layer ``i`` of a stack of layers, else the module itself and None."""
+    path, _, index = stacked_path(path, find_stacks(model))
     node = model
     for key in path.split("."):
         node = node[int(key)] if key.isdigit() else getattr(node, key)
-    return node
+    return node, index
+
+
+def layer_value(var, index) -> np.ndarray:
+    """One layer's value of a variable (its slice ``index`` when stacked)."""
+    value = np.asarray(var[...])
+    return value if index is None else value[index]
+
+
+def set_layer_value(var, index, value) -> None:
+    value = jnp.asarray(value, var.get_value().dtype)
+    var.set_value(value if index is None else var.get_value().at[index].set(value))
 
 
 def hf_module_name(path: str) -> str:
@@ -71,15 +88,16 @@ def forward(model, batch):
 # 1. Parity with PEFT on the tiny model
 
 
-def _set_adapter_weights(peft_layer, ours, a, b):
-    """The same A [r, in] and B [out, r] in a PEFT layer and in ours (kernels are [in, out])."""
+def _set_adapter_weights(peft_layer, ours, a, b, index=None):
+    """The same A [r, in] and B [out, r] in a PEFT layer and in ours (kernels are [in, out]; layer
+    ``index`` of a stacked adapter)."""
     import torch
 
     with torch.no_grad():
         peft_layer.lora_A["default"].weight.copy_(torch.from_numpy(a))
         peft_layer.lora_B["default"].weight.copy_(torch.from_numpy(b))
-    ours.lora_a.set_value(jnp.asarray(a.T))
-    ours.lora_b.set_value(jnp.asarray(b.T))
+    set_layer_value(ours.lora_a, index, a.T)
+    set_layer_value(ours.lora_b, index, b.T)
 
 
 @pytest.mark.parametrize("kind", ["lora", "dora"])
@@ -111,20 +129,20 @@ def test_peft_parity(tiny_dir, kind):
     max_mag_diff = 0.0
     for path in paths:
         layer = wrapped.base_model.model.get_submodule(hf_module_name(path))
-        mine = module_at(ours, path)
+        mine, index = module_at(ours, path)
         a = rng.standard_normal(layer.lora_A["default"].weight.shape).astype(np.float32) / np.sqrt(
             mine.in_features
         )
         b = 0.05 * rng.standard_normal(layer.lora_B["default"].weight.shape).astype(np.float32)
-        _set_adapter_weights(layer, mine, a, b)
+        _set_adapter_weights(layer, mine, a, b, index)
         if kind == "dora":
             # Both initialised the magnitude to ||W|| per output feature.
             peft_m = layer.lora_magnitude_vector["default"].weight.detach().numpy()
-            max_mag_diff = max(max_mag_diff, float(np.abs(peft_m - np.asarray(mine.magnitude[...])).max()))
+            max_mag_diff = max(max_mag_diff, float(np.abs(peft_m - layer_value(mine.magnitude, index)).max()))
             m = (peft_m * (1.0 + 0.2 * rng.standard_normal(peft_m.shape))).astype(np.float32)
             with torch.no_grad():
                 layer.lora_magnitude_vector["default"].weight.copy_(torch.from_numpy(m))
-            mine.magnitude.set_value(jnp.asarray(m))
+            set_layer_value(mine.magnitude, index, m)
     if kind == "dora":
         report(f"{kind} initial magnitude vs PEFT", max_abs_diff=max_mag_diff)
         assert max_mag_diff <= ATOL
@@ -152,7 +170,7 @@ def test_peft_parity(tiny_dir, kind):
         float(
             np.abs(
                 merged_hf.get_submodule(hf_module_name(p)).weight.detach().numpy().T
-                - np.asarray(module_at(ours, p).kernel[...])
+                - layer_value(module_at(ours, p)[0].kernel, module_at(ours, p)[1])
             ).max()
         )
         for p in paths
@@ -298,7 +316,7 @@ def test_only_adapters_get_gradients(tiny_cfg, kind):
     per_layer = lambda m: (
         m.rank * (m.in_features + m.out_features) + (m.out_features if kind == "dora" else 0)
     )
-    assert n_adapter == sum(per_layer(m) for _, m in nnx.iter_modules(model) if isinstance(m, LoraLinear))
+    assert n_adapter == sum(per_layer(m) for _, m, _ in adapter_layers(model))
     base_before = {
         ".".join(map(str, p)): np.asarray(v.get_value())
         for p, v in nnx.to_flat_state(nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))))
@@ -408,10 +426,11 @@ def test_init_schemes(tiny_cfg):
             assert abs(a.std() - 1 / 4) < 0.02
         else:
             assert np.abs(a).max() <= 1 / np.sqrt(64) + 1e-7
-        down = module_at(model, "text.layers.1.mlp.down_proj")
-        assert not np.asarray(down.lora_b[...]).any()
-        kernel = np.asarray(module_at(base, "text.layers.1.mlp.down_proj").kernel[...])
-        np.testing.assert_allclose(np.asarray(down.magnitude[...]), np.linalg.norm(kernel, axis=0), rtol=1e-6)
+        down, i = module_at(model, "text.layers.1.mlp.down_proj")
+        assert not layer_value(down.lora_b, i).any()
+        base_down, j = module_at(base, "text.layers.1.mlp.down_proj")
+        kernel = layer_value(base_down.kernel, j)
+        np.testing.assert_allclose(layer_value(down.magnitude, i), np.linalg.norm(kernel, axis=0), rtol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["lora", "dora"])
@@ -424,7 +443,7 @@ def test_save_requires_merge_and_round_trips(tiny_cfg, kind, tmp_path):
     with pytest.raises(ValueError, match="merge adapters before saving"):
         save(model, tmp_path / "unmerged", progress=False)
     merge_adapters(model)
-    assert isinstance(module_at(model, "text.layers.0.attn.q_proj"), nnx.Linear)
+    assert isinstance(module_at(model, "text.layers.0.attn.q_proj")[0], nnx.Linear)
     save(model, tmp_path / "merged", progress=False)
     loaded = load(tmp_path / "merged", progress=False)
     saved, reloaded = flat_params(model), flat_params(loaded)

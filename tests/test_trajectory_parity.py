@@ -29,9 +29,11 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 from hf_reference import OFFICIAL_SYSTEM, load_hf_model, official_template, sequential_positions  # noqa: E402
 
+from g2e_jax.adapters.lora import find_stacks  # noqa: E402
 from g2e_jax.adapters.peft import load_peft_adapter  # noqa: E402
 from g2e_jax.data.prepared import content_id  # noqa: E402
 from g2e_jax.models import backbone_of, load  # noqa: E402
+from g2e_jax.models.name_map import unstacked_path  # noqa: E402
 from g2e_jax.models.qwen2_vl.hf_files import load_hf_processor  # noqa: E402
 from g2e_jax.preprocess import Preprocessor  # noqa: E402
 from g2e_jax.train.batch import BatchShape, build_batch  # noqa: E402
@@ -166,14 +168,23 @@ def peft_key(name_map, path: str) -> str:
     return f"base_model.model.{name}.{suffix}"
 
 
-def our_weights(params, name_map) -> dict[str, np.ndarray]:
+def our_weights(params, name_map, stacks) -> dict[str, np.ndarray]:
+    """PEFT key -> our tensor in PEFT's layout, one per layer (slice ``i`` of a stack's variables)."""
     flat = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(params)}
-    return {peft_key(name_map, p): (v if p.endswith("magnitude") else v.T) for p, v in flat.items()}
+    per_layer = {}
+    for p, v in flat.items():
+        stack = next((s for s in stacks if p.startswith(s + ".")), None)
+        if stack is None:
+            per_layer[p] = v
+        else:
+            per_layer.update((unstacked_path(p, stack, i), v[i]) for i in range(stacks[stack]))
+    return {peft_key(name_map, p): (v if p.endswith("magnitude") else v.T) for p, v in per_layer.items()}
 
 
 def our_trajectory(tiny_dir, folder, steps, grad_cache, warmup=WARMUP):
     model = load(tiny_dir, progress=False)
     load_peft_adapter(model, folder, dropout=0.0)
+    stacks = find_stacks(model)
     graphdef, params, rest = nnx.split(model, nnx.LoRAParam, ...)
     pre = Preprocessor.from_pretrained(tiny_dir, max_len=256)
     qs = pre.prepare(QUERIES, QUERY_IMAGES, role="query")
@@ -221,8 +232,8 @@ def our_trajectory(tiny_dir, folder, steps, grad_cache, warmup=WARMUP):
     out = []
     for _ in range(steps):
         params, opt_state, metrics, grads = step(params, rest, opt_state)
-        out.append((float(metrics["loss"]), float(metrics["grad_norm"]), our_weights(params, name_map),
-                    our_weights(grads, name_map)))  # fmt: skip
+        out.append((float(metrics["loss"]), float(metrics["grad_norm"]), our_weights(params, name_map, stacks),
+                    our_weights(grads, name_map, stacks)))  # fmt: skip
     return out
 
 

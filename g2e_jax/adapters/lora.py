@@ -14,6 +14,15 @@ Formulas (PEFT 0.21, ``tuners/lora/layer.py``, ``variants.py``, ``dora.py``), wi
   ``x`` otherwise (PEFT then recomputes the base product from the dropped input, without bias).
   The magnitude ``m`` starts as ``||W + s A B||`` (``= ||W||`` since ``B = 0``).
 - Merge: LoRA ``W + s A B``; DoRA ``g * (W + s A B)``; the bias is unchanged.
+
+Stacked layers: a linear inside a stack of layers (a module carrying ``stack_size``, whose variables
+have a leading layer axis: kernel ``[L, in, out]``) becomes one stacked ``LoraLinear``
+(``LoraLinear.stacked``): ``lora_a [L, in, r]``, ``lora_b [L, r, out]``, DoRA ``magnitude [L, out]``
+(each layer's own column norms) and a dropout stream per layer (key ``[L]``). Its ``__call__`` runs
+per layer, inside the ``nnx.scan`` over the stack (which hands it one layer's slices); the kernel
+arithmetic (``merged_kernel``, ``weight_norm``, ``merge_adapters``) works on either layout, layer by
+layer. Targets and returned paths are per-layer names (``text.layers.5.attn.q_proj``), translated
+by ``g2e_jax.models.name_map.stacked_path`` / ``unstacked_path``.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from g2e_jax.mesh import declared
+from g2e_jax.models.name_map import unstacked_path
 
 KINDS = ("lora", "dora", "full", "none")
 INITS = ("gaussian", "default")
@@ -72,9 +82,15 @@ def _matmul(x, w, precision):
 
 
 def _column_norm(w):
-    """L2 norm of each output feature (kernel column) in float32."""
+    """L2 norm of each output feature (kernel column) in float32; per layer for a stacked kernel."""
     w = w.astype(jnp.float32)
-    return jnp.sqrt(jnp.sum(w * w, axis=0))
+    return jnp.sqrt(jnp.sum(w * w, axis=-2))
+
+
+def _per_layer(fn, *arrays):
+    """``fn`` on one layer's arrays (kernel ``[in, out]``), mapped over the leading layer axis when
+    the kernel (the first array) is stacked."""
+    return fn(*arrays) if arrays[0].ndim == 2 else jax.vmap(fn)(*arrays)
 
 
 class LoraLinear(nnx.Module):
@@ -82,6 +98,7 @@ class LoraLinear(nnx.Module):
 
     Built from an existing ``nnx.Linear`` whose ``kernel``/``bias`` variables it keeps. Adapter
     dropout follows ``model.train()`` / ``model.eval()`` (or ``nnx.view``, or ``deterministic``).
+    For a linear inside a stack of layers use ``LoraLinear.stacked``.
     """
 
     def __init__(self, linear: nnx.Linear, cfg: AdapterConfig, *, rngs: nnx.Rngs):
@@ -119,27 +136,63 @@ class LoraLinear(nnx.Module):
         )
         self.dropout = nnx.Dropout(cfg.dropout, deterministic=False, rngs=rngs if cfg.dropout > 0 else None)
 
+    @classmethod
+    def stacked(cls, linear: nnx.Linear, cfg: AdapterConfig, stack_size: int, *, rngs: nnx.Rngs):
+        """The adapter of a linear inside a stack of ``stack_size`` layers (kernel ``[L, in, out]``):
+        one ``LoraLinear`` per layer, built under ``nnx.vmap`` like the stack itself, so every
+        adapter variable (and the dropout stream) gets the leading layer axis, and each layer draws
+        its own initial ``A`` and dropout key. The kernel and bias variables are the linear's own."""
+        shape = tuple(linear.kernel.get_value().shape)
+        if len(shape) != 3 or shape[0] != stack_size:
+            raise ValueError(
+                f"a linear in a stack of {stack_size} layers needs a kernel [L, in, out], got {shape}"
+            )
+
+        @nnx.vmap(in_axes=(0, 0), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make(linear, rngs):
+            return cls(linear, cfg, rngs=rngs)
+
+        return make(linear, rngs.split(stack_size))
+
     @property
     def is_dora(self) -> bool:
         return self.magnitude is not None
 
+    @property
+    def stack_depth(self) -> int | None:
+        """The number of layers on the leading axis (stacked), or None (one layer, or one layer's
+        slice inside the scan over its stack)."""
+        shape = self.kernel.get_value().shape
+        return shape[0] if len(shape) == 3 else None
+
     def _delta_kernel(self):
         """``W + s * A B`` in float32 (the merged LoRA kernel, before any DoRA rescaling)."""
-        ab = _matmul(self.lora_a[...].astype(jnp.float32), self.lora_b[...].astype(jnp.float32), _HIGHEST)
-        return self.kernel[...].astype(jnp.float32) + self.scaling * ab
+
+        def delta(w, a, b):
+            ab = _matmul(a.astype(jnp.float32), b.astype(jnp.float32), _HIGHEST)
+            return w.astype(jnp.float32) + self.scaling * ab
+
+        return _per_layer(delta, self.kernel[...], self.lora_a[...], self.lora_b[...])
 
     def weight_norm(self):
-        """DoRA's ``||W + s * B A||`` per output feature, float32, detached as PEFT does."""
+        """DoRA's ``||W + s * B A||`` per output feature (per layer), float32, detached as PEFT does."""
         return jax.lax.stop_gradient(_column_norm(self._delta_kernel()))
 
     def merged_kernel(self):
-        """The kernel that makes a plain Linear compute what this layer computes in eval mode."""
+        """The kernel that makes a plain Linear compute what this layer computes in eval mode
+        (``[L, in, out]`` for a stack: each layer's own)."""
         w = self._delta_kernel()
         if self.is_dora:
-            w = w * (self.magnitude[...].astype(jnp.float32) / _column_norm(w))
+            g = self.magnitude[...].astype(jnp.float32) / _column_norm(w)
+            w = w * g[..., None, :]
         return w.astype(self.kernel.get_value().dtype)
 
     def __call__(self, inputs, *, deterministic: bool | None = None):
+        if self.stack_depth is not None:
+            raise ValueError(
+                "a stacked LoraLinear runs one layer at a time: call it inside the nnx.scan over its "
+                "stack of layers, which hands it one layer's slices"
+            )
         kernel = self.kernel[...]
         bias = self.bias[...] if self.bias is not None else None
         a, b = self.lora_a[...], self.lora_b[...]
@@ -206,39 +259,121 @@ def _replace(model, path, new) -> None:
         setattr(parent, path[-1], new)
 
 
-def apply_adapters(model: nnx.Module, cfg: AdapterConfig, *, rngs: nnx.Rngs) -> list[str]:
-    """Wraps every ``nnx.Linear`` whose path fully matches ``cfg.targets``; returns their paths.
+def find_stacks(model: nnx.Module) -> dict[str, int]:
+    """The stacks of layers in ``model``: each stack module's path -> its ``stack_size``. Stacks
+    inside stacks are not supported (a ValueError)."""
+    stacks = {
+        _path_str(path): int(module.stack_size)
+        for path, module in nnx.iter_modules(model)
+        if getattr(module, "stack_size", None)
+    }
+    for inner in stacks:
+        for outer in stacks:
+            if inner != outer and inner.startswith(outer + "."):
+                raise ValueError(
+                    f"stack {inner!r} is inside stack {outer!r}; nested stacks are not supported"
+                )
+    return stacks
 
-    ``full`` and ``none`` leave the model unchanged (see ``trainable_filter``).
+
+def _layer_paths(name: str, stacks: dict[str, int]) -> list[str]:
+    """A module's path -> the per-layer paths it holds (itself when it is in no stack)."""
+    for stack, size in stacks.items():
+        if name.startswith(stack + "."):
+            return [unstacked_path(name, stack, i) for i in range(size)]
+    return [name]
+
+
+def _stack_of(name: str, stacks: dict[str, int]) -> tuple[str, int] | tuple[None, None]:
+    for stack, size in stacks.items():
+        if name.startswith(stack + "."):
+            return stack, size
+    return None, None
+
+
+def adapter_layers(model: nnx.Module) -> list[tuple[str, LoraLinear, int | None]]:
+    """Every adapted layer as (per-layer path, its ``LoraLinear``, layer index in that module's
+    leading axis or None), in module order: a stacked ``LoraLinear`` appears once per layer."""
+    stacks = find_stacks(model)
+    out = []
+    for path, module in nnx.iter_modules(model):
+        if isinstance(module, LoraLinear):
+            name = _path_str(path)
+            stack, _ = _stack_of(name, stacks)
+            if stack is None:
+                out.append((name, module, None))
+            else:
+                out.extend((unstacked_path(name, stack, i), module, i) for i in range(module.stack_depth))
+    return out
+
+
+def apply_adapters(model: nnx.Module, cfg: AdapterConfig, *, rngs: nnx.Rngs) -> list[str]:
+    """Wraps every ``nnx.Linear`` whose path fully matches ``cfg.targets``; returns their per-layer
+    paths, sorted.
+
+    Targets are matched against per-layer paths (``text.layers.5.attn.q_proj``) whether or not the
+    layers are stacked. A linear inside a stack of layers (a module with ``stack_size``) is one
+    stacked module, so it is adapted in all of its layers or in none: a target matching only some
+    layers of a stack is a ValueError naming them (adapting a subset of a stack's layers is not
+    supported). ``full`` and ``none`` leave the model unchanged (see ``trainable_filter``).
     """
     if cfg.kind not in ("lora", "dora"):
         return []
     pattern = re.compile(cfg.targets)
-    linears, targets = [], []
+    stacks = find_stacks(model)
+    linears, targets, names = [], [], []
     for path, module in nnx.iter_modules(model):
         name = _path_str(path)
-        if isinstance(module, LoraLinear) and pattern.fullmatch(name):
-            raise ValueError(f"{name} already has adapters; merge them before applying new ones")
-        if isinstance(module, nnx.Linear):
-            linears.append(name)
-            if pattern.fullmatch(name):
-                targets.append((path, module))
+        if not isinstance(module, (nnx.Linear, LoraLinear)):
+            continue
+        layers = _layer_paths(name, stacks)
+        matched = [p for p in layers if pattern.fullmatch(p)]
+        if matched and isinstance(module, LoraLinear):
+            raise ValueError(f"{matched[0]} already has adapters; merge them before applying new ones")
+        if isinstance(module, LoraLinear):
+            continue
+        linears.extend(layers)
+        if matched and len(matched) < len(layers):
+            missed = [p for p in layers if p not in matched]
+            raise ValueError(
+                f"adapter targets {cfg.targets!r} match only some layers of the stacked {name}: "
+                f"{', '.join(matched)} but not {', '.join(missed)}; a stack of layers is adapted in all "
+                f"of its layers or none (per-layer subsets are not supported)"
+            )
+        if matched:
+            targets.append((path, module, _stack_of(name, stacks)[1]))
+            names.extend(matched)
     if not targets:
+        linears = sorted(linears)
         raise ValueError(
-            f"adapter targets {cfg.targets!r} match no linear layer (matched against whole paths); "
-            f"linear layers include: {', '.join(sorted(linears)[:12])}"
+            f"adapter targets {cfg.targets!r} match no linear layer (matched against whole per-layer "
+            f"paths); linear layers include: {', '.join(linears[:12])}"
             + (" ..." if len(linears) > 12 else "")
         )
-    for path, module in targets:
-        _replace(model, path, LoraLinear(module, cfg, rngs=rngs))
-    return sorted(_path_str(p) for p, _ in targets)
+    for path, module, size in targets:
+        if size is None:
+            new = LoraLinear(module, cfg, rngs=rngs)
+        else:
+            new = LoraLinear.stacked(module, cfg, size, rngs=rngs)
+        _replace(model, path, new)
+    return sorted(names)
 
 
 def merge_adapters(model: nnx.Module) -> None:
-    """Folds every adapter into its kernel and restores plain ``nnx.Linear`` layers, in place."""
+    """Folds every adapter into its kernel and restores plain ``nnx.Linear`` layers, in place
+    (a stacked adapter into its stacked kernel, each layer its own)."""
     adapted = [(path, m) for path, m in nnx.iter_modules(model) if isinstance(m, LoraLinear)]
     for path, module in adapted:
         _replace(model, path, module.to_linear())
+
+
+def reseed_dropout(model: nnx.Module, key) -> None:
+    """Reseeds every ``dropout`` stream of ``model`` from ``key`` (an int or a key), in place.
+
+    A stacked stream (key ``[L]``, one per layer of a stack) gets ``L`` keys split from its share,
+    so each layer draws its own masks; a scalar stream gets its share as ``nnx.reseed`` gives it.
+    The same key reproduces the same masks."""
+    nnx.reseed(model, dropout=key, policy="match_shape")
 
 
 def trainable_filter(cfg: AdapterConfig):

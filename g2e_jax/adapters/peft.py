@@ -5,6 +5,8 @@ Key names are PEFT's for a transformers model: ``base_model.model.<module>.lora_
 is the transformers 5 in-memory name (``model.language_model.layers.0.self_attn.q_proj``); the hub
 names of transformers 4 (``model.layers.0...``, what the official Gen2Embed adapters hold) are read too.
 The backbone's ``NameMap`` translates module names, so any linear layer it maps can carry an adapter.
+Names are per layer on both sides; a stacked adapter (``lora_a [L, in, r]``, see ``adapters.lora``)
+is written one layer's slice per key and read back into its slices, bit for bit.
 Settings our layers do not compute (rsLoRA, adapter biases, ``modules_to_save``, per-module ranks,
 other PEFT types) are refused with the offending field named, never silently dropped.
 """
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from g2e_jax.adapters.lora import AdapterConfig, LoraLinear, apply_adapters
+from g2e_jax.adapters.lora import AdapterConfig, adapter_layers, apply_adapters
 from g2e_jax.io import write_atomic
 from g2e_jax.models.name_map import TRANSPOSE
 
@@ -142,20 +144,40 @@ def load_peft_adapter(
             )
     targets = "|".join(re.escape(p) for p in sorted(by_path))
     cfg = AdapterConfig(kind=cfg.kind, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=targets)
-    apply_adapters(model, cfg, rngs=rngs or nnx.Rngs(params=0, dropout=1))
-    layers = {".".join(map(str, p)): m for p, m in nnx.iter_modules(model) if isinstance(m, LoraLinear)}
-    for path, parts in by_path.items():
-        layer = layers[path]
+    try:
+        apply_adapters(model, cfg, rngs=rngs or nnx.Rngs(params=0, dropout=1))
+    except ValueError as e:  # e.g. an adapter on some layers of a stack only
+        raise ValueError(f"{weights_path}: {e}") from None
+    # Each module's arrays assembled on the host (a stacked one slice by slice), then set once.
+    staged: dict[int, tuple[object, dict[str, np.ndarray]]] = {}
+    found = set()
+    for path, layer, index in adapter_layers(model):
+        parts = by_path.get(path)
+        if parts is None:
+            continue
+        found.add(path)
         values = {"lora_a": parts["lora_a"].T, "lora_b": parts["lora_b"].T}
         if cfg.kind == "dora":
             values["magnitude"] = parts["magnitude"]
+        _, buffers = staged.setdefault(id(layer), (layer, {}))
         for name, value in values.items():
             var = getattr(layer, name)
-            if tuple(value.shape) != tuple(var.get_value().shape):
+            shape = tuple(var.get_value().shape)
+            want = shape if index is None else shape[1:]
+            if tuple(value.shape) != want:
                 raise ValueError(
                     f"{weights_path}: {path}.{name} has shape {tuple(value.shape)}, the model "
-                    f"needs {tuple(var.get_value().shape)} (rank {cfg.rank})"
+                    f"needs {want} (rank {cfg.rank})"
                 )
+            if index is None:
+                buffers[name] = value
+            else:
+                buffers.setdefault(name, np.zeros(shape, value.dtype))[index] = value
+    if found != set(by_path):
+        raise ValueError(f"{weights_path}: no linear layer at {sorted(set(by_path) - found)}")
+    for layer, buffers in staged.values():
+        for name, value in buffers.items():
+            var = getattr(layer, name)
             # A device array like every other parameter (a numpy leaf has no sharding to restore onto).
             var.set_value(jnp.asarray(value, dtype=var.get_value().dtype))
     return cfg
@@ -166,27 +188,35 @@ def save_peft_adapter(model, folder: str | Path, *, base_model: str | Path | Non
     loads onto the transformers model of the base weights. Files are written atomically."""
     from safetensors.numpy import save_file
 
-    layers = [(".".join(map(str, p)), m) for p, m in nnx.iter_modules(model) if isinstance(m, LoraLinear)]
+    layers = adapter_layers(model)
     if not layers:
         raise ValueError(
             "the model has no LoRA/DoRA layers to export (merged, or trained with adapter.kind=full)"
         )
-    kinds = {m.is_dora for _, m in layers}
-    ranks = {m.rank for _, m in layers}
-    scalings = {m.scaling for _, m in layers}
-    dropouts = {m.dropout.rate for _, m in layers}
+    kinds = {m.is_dora for _, m, _ in layers}
+    ranks = {m.rank for _, m, _ in layers}
+    scalings = {m.scaling for _, m, _ in layers}
+    dropouts = {m.dropout.rate for _, m, _ in layers}
     if len(kinds) != 1 or len(ranks) != 1 or len(scalings) != 1 or len(dropouts) != 1:
         raise ValueError("the adapters differ in kind, rank, alpha or dropout; PEFT folders need one setting")
     name_map = _name_map(model)
     tensors, modules = {}, []
-    for path, layer in layers:
+    hosted: dict[tuple[int, str], np.ndarray] = {}  # each module's arrays fetched once
+
+    def host(layer, name, index):
+        key = (id(layer), name)
+        if key not in hosted:
+            hosted[key] = np.asarray(getattr(layer, name)[...], np.float32)
+        return hosted[key] if index is None else hosted[key][index]
+
+    for path, layer, index in layers:
         module = _hf_module(name_map, path)
         modules.append(module)
         key = PREFIX + module
-        tensors[key + ".lora_A.weight"] = np.ascontiguousarray(np.asarray(layer.lora_a[...], np.float32).T)
-        tensors[key + ".lora_B.weight"] = np.ascontiguousarray(np.asarray(layer.lora_b[...], np.float32).T)
+        tensors[key + ".lora_A.weight"] = np.ascontiguousarray(host(layer, "lora_a", index).T)
+        tensors[key + ".lora_B.weight"] = np.ascontiguousarray(host(layer, "lora_b", index).T)
         if layer.is_dora:
-            tensors[key + ".lora_magnitude_vector"] = np.asarray(layer.magnitude[...], np.float32)
+            tensors[key + ".lora_magnitude_vector"] = np.ascontiguousarray(host(layer, "magnitude", index))
     rank = ranks.pop()
     config = {
         "peft_type": "LORA",

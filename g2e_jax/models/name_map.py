@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -80,3 +80,43 @@ class NameMap:
             if name is not None:
                 return name, rule
         return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Stacked layers: a repeated block is one module whose parameters carry a leading layer axis
+# (``text.layers.attn.q_proj.kernel`` is ``[L, in, out]``). User-facing names stay per layer: the
+# per-layer path of layer ``i`` is the stacked path with ``.{i}`` inserted right after the stack's
+# own path (``text.layers.attn.q_proj`` + 5 -> ``text.layers.5.attn.q_proj``).
+
+
+def _under(path: str, stack: str) -> bool:
+    return path == stack or path.startswith(stack + ".")
+
+
+def unstacked_path(path: str, stack: str, index: int) -> str:
+    """A stacked path + a layer index -> that layer's path: (``text.layers.attn.q_proj``,
+    ``text.layers``, 5) -> ``text.layers.5.attn.q_proj``. ``stack`` is the stack module's own path."""
+    if not _under(path, stack):
+        raise ValueError(f"{path!r} is not under the stack {stack!r}")
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise ValueError(f"layer index must be a non-negative int, got {index!r}")
+    return f"{stack}.{index}{path[len(stack) :]}"
+
+
+def stacked_path(path: str, stacks) -> tuple[str, str | None, int | None]:
+    """A per-layer path -> (stacked path, its stack, layer index): (``text.layers.5.attn.q_proj``,
+    [``text.layers``]) -> (``text.layers.attn.q_proj``, ``text.layers``, 5). ``stacks`` are the stack
+    modules' own paths, or a mapping of them to their ``stack_size`` (then an index past the end is
+    a ValueError too); a path under none of them comes back as (path, None, None). A path that
+    names a stack without a layer index (``text.layers.attn``) is a ValueError."""
+    for stack in sorted(stacks, key=len, reverse=True):  # the innermost stack first
+        if not _under(path, stack):
+            continue
+        rest = path[len(stack) + 1 :]
+        head, _, tail = rest.partition(".")
+        if not head.isdigit():
+            raise ValueError(f"{path!r} is under the stack {stack!r} but names no layer index after it")
+        if isinstance(stacks, Mapping) and int(head) >= stacks[stack]:
+            raise ValueError(f"{path!r}: layer {int(head)} of {stack!r}, which has {stacks[stack]} layers")
+        return stack + ("." + tail if tail else ""), stack, int(head)
+    return path, None, None

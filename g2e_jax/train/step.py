@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from g2e_jax.adapters.lora import reseed_dropout
 from g2e_jax.programs.encode import embed_batch
 from g2e_jax.models.common.layers import remat_layers
 from g2e_jax.train.loss import contrastive_loss
@@ -70,7 +71,7 @@ def _embed_chunk(model, side: dict, consts, cfg: StepConfig, rng=None):
         m = model
         if rng is not None:
             m = nnx.merge(graph, state, copy=True)
-            nnx.reseed(m, dropout=jax.random.fold_in(rng, index))
+            reseed_dropout(m, jax.random.fold_in(rng, index))
         return embed_batch(m, sys_ids, header_ids, **arrays, scheme=cfg.scheme, pad_id=cfg.pad_id,
                            max_patches_per_image=cfg.max_patches_per_image, prefix=prefix)  # fmt: skip
 
@@ -111,7 +112,7 @@ def loss_and_grads(graphdef, params, rest, batch, consts, cfg: StepConfig, rng=N
             key = None
             if rng is not None:
                 key = jax.random.fold_in(rng, index)
-                nnx.reseed(model, dropout=key)  # the prefix's dropout
+                reseed_dropout(model, key)  # the prefix's dropout
             return _embed_chunk(model, side, side_consts, cfg, key)
 
         if cfg.remat in PER_LAYER_REMAT:
