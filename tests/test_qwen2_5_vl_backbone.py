@@ -38,13 +38,16 @@ def _params(model) -> dict[str, np.ndarray]:
 def test_name_map_is_a_bijection_for_both_name_styles():
     from test_qwen2_vl_checkpoint import _in_memory_name
 
-    paths = list(_params(random_model(BACKBONE, tiny_config().replace(tie_word_embeddings=False))))
-    names = [NAME_MAP.to_hf(p)[0] for p in paths]
-    assert len(names) == len(set(names)) == len(paths)
+    # (stacked path, layer) of every tensor: a stacked parameter once per layer of its leading axis.
+    tensors = [(p, layer) for p, v in _params(random_model(BACKBONE, tiny_config().replace(tie_word_embeddings=False))).items()
+               for _, _, layer in NAME_MAP.hf_names(p, v.shape)]  # fmt: skip
+    names = [NAME_MAP.to_hf(p, layer)[0] for p, layer in tensors]
+    assert len(names) == len(set(names)) == len(tensors)
     assert "visual.blocks.0.mlp.gate_proj.bias" in names and "visual.merger.ln_q.weight" in names
-    for path, name in zip(paths, names):
-        assert NAME_MAP.to_nnx(name)[0] == path
-        assert NAME_MAP.to_nnx(_in_memory_name(name))[0] == path
+    for (path, layer), name in zip(tensors, names):
+        assert (NAME_MAP.to_nnx(name).path, NAME_MAP.to_nnx(name).layer) == (path, layer)
+        assert (NAME_MAP.to_nnx(_in_memory_name(name)).path, NAME_MAP.to_nnx(_in_memory_name(name)).layer) == (
+            path, layer)  # fmt: skip
 
 
 def test_transformers_reads_our_save_and_we_read_its_save_exactly(tmp_path):

@@ -51,13 +51,15 @@ def _in_memory_name(hub_name: str) -> str:
 
 
 def test_name_map_is_a_bijection_for_both_name_styles():
-    untied = random_model(tiny_config().replace(tie_word_embeddings=False))
-    paths = list(_params(untied))
-    names = [NAME_MAP.to_hf(p)[0] for p in paths]
-    assert len(names) == len(set(names)) == len(paths)
-    for path, name in zip(paths, names):
-        assert NAME_MAP.to_nnx(name)[0] == path
-        assert NAME_MAP.to_nnx(_in_memory_name(name))[0] == path
+    # (stacked path, layer) of every tensor: a stacked parameter once per layer of its leading axis.
+    tensors = [(p, layer) for p, v in _params(random_model(tiny_config().replace(tie_word_embeddings=False))).items()
+               for _, _, layer in NAME_MAP.hf_names(p, v.shape)]  # fmt: skip
+    names = [NAME_MAP.to_hf(p, layer)[0] for p, layer in tensors]
+    assert len(names) == len(set(names)) == len(tensors)
+    for (path, layer), name in zip(tensors, names):
+        assert (NAME_MAP.to_nnx(name).path, NAME_MAP.to_nnx(name).layer) == (path, layer)
+        assert (NAME_MAP.to_nnx(_in_memory_name(name)).path, NAME_MAP.to_nnx(_in_memory_name(name)).layer) == (
+            path, layer)  # fmt: skip
 
 
 def test_save_load_roundtrip_single_and_sharded(tmp_path):
