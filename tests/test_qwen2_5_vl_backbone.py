@@ -167,7 +167,8 @@ def test_window_attention_costs_a_fraction_of_full_attention(monkeypatch):
     """One 32x32-patch image: windowed blocks must save the predicted share of attention flops.
 
     Full attention is measured on its one-call path (the ``[images, S]`` gather the fused kernels
-    use): XLA's cost analysis counts the body of the query-block loop once, not per block."""
+    use): XLA's cost analysis counts the body of the query-block loop once, not per block, and so
+    the body of the block scan: the blocks are unrolled (``scan_unroll``) to count each."""
     from g2e_jax.models.qwen2_vl.vision import VisionLayout
 
     monkeypatch.setattr(VisionLayout, "attend", VisionLayout._attend_images)
@@ -179,7 +180,7 @@ def test_window_attention_costs_a_fraction_of_full_attention(monkeypatch):
         )
         graphdef, state = nnx.split(BACKBONE.abstract_model(cfg).visual)
         pixels = jax.ShapeDtypeStruct((1024, base.patch_dim), jnp.float32)
-        fn = jax.jit(lambda s, p, g: nnx.merge(graphdef, s)(p, g, 1024))
+        fn = jax.jit(lambda s, p, g: nnx.merge(graphdef, s)(p, g, 1024, scan_unroll=base.depth))
         cost = fn.lower(state, pixels, jnp.array([[1, 32, 32]])).compile().cost_analysis()
         return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
 

@@ -62,15 +62,20 @@ def scan_layers(stack: nnx.Module, body, carry, xs=None, *, remat=None, unroll: 
     def step(layer, carry, x):
         return fn(layer, carry, x)
 
-    if length == size:
-        return step(stack, carry, xs)
-    # The first ``length`` layers as a stack of their own; their updated random streams written back.
+    # A copy of the stack (of its first ``length`` layers) made in this trace: nnx transforms refuse
+    # variables of an outer trace, which a model called inside ``jax.jit`` / ``jax.eval_shape`` by
+    # closure has. Its advanced random streams are written back.
     graph, state = nnx.split(stack)
-    head = nnx.merge(graph, jax.tree.map(lambda a: a[:length], state))
-    out = step(head, carry, xs)
+    if length < size:
+        state = jax.tree.map(lambda a: a[:length], state)
+    local = nnx.merge(graph, state, copy=True)
+    out = step(local, carry, xs)
     rng = nnx.state(stack, nnx.RngState)
     if jax.tree.leaves(rng):
-        nnx.update(stack, jax.tree.map(lambda a, h: a.at[:length].set(h), rng, nnx.state(head, nnx.RngState)))
+        new = nnx.state(local, nnx.RngState)
+        if length < size:
+            new = jax.tree.map(lambda a, h: a.at[:length].set(h), rng, new)
+        nnx.update(stack, new)
     return out
 
 
