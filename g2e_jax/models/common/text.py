@@ -106,7 +106,6 @@ class TextDecoder(nnx.Module):
     """Input embeddings ``[B, L, H]`` -> final-norm hidden states (and optionally every layer's)."""
 
     def __init__(self, cfg: TextConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.cfg = cfg
         self.embed_tokens = nnx.Embed(
             cfg.vocab_size,
