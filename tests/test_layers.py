@@ -161,3 +161,36 @@ def test_stack_layers_gives_every_variable_a_layer_axis_and_each_layer_its_own_k
     np.testing.assert_array_equal(np.asarray(stack.drop.rngs.count[...]), [1, 1, 1])
     layers.scan_layers(stack, lambda m, c, _: (m(c), None), x, length=2)
     np.testing.assert_array_equal(np.asarray(stack.drop.rngs.count[...]), [2, 2, 1])
+
+
+def test_map_rows_inside_the_layer_scan(monkeypatch):
+    """In a scan body each layer's MLP still runs in groups of rows (the same values), and a layer that
+    draws random numbers (its stacked stream, scanned) still runs in one call and advances its stream."""
+    monkeypatch.setattr(layers, "ACTIVATION_BUDGET", 64 * 5)
+    kw = dict(bias=True, dtype=jnp.float32, param_dtype=jnp.float32)  # noqa: C408
+    stack = layers.stack_layers(lambda r: GatedMLP(16, 64, "silu", rngs=r, **kw), 3, nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 7, 16)), jnp.float32)
+
+    def run(x):
+        return layers.scan_layers(stack, lambda m, c, _: (m(c), None), x)[0]
+
+    graph, state = nnx.split(stack)
+    want = x
+    for i in range(3):  # each layer on its own, in one call
+        one = nnx.merge(graph, jax.tree.map(lambda a, i=i: a[i], state))
+        want = one.down_proj(one.act(one.gate_proj(want)) * one.up_proj(want))
+    np.testing.assert_allclose(jax.jit(run)(x), want, atol=1e-5)
+    assert jax.jit(run).lower(x).as_text().count("while") >= 2  # the scan's, and the row groups' inside it
+
+    class Noisy(GatedMLP):
+        def __init__(self, rngs):
+            super().__init__(16, 64, "silu", rngs=rngs, **kw)
+            self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+        def __call__(self, x):
+            return layers.map_rows(lambda h: self.drop(self.down_proj(self.gate_proj(h))), x, self.hidden, self)
+
+    noisy = layers.stack_layers(Noisy, 3, nnx.Rngs(0, dropout=1))
+    out, _ = layers.scan_layers(noisy, lambda m, c, _: (m(c), None), x)
+    assert out.shape == x.shape
+    np.testing.assert_array_equal(np.asarray(noisy.drop.rngs.count[...]), [1, 1, 1])
