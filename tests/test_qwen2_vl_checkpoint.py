@@ -62,6 +62,25 @@ def test_name_map_is_a_bijection_for_both_name_styles():
             path, layer)  # fmt: skip
 
 
+def test_stacked_and_per_layer_paths():
+    """The per-layer path of layer i has ``.{i}`` right after its stack's path, and back; the name map
+    answers both spellings with the same hub name."""
+    from g2e_jax.models.name_map import stacked_path, unstacked_path
+
+    assert stacked_path("text.layers.5.attn.q_proj") == ("text.layers.attn.q_proj", 5)
+    assert stacked_path("visual.merger.fc1.kernel") == ("visual.merger.fc1.kernel", None)
+    assert unstacked_path("text.layers.attn.q_proj", 5, ["visual.blocks", "text.layers"]) == "text.layers.5.attn.q_proj"
+    assert unstacked_path("visual.blocks.mlp.fc1.kernel", 0, "visual.blocks") == "visual.blocks.0.mlp.fc1.kernel"
+    with pytest.raises(ValueError, match="not inside a stack"):
+        unstacked_path("text.norm.scale", 0, ["text.layers"])
+    hub = "model.layers.5.self_attn.q_proj.weight"
+    assert NAME_MAP.to_hf("text.layers.attn.q_proj.kernel", 5)[0] == hub
+    assert NAME_MAP.to_hf("text.layers.5.attn.q_proj.kernel")[0] == hub
+    found = NAME_MAP.to_nnx(hub)
+    assert (found.path, found.layer) == ("text.layers.attn.q_proj.kernel", 5) and found[0] == found.path
+    assert NAME_MAP.to_nnx("visual.merger.ln_q.weight").layer is None
+
+
 def test_save_load_roundtrip_single_and_sharded(tmp_path):
     model = random_model(tiny_config().replace(tie_word_embeddings=False), seed=3)
     save(model, tmp_path / "single", progress=False)
