@@ -88,7 +88,7 @@ class EncodeLoop:
         # (images x the largest image's bucket: the keys each image's queries meet); for benchmarks.
         self.patch_stats = {"real": 0, "stream": 0, "keys": 0}
         self.prefix_cache = prefix_cache
-        self._prefixes: dict[tuple, Any] = {}  # system segment ids -> per-layer (k, v); weights are fixed
+        self._prefixes: dict[tuple, Any] = {}  # system segment ids -> (k, v) [layers, P, Hk, D]; weights are fixed
         self._prefix_kv = jax.jit(lambda state, ids: nnx.merge(self.graphdef, state).prefix_kv(ids))
         static = ("scheme", "pad_id", "max_patches_per_image")
         jitted = jax.jit(

@@ -297,7 +297,11 @@ def test_zero_init_is_identity(tiny_cfg, kind):
         getattr(model, mode)()
         diffs[mode] = float(np.abs(forward(model, batch) - ref).max())
     report(f"{kind} zero-init forward vs base", eval=diffs["eval"], train=diffs["train"])
-    assert max(diffs.values()) <= 1e-6
+    # LoRA: exactly the base model. DoRA: g = m / ||W|| is 1 up to the last bit of the column norm,
+    # which the scan over stacked layers computes inside its compiled body (issue 30) and the
+    # adapter's construction outside it: at most a few float32 roundings of the outputs.
+    bound = 0.0 if kind == "lora" else 4 * np.finfo(np.float32).eps * float(np.abs(ref).max())
+    assert max(diffs.values()) <= bound
 
 
 @pytest.mark.parametrize("kind", ["lora", "dora"])

@@ -38,13 +38,16 @@ def _params(model) -> dict[str, np.ndarray]:
 def test_name_map_is_a_bijection_for_both_name_styles():
     from test_qwen2_vl_checkpoint import _in_memory_name
 
-    paths = list(_params(random_model(BACKBONE, tiny_config().replace(tie_word_embeddings=False))))
-    names = [NAME_MAP.to_hf(p)[0] for p in paths]
-    assert len(names) == len(set(names)) == len(paths)
+    # (stacked path, layer) of every tensor: a stacked parameter once per layer of its leading axis.
+    tensors = [(p, layer) for p, v in _params(random_model(BACKBONE, tiny_config().replace(tie_word_embeddings=False))).items()
+               for _, _, layer in NAME_MAP.hf_names(p, v.shape)]  # fmt: skip
+    names = [NAME_MAP.to_hf(p, layer)[0] for p, layer in tensors]
+    assert len(names) == len(set(names)) == len(tensors)
     assert "visual.blocks.0.mlp.gate_proj.bias" in names and "visual.merger.ln_q.weight" in names
-    for path, name in zip(paths, names):
-        assert NAME_MAP.to_nnx(name)[0] == path
-        assert NAME_MAP.to_nnx(_in_memory_name(name))[0] == path
+    for (path, layer), name in zip(tensors, names):
+        assert (NAME_MAP.to_nnx(name).path, NAME_MAP.to_nnx(name).layer) == (path, layer)
+        assert (NAME_MAP.to_nnx(_in_memory_name(name)).path, NAME_MAP.to_nnx(_in_memory_name(name)).layer) == (
+            path, layer)  # fmt: skip
 
 
 def test_transformers_reads_our_save_and_we_read_its_save_exactly(tmp_path):
@@ -164,7 +167,8 @@ def test_window_attention_costs_a_fraction_of_full_attention(monkeypatch):
     """One 32x32-patch image: windowed blocks must save the predicted share of attention flops.
 
     Full attention is measured on its one-call path (the ``[images, S]`` gather the fused kernels
-    use): XLA's cost analysis counts the body of the query-block loop once, not per block."""
+    use): XLA's cost analysis counts the body of the query-block loop once, not per block, and so
+    the body of the block scan: the blocks are unrolled (``scan_unroll``) to count each."""
     from g2e_jax.models.qwen2_vl.vision import VisionLayout
 
     monkeypatch.setattr(VisionLayout, "attend", VisionLayout._attend_images)
@@ -176,7 +180,7 @@ def test_window_attention_costs_a_fraction_of_full_attention(monkeypatch):
         )
         graphdef, state = nnx.split(BACKBONE.abstract_model(cfg).visual)
         pixels = jax.ShapeDtypeStruct((1024, base.patch_dim), jnp.float32)
-        fn = jax.jit(lambda s, p, g: nnx.merge(graphdef, s)(p, g, 1024))
+        fn = jax.jit(lambda s, p, g: nnx.merge(graphdef, s)(p, g, 1024, scan_unroll=base.depth))
         cost = fn.lower(state, pixels, jnp.array([[1, 32, 32]])).compile().cost_analysis()
         return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
 

@@ -51,13 +51,35 @@ def _in_memory_name(hub_name: str) -> str:
 
 
 def test_name_map_is_a_bijection_for_both_name_styles():
-    untied = random_model(tiny_config().replace(tie_word_embeddings=False))
-    paths = list(_params(untied))
-    names = [NAME_MAP.to_hf(p)[0] for p in paths]
-    assert len(names) == len(set(names)) == len(paths)
-    for path, name in zip(paths, names):
-        assert NAME_MAP.to_nnx(name)[0] == path
-        assert NAME_MAP.to_nnx(_in_memory_name(name))[0] == path
+    # (stacked path, layer) of every tensor: a stacked parameter once per layer of its leading axis.
+    tensors = [(p, layer) for p, v in _params(random_model(tiny_config().replace(tie_word_embeddings=False))).items()
+               for _, _, layer in NAME_MAP.hf_names(p, v.shape)]  # fmt: skip
+    names = [NAME_MAP.to_hf(p, layer)[0] for p, layer in tensors]
+    assert len(names) == len(set(names)) == len(tensors)
+    for (path, layer), name in zip(tensors, names):
+        assert (NAME_MAP.to_nnx(name).path, NAME_MAP.to_nnx(name).layer) == (path, layer)
+        assert (NAME_MAP.to_nnx(_in_memory_name(name)).path, NAME_MAP.to_nnx(_in_memory_name(name)).layer) == (
+            path, layer)  # fmt: skip
+
+
+def test_stacked_and_per_layer_paths():
+    """The per-layer path of layer i has ``.{i}`` right after its stack's path, and back; the name map
+    answers both spellings with the same hub name."""
+    from g2e_jax.models.name_map import stacked_path, unstacked_path
+
+    stacks = ["visual.blocks", "text.layers"]
+    assert stacked_path("text.layers.5.attn.q_proj", stacks) == ("text.layers.attn.q_proj", "text.layers", 5)
+    assert stacked_path("visual.merger.fc1.kernel", stacks) == ("visual.merger.fc1.kernel", None, None)
+    assert unstacked_path("text.layers.attn.q_proj", "text.layers", 5) == "text.layers.5.attn.q_proj"
+    assert unstacked_path("visual.blocks.mlp.fc1.kernel", "visual.blocks", 0) == "visual.blocks.0.mlp.fc1.kernel"
+    with pytest.raises(ValueError, match="is not under the stack"):
+        unstacked_path("text.norm.scale", "text.layers", 0)
+    hub = "model.layers.5.self_attn.q_proj.weight"
+    assert NAME_MAP.to_hf("text.layers.attn.q_proj.kernel", 5)[0] == hub
+    assert NAME_MAP.to_hf("text.layers.5.attn.q_proj.kernel")[0] == hub
+    found = NAME_MAP.to_nnx(hub)
+    assert (found.path, found.layer) == ("text.layers.attn.q_proj.kernel", 5) and found[0] == found.path
+    assert NAME_MAP.to_nnx("visual.merger.ln_q.weight").layer is None
 
 
 def test_save_load_roundtrip_single_and_sharded(tmp_path):

@@ -165,14 +165,14 @@ class LoraLinear(nnx.Module):
         shape = self.kernel.get_value().shape
         return shape[0] if len(shape) == 3 else None
 
+    def _one_delta(self, w, a, b):
+        """One layer's ``W + s * A B`` in float32."""
+        ab = _matmul(a.astype(jnp.float32), b.astype(jnp.float32), _HIGHEST)
+        return w.astype(jnp.float32) + self.scaling * ab
+
     def _delta_kernel(self):
         """``W + s * A B`` in float32 (the merged LoRA kernel, before any DoRA rescaling)."""
-
-        def delta(w, a, b):
-            ab = _matmul(a.astype(jnp.float32), b.astype(jnp.float32), _HIGHEST)
-            return w.astype(jnp.float32) + self.scaling * ab
-
-        return _per_layer(delta, self.kernel[...], self.lora_a[...], self.lora_b[...])
+        return _per_layer(self._one_delta, self.kernel[...], self.lora_a[...], self.lora_b[...])
 
     def weight_norm(self):
         """DoRA's ``||W + s * B A||`` per output feature (per layer), float32, detached as PEFT does."""

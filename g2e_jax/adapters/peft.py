@@ -59,9 +59,11 @@ def _name_map(model):
 def _module_path(name_map, module: str, source: str) -> str:
     """A transformers module name (5.x in-memory or hub spelling) -> our module path."""
     found = name_map.to_nnx(module + ".weight")
-    if found is None or found[1].transform is not TRANSPOSE or not found[0].endswith(".kernel"):
+    if found is None or found.rule.transform is not TRANSPOSE or not found.path.endswith(".kernel"):
         raise ValueError(f"{source}: adapter on {module!r}, which is not a linear layer of this model")
-    return found[0].removesuffix(".kernel")
+    # The per-layer path (a layer of a stack: the rule's template with its index).
+    path = found.path if found.layer is None else found.rule.nnx.format(i=found.layer)
+    return path.removesuffix(".kernel")
 
 
 def _hf_module(name_map, path: str) -> str:

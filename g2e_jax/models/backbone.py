@@ -10,6 +10,7 @@ its image processor, and bundles them in a ``BACKBONE``; ``g2e_jax.models`` disp
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -29,6 +30,12 @@ from g2e_jax.prompts import ChatFormat
 
 def _path_str(path) -> str:
     return ".".join(str(p) for p in path)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stacked, value, layer):
+    """``stacked.at[layer].set(value)`` in place (the stacked array donated): loading holds one copy."""
+    return stacked.at[layer].set(value)
 
 
 def _hf_shape(rule: Rule, nnx_shape, cfg):
@@ -89,49 +96,63 @@ class Backbone:
         graphdef, state = nnx.split(self.abstract_model(cfg, dtype, compute_dtype))
         variables = {_path_str(p): v for p, v in nnx.to_flat_state(state)}
         target_dtype = np.dtype(DTYPES[resolve_dtype(dtype)])
-        filled: set[str] = set()
+        filled: set[tuple[str, int | None]] = set()
         entries = iter_checkpoint(path)
         for reader, name in tqdm(entries, desc=f"loading {path.name}", unit="tensor", disable=not progress):
             match = self.name_map.to_nnx(name)
             if match is None:
                 raise ValueError(f"{reader.path}: unexpected tensor {name!r} (not part of a {self.model_type} "
                                  "checkpoint)")  # fmt: skip
-            nnx_path, rule = match
+            nnx_path, rule, layer = match
             if nnx_path == "lm_head.kernel" and cfg.tie_word_embeddings:
                 continue  # tied: the embedding is the head
-            if nnx_path not in variables:
+            variable = variables.get(nnx_path)
+            shape = None if variable is None else tuple(variable.get_value().shape)
+            if variable is None or (layer is not None and layer >= shape[0]):
                 raise ValueError(
                     f"{reader.path}: tensor {name!r} does not fit the config "
-                    f"(no parameter {nnx_path}; check num_hidden_layers / depth in config.json)"
+                    f"(no parameter {nnx_path if layer is None else f'{nnx_path} of layer {layer}'}; "
+                    "check num_hidden_layers / depth in config.json)"
                 )
-            variable = variables[nnx_path]
-            expected = tuple(variable.get_value().shape)
+            expected = shape if layer is None else shape[1:]
             if rule.transform.nnx_shape(reader.shape(name)) != expected:
                 raise ValueError(
                     f"{reader.path}: tensor {name!r} has shape {list(reader.shape(name))}, "
                     f"but config.json implies {list(_hf_shape(rule, expected, cfg))}"
                 )
-            variable.set_value(jnp.asarray(rule.transform.to_nnx(reader.get(name)).astype(target_dtype)))
+            value = jnp.asarray(rule.transform.to_nnx(reader.get(name)).astype(target_dtype))
             reader.release(name)  # the copy is made: the file's pages need not stay resident
-            filled.add(nnx_path)
-        missing = sorted(set(variables) - filled)
+            if layer is None:
+                variable.set_value(value)
+            else:  # one slice of the stacked parameter, allocated on the device at its first slice
+                stacked = variable.get_value()
+                if not isinstance(stacked, jax.Array):
+                    stacked = jnp.zeros(shape, target_dtype)
+                variable.set_value(_set_layer(stacked, value, layer))
+            filled.add((nnx_path, layer))
+        missing = [
+            name
+            for p, variable in variables.items()
+            for name, _, layer in self.name_map.hf_names(p, variable.get_value().shape) or [(p, None, None)]
+            if (p, layer) not in filled
+        ]
         if missing:
-            names = [self.name_map.to_hf(p)[0] if self.name_map.to_hf(p) else p for p in missing]
             raise ValueError(
-                f"{path}: missing tensors: {', '.join(names[:8])}" + (" ..." if len(names) > 8 else "")
+                f"{path}: missing tensors: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else "")
             )
         return nnx.merge(graphdef, state)
 
     def hf_tensors(self, model) -> dict:
-        """``{hf_name: (nnx variable, rule)}`` for every base parameter of the model."""
+        """``{hf_name: (nnx variable, rule, layer)}`` for every base parameter of the model, per layer for
+        stacked parameters (``layer`` indexes the variable's leading axis; None outside stacks)."""
         out = {}
         for p, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-            match = self.name_map.to_hf(_path_str(p))
-            if match is None:
+            names = self.name_map.hf_names(_path_str(p), variable.get_value().shape)
+            if names is None:
                 raise ValueError(
                     f"parameter {_path_str(p)} has no Hugging Face name; merge adapters before saving"
                 )
-            out[match[0]] = (variable, match[1])
+            out.update((name, (variable, rule, layer)) for name, rule, layer in names)
         return out
 
     def save(
@@ -148,9 +169,10 @@ class Backbone:
         tensors = self.hf_tensors(model)
         specs = []
         for name in sorted(tensors):
-            variable, rule = tensors[name]
+            variable, rule, layer = tensors[name]
             value = variable.get_value()
-            specs.append((name, _hf_shape(rule, value.shape, cfg), np.dtype(value.dtype)))
+            shape = value.shape if layer is None else value.shape[1:]
+            specs.append((name, _hf_shape(rule, shape, cfg), np.dtype(value.dtype)))
         shards, current, size = [], [], 0
         for spec in specs:
             nbytes = int(np.prod(spec[1], dtype=np.int64)) * spec[2].itemsize
@@ -161,9 +183,10 @@ class Backbone:
             size += nbytes
         shards.append(current)
 
-        def fetch(name):
-            variable, rule = tensors[name]
-            host = np.asarray(jax.device_get(variable.get_value()))
+        def fetch(name):  # one tensor (one layer's slice of a stacked parameter) leaves the device at a time
+            variable, rule, layer = tensors[name]
+            value = variable.get_value()
+            host = np.asarray(jax.device_get(value if layer is None else value[layer]))
             return rule.transform.to_hf(host, _hf_shape(rule, host.shape, cfg))
 
         files = (

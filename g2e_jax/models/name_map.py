@@ -2,6 +2,12 @@
 
 A backbone lists ``Rule(hf_template, nnx_template, transform)`` rows; ``{i}`` stands for a layer
 index. The same table converts in both directions, so load and save cannot drift apart.
+
+Repeated layers are one stacked module (``g2e_jax.models.common.layers.stack_layers``): its parameters
+have a leading layer axis and one path without an index (``text.layers.attn.q_proj.kernel``, shape
+``[L, in, out]``). The per-layer name of layer i, the one users, Hugging Face and PEFT see, has ``.{i}``
+right after the stack's own path (``text.layers.5.attn.q_proj.kernel``); ``stacked_path`` and
+``unstacked_path`` translate, and a rule's ``{i}`` marks where the index goes.
 """
 
 from __future__ import annotations
@@ -49,9 +55,34 @@ class Rule:
         m = _template_regex(self.hf).match(name)
         return None if m is None else self.nnx.format(**m.groupdict())
 
-    def match_nnx(self, path: str) -> str | None:
+    @property
+    def per_layer(self) -> bool:
+        return "{i}" in self.nnx
+
+    @property
+    def stacked(self) -> str:
+        """The nnx template's stacked path (``text.layers.{i}.x`` -> ``text.layers.x``)."""
+        return self.nnx.replace(".{i}", "")
+
+    def match_nnx(self, path: str, layer: int | None = None) -> str | None:
+        """The HF name of ``path``: a per-layer path (or one outside stacks) with ``layer`` None, or a
+        stacked path with its ``layer``."""
+        if layer is not None:
+            return self.hf.format(i=layer) if self.per_layer and path == self.stacked else None
         m = _template_regex(self.nnx).match(path)
         return None if m is None else self.hf.format(**m.groupdict())
+
+
+class NnxName(tuple):
+    """``to_nnx``'s answer: ``(path, rule, layer)``; ``path`` is the stacked parameter's, ``layer``
+    the index into its leading axis (None outside stacks of layers)."""
+
+    def __new__(cls, path: str, rule: Rule, layer: int | None):
+        return super().__new__(cls, (path, rule, layer))
+
+    path = property(lambda self: self[0])
+    rule = property(lambda self: self[1])
+    layer = property(lambda self: self[2])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,21 +97,34 @@ class NameMap:
                 return canonical + hf_name[len(alias) :]
         return hf_name
 
-    def to_nnx(self, hf_name: str) -> tuple[str, Rule] | None:
+    def to_nnx(self, hf_name: str) -> NnxName | None:
+        """An HF tensor name -> ``(stacked path, rule, layer index or None)``."""
         name = self.canonical(hf_name)
         for rule in self.rules:
-            path = rule.match_hf(name)
-            if path is not None:
-                return path, rule
+            m = _template_regex(rule.hf).match(name)
+            if m is not None:
+                i = m.groupdict().get("i")
+                return NnxName(rule.stacked, rule, int(i)) if i is not None else NnxName(rule.nnx, rule, None)
         return None
 
-    def to_hf(self, nnx_path: str) -> tuple[str, Rule] | None:
+    def to_hf(self, nnx_path: str, layer: int | None = None) -> tuple[str, Rule] | None:
+        """A parameter path -> ``(hub name, rule)``: a per-layer path (``text.layers.5.attn.q_proj.kernel``)
+        or one outside stacks with ``layer`` None, or a stacked path with its ``layer``."""
         for rule in self.rules:
-            name = rule.match_nnx(nnx_path)
+            name = rule.match_nnx(nnx_path, layer)
             if name is not None:
                 return name, rule
         return None
 
+    def hf_names(self, nnx_path: str, shape) -> list[tuple[str, Rule, int | None]] | None:
+        """Every ``(hub name, rule, layer)`` a parameter of ``shape`` holds: one per layer of a stacked
+        parameter (its leading axis), one with layer None otherwise; None if it has no HF name."""
+        match = self.to_hf(nnx_path)
+        if match is not None:
+            return [(match[0], match[1], None)]
+        if self.to_hf(nnx_path, 0) is None:
+            return None
+        return [(*self.to_hf(nnx_path, i), i) for i in range(shape[0])]
 
 # --------------------------------------------------------------------------------------------------
 # Stacked layers: a repeated block is one module whose parameters carry a leading layer axis

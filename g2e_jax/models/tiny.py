@@ -14,15 +14,31 @@ import numpy as np
 from flax import nnx
 
 from g2e_jax.models.backbone import Backbone
+from g2e_jax.models.common.layers import stack_paths
 
 
 def random_model(backbone: Backbone, cfg, seed: int = 0):
     """A model with numpy-drawn weights: kernels ~ N(0, 1/fan_in), embeddings ~ N(0, 1),
-    norm scales ~ 1 + N(0, 0.1^2), biases ~ N(0, 0.1^2)."""
+    norm scales ~ 1 + N(0, 0.1^2), biases ~ N(0, 0.1^2). Drawn tensor by tensor in the order of the
+    per-layer names (each layer of a stack on its own), so the weights are those of the layout
+    before layers were stacked."""
     rng = np.random.default_rng(seed)
-    graphdef, state = nnx.split(backbone.abstract_model(cfg))
+    abstract = backbone.abstract_model(cfg)
+    stacks = stack_paths(abstract)
+    graphdef, state = nnx.split(abstract)
+    tensors = []  # (per-layer path, variable, layer or None)
     for path, variable in nnx.to_flat_state(state):
-        shape, leaf = tuple(variable.get_value().shape), str(path[-1])
+        stack = next((s for s in stacks if tuple(path[: len(s)]) == s), None)
+        if stack is None:
+            tensors.append((tuple(path), variable, None))
+        else:
+            n = len(stack)
+            tensors += [(tuple(path[:n]) + (i,) + tuple(path[n:]), variable, i)
+                        for i in range(variable.get_value().shape[0])]  # fmt: skip
+    values = {}
+    for path, variable, layer in sorted(tensors, key=lambda t: tuple((isinstance(k, str), k) for k in t[0])):
+        shape = tuple(variable.get_value().shape)[0 if layer is None else 1 :]
+        leaf = str(path[-1])
         if leaf == "kernel":
             value = rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[0])
         elif leaf == "embedding":
@@ -31,6 +47,9 @@ def random_model(backbone: Backbone, cfg, seed: int = 0):
             value = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
         else:
             value = 0.1 * rng.standard_normal(shape, dtype=np.float32)
+        values.setdefault(id(variable), (variable, {}))[1][layer] = value
+    for variable, layers in values.values():
+        value = layers[None] if None in layers else np.stack([layers[i] for i in range(len(layers))])
         variable.set_value(jnp.asarray(value))
     return nnx.merge(graphdef, state)
 

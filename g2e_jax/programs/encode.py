@@ -33,7 +33,7 @@ def encode_cells(graphdef, traces, state, sys_ids, header_ids, prefix, **arrays)
 
 def embed_batch(
     model, sys_ids, header_ids, user_ids, user_len, user_pos, next_pos, pixel_values, image_grid_thw, *,
-    scheme, pad_id, max_patches_per_image, prefix=None, output_attentions=False,
+    scheme, pad_id, max_patches_per_image, prefix=None, output_attentions=False, remat=None, scan_unroll=1,
 ):  # fmt: skip
     """Template placement, mask, positions, backbone, last-token pooling and normalisation.
 
@@ -42,7 +42,9 @@ def embed_batch(
     ``prefix`` (``model.prefix_kv(sys_ids)``) the system segment is not run again: the program starts
     at the user segment, at the same positions, and gives the same embeddings. ``output_attentions``
     (static, for analysis) also returns each layer's attention probabilities ``[B, H, L, L]`` over
-    the tokens the program runs (system segment, user segment, header, then padding).
+    the tokens the program runs (system segment, user segment, header, then padding). ``remat`` (a
+    checkpoint policy: training's per-layer ``train.remat``) and ``scan_unroll`` go to the model's layer
+    scans.
     """
     batch, users = user_ids.shape
     n_sys, n_head = sys_ids.shape[0], header_ids.shape[0]
@@ -72,7 +74,8 @@ def embed_batch(
         positions = jnp.where(in_user[None], user, jnp.where(in_head, header, jnp.where(in_sys, i, 1))[None])
     hidden = model(
         ids, mask.astype(jnp.int32), pixel_values, image_grid_thw, positions, prefix=prefix,
-        max_patches_per_image=max_patches_per_image, output_attentions=output_attentions,
+        max_patches_per_image=max_patches_per_image, output_attentions=output_attentions, remat=remat,
+        scan_unroll=scan_unroll,
     )  # fmt: skip
     hidden, attentions = hidden if output_attentions else (hidden, None)
     last = n_sys + user_len + n_head - 1 - start

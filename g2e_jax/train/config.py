@@ -35,6 +35,9 @@ def train_section() -> ml_collections.ConfigDict:
     # none | layers (each decoder layer and vision block checkpointed: the backward keeps their inputs)
     # | layers_dots (and their projections' outputs) | full / dots (a chunk's whole forward): step.py.
     t.remat = "none"
+    # Layers per iteration of the decoder's and the vision towers' layer scans (1: one layer's program,
+    # compile time flat in depth; more: larger programs that some backends run faster). Same weights.
+    t.scan_unroll = 1
     t.users = 960  # user-segment tokens per row at most (max_len minus the template)
     t.patches_per_cell = 4096  # packed image patches per cell and side at most
     # Each step's sides padded to buckets of what they hold (a few programs), not to the maxima above.

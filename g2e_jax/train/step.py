@@ -17,13 +17,13 @@ from flax import nnx
 
 from g2e_jax.adapters.lora import reseed_dropout
 from g2e_jax.programs.encode import embed_batch
-from g2e_jax.models.common.layers import remat_layers
 from g2e_jax.train.loss import contrastive_loss
 from g2e_jax.mesh import local_rows
 
 # ``train.remat``: "full" / "dots" checkpoint a chunk's whole forward (its backward still holds every
 # layer's activations at once); "layers" / "layers_dots" checkpoint each decoder layer and vision block,
-# so the backward holds one layer's activations plus every layer's input (``remat_layers``).
+# so the backward holds one layer's activations plus every layer's input (the policy is the layer scans'
+# ``remat`` argument, ``g2e_jax.models.common.layers.scan_layers``).
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -51,10 +51,18 @@ class StepConfig:
     # g2e_jax.embed). The same loss and gradients; adapter dropout masks over those tokens are then
     # shared by the chunk's rows.
     prefix_cache: bool = True
+    scan_unroll: int = 1  # layers per iteration of the layer scans (same result; compile time vs speed)
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {self.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+        if self.scan_unroll < 1:
+            raise ValueError(f"scan_unroll must be at least 1, got {self.scan_unroll}")
+
+    @property
+    def layer_remat(self):
+        """The checkpoint policy of each layer (``remat`` layers / layers_dots), else None."""
+        return REMAT_POLICIES[self.remat] if self.remat in PER_LAYER_REMAT else None
 
 
 def _embed_chunk(model, side: dict, consts, cfg: StepConfig, rng=None):
@@ -64,7 +72,8 @@ def _embed_chunk(model, side: dict, consts, cfg: StepConfig, rng=None):
     ``fold_in(rng, cell)``: NNX random streams are mutable state, and a stream of the outer trace
     cannot advance inside the vmap."""
     sys_ids, header_ids = consts
-    prefix = model.prefix_kv(sys_ids) if cfg.prefix_cache and sys_ids.shape[0] else None
+    layers = dict(remat=cfg.layer_remat, scan_unroll=cfg.scan_unroll)
+    prefix = model.prefix_kv(sys_ids, **layers) if cfg.prefix_cache and sys_ids.shape[0] else None
     graph, state = nnx.split(model)
 
     def cell(arrays, index):
@@ -73,7 +82,7 @@ def _embed_chunk(model, side: dict, consts, cfg: StepConfig, rng=None):
             m = nnx.merge(graph, state, copy=True)
             reseed_dropout(m, jax.random.fold_in(rng, index))
         return embed_batch(m, sys_ids, header_ids, **arrays, scheme=cfg.scheme, pad_id=cfg.pad_id,
-                           max_patches_per_image=cfg.max_patches_per_image, prefix=prefix)  # fmt: skip
+                           max_patches_per_image=cfg.max_patches_per_image, prefix=prefix, **layers)  # fmt: skip
 
     cells = jax.tree.leaves(side)[0].shape[0]
     with local_rows():  # a cell's rows stay on its devices; the cells are what is sharded
@@ -115,10 +124,7 @@ def loss_and_grads(graphdef, params, rest, batch, consts, cfg: StepConfig, rng=N
                 reseed_dropout(model, key)  # the prefix's dropout
             return _embed_chunk(model, side, side_consts, cfg, key)
 
-        if cfg.remat in PER_LAYER_REMAT:
-            with remat_layers(policy):
-                return forward(p, side)
-        if cfg.remat != "none":
+        if cfg.remat not in ("none", *PER_LAYER_REMAT):  # per layer: the layer scans' remat (_embed_chunk)
             forward = jax.checkpoint(forward, policy=policy)
         return forward(p, side)
 

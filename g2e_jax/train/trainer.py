@@ -110,6 +110,7 @@ def setup(cfg, workdir: str | Path) -> Run:
         mask_same_query=t.mask_same_query, fn_query_threshold=t.fn_query_threshold, fn_margin=t.fn_margin,
         hard_k=t.hard_k, scheme=preprocessor.prompt.scheme, pad_id=preprocessor.pad_id,
         max_patches_per_image=t.max_patches_per_image, prefix_cache=t.prefix_cache,
+        scan_unroll=t.scan_unroll,
     )  # fmt: skip
     consts = {side: (jnp.asarray(preprocessor.system_ids(role)), jnp.asarray(preprocessor.header_ids))
               for side, role in (("query", "query"), ("target", "document"))}  # fmt: skip

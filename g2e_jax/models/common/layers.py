@@ -1,9 +1,11 @@
 """Building blocks of every backbone's vision towers and text decoder: linears, activations, norms,
-rotary, attention (fused or memory-bounded), per-layer rematerialisation.
+rotary, attention (fused or memory-bounded), stacks of layers and the scan that runs them
+(with per-layer rematerialisation).
 
 Every parameter declares the logical axes of its dimensions where it is made (``declared``, ``param``;
 ``linear`` and ``embed`` require them), and ``g2e_jax.mesh`` maps logical axes to mesh axes: a
-parameter without declared axes is an error when the state is placed on a mesh."""
+parameter without declared axes is an error when the state is placed on a mesh; a stack's ``nnx.vmap``
+puts ``layers`` in front."""
 
 from __future__ import annotations
 
@@ -24,31 +26,64 @@ ACTIVATIONS = {
 }
 
 
-_LAYER_REMAT = []  # checkpoint policies of the enclosing ``remat_layers`` contexts (trace time)
+def stack_layers(make, n: int, rngs: nnx.Rngs) -> nnx.Module:
+    """``n`` layers built by ``make(rngs)`` as ONE module whose every variable (parameters, adapter
+    weights, random streams) has a leading layer axis of size ``n`` (``nnx.vmap`` over split random
+    streams, so each layer is initialised from its own keys). Sharding metadata gets the logical axis
+    "layers" in front. ``stack_size`` on the result marks it as a stack of layers; ``scan_layers`` runs it."""
+    if n < 1:
+        raise ValueError(f"a stack of layers needs at least one layer, got {n}")
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def build(rngs):
+        return make(rngs)
+
+    stack = build(rngs)
+    stack.stack_size = n
+    return stack
 
 
-class remat_layers:
-    """While tracing a training forward: every decoder layer and vision block call is checkpointed
-    with ``policy`` (``call_layer``), so the backward pass keeps each layer's inputs and recomputes
-    the rest, instead of every layer's activations at once. Outside, the programs are unchanged."""
-
-    def __init__(self, policy):
-        self.policy = policy
-
-    def __enter__(self):
-        _LAYER_REMAT.append(self.policy)
-
-    def __exit__(self, *exc):
-        _LAYER_REMAT.pop()
+def stack_paths(model: nnx.Module) -> list[tuple]:
+    """The paths (tuples of keys) of the stacks of layers in ``model`` (modules with ``stack_size``)."""
+    return [tuple(path) for path, m in nnx.iter_modules(model) if hasattr(m, "stack_size")]
 
 
-def call_layer(fn, layer: nnx.Module, *args):
-    """``fn(layer, *args)``, under ``nnx.remat`` inside ``remat_layers``. ``args`` are arrays (or
-    None); ``fn`` closes over anything else. The layer's random streams (adapter dropout) are
-    inputs of the checkpointed call, so the recomputation draws the same masks."""
-    if not _LAYER_REMAT:
-        return fn(layer, *args)
-    return nnx.remat(fn, policy=_LAYER_REMAT[-1])(layer, *args)
+def scan_layers(stack: nnx.Module, body, carry, xs=None, *, remat=None, unroll: int = 1, length: int | None = None):
+    """``body(layer, carry, x) -> (carry, y)`` over the layers of ``stack`` (``stack_layers``), in order:
+    ``nnx.scan`` with the layer's state on axis 0 (its random streams advance per layer), ``xs`` the
+    per-layer inputs (a pytree with a leading layer axis, or None) and the ``y`` stacked on axis 0.
+
+    ``remat``: a checkpoint policy (``jax.checkpoint_policies``): each layer's body is checkpointed
+    with it, so the backward keeps each layer's carry and recomputes the rest; None: no checkpoint.
+    ``unroll``: layers per scan iteration (same result, same parameters). ``length``: only the first
+    ``length`` layers run (a slice of the stack; the others' state is untouched)."""
+    size = stack.stack_size
+    length = size if length is None else length
+    if not 0 < length <= size:
+        raise ValueError(f"cannot run {length} layers of a stack of {size}")
+    fn = body if remat is None else nnx.remat(body, policy=remat, prevent_cse=False)
+
+    @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0), unroll=unroll,
+              transform_metadata={nnx.PARTITION_NAME: "layers"})  # fmt: skip
+    def step(layer, carry, x):
+        return fn(layer, carry, x)
+
+    # A copy of the stack (of its first ``length`` layers) made in this trace: nnx transforms refuse
+    # variables of an outer trace, which a model called inside ``jax.jit`` / ``jax.eval_shape`` by
+    # closure has. Its advanced random streams are written back.
+    graph, state = nnx.split(stack)
+    if length < size:
+        state = jax.tree.map(lambda a: a[:length], state)
+    local = nnx.merge(graph, state, copy=True)
+    out = step(local, carry, xs)
+    rng = nnx.state(stack, nnx.RngState)
+    if jax.tree.leaves(rng):
+        new = nnx.state(local, nnx.RngState)
+        if length < size:
+            new = jax.tree.map(lambda a, h: a.at[:length].set(h), rng, new)
+        nnx.update(stack, new)
+    return out
 
 
 def activation(name: str):

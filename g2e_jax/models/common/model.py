@@ -50,6 +50,7 @@ class DecoderModel(nnx.Module):
         first)."""
         raise NotImplementedError
 
-    def prefix_kv(self, ids):
-        """Keys and values of a text segment ``[P]`` that starts every row (the system prompt)."""
-        return self.text.prefix_kv(self.text.embed_tokens(jnp.asarray(ids)))
+    def prefix_kv(self, ids, *, remat=None, scan_unroll: int = 1):
+        """Keys and values, each ``[layers, P, Hk, D]``, of a text segment ``[P]`` that starts every row
+        (the system prompt)."""
+        return self.text.prefix_kv(self.text.embed_tokens(jnp.asarray(ids)), remat=remat, scan_unroll=scan_unroll)

@@ -18,9 +18,10 @@ from g2e_jax.models.common.layers import (
     apply_rotary,
     attention,
     attention_with_probs,
-    call_layer,
     embed,
     linear,
+    scan_layers,
+    stack_layers,
 )
 from g2e_jax.mesh import constrain
 
@@ -107,11 +108,13 @@ class TextDecoder(nnx.Module):
     """Input embeddings ``[B, L, H]`` -> final-norm hidden states (and optionally every layer's)."""
 
     def __init__(self, cfg: TextConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.cfg = cfg
         self.embed_tokens = embed(cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"),
-                                  embedding_init=nnx.initializers.normal(0.02), **kw)  # fmt: skip
-        self.layers = nnx.List([DecoderLayer(cfg, **kw) for _ in range(cfg.num_hidden_layers)])
+                                  embedding_init=nnx.initializers.normal(0.02), dtype=dtype, param_dtype=param_dtype,
+                                  rngs=rngs)  # fmt: skip
+        self.layers = stack_layers(
+            lambda r: DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r), cfg.num_hidden_layers, rngs
+        )  # one stacked module: parameters [layers, ...], run by ``scan_layers``
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
 
     def __call__(
@@ -123,52 +126,58 @@ class TextDecoder(nnx.Module):
         prefix=None,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
+        remat=None,
+        scan_unroll: int = 1,
     ):
-        """``prefix``: per-layer (k, v) of a segment that precedes every row (``prefix_kv``); the rows'
-        positions then continue after it. The result equals running the concatenated sequence.
-        ``output_attentions`` (static; off, the program is unchanged) also returns each layer's
-        attention probabilities ``[B, H, L, L]`` (after the hidden states when both are asked for)."""
+        """``prefix``: the (k, v) of a segment that precedes every row (``prefix_kv``: ``[layers, P, Hk,
+        D]`` each); the rows' positions then continue after it. The result equals running the
+        concatenated sequence. ``output_hidden_states`` also returns a tuple of every layer's hidden
+        states (embeddings first, the final-norm states last); ``output_attentions`` (static; off, the
+        program is unchanged) a tuple of each layer's attention probabilities ``[B, H, L, L]`` (after
+        the hidden states when both are asked for). ``remat`` (a checkpoint policy) checkpoints each
+        layer; ``scan_unroll`` layers run per scan iteration (see ``scan_layers``)."""
         x, hidden, _, attentions = self._layers(
-            embeds, attention_mask, position_ids, prefix, output_attentions
-        )
+            embeds, attention_mask, position_ids, prefix, output_attentions=output_attentions,
+            hidden_states=output_hidden_states, remat=remat, scan_unroll=scan_unroll,
+        )  # fmt: skip
         x = self.norm(x)
         out = (x,)
         if output_hidden_states:
-            hidden[-1] = x
-            out += (tuple(hidden),)
+            n = self.cfg.num_hidden_layers
+            out += ((embeds,) + tuple(hidden[i] for i in range(n - 1)) + (x,),)
         if output_attentions:
-            out += (tuple(attentions),)
+            out += (tuple(attentions[i] for i in range(self.cfg.num_hidden_layers)),)
         return out if len(out) > 1 else x
 
-    def prefix_kv(self, embeds):
-        """Per-layer rotated (k, v) ``[P, Hk, D]`` of one segment ``[P, H]`` at positions 0..P-1: computed
-        once, they stand in for that segment at the start of every row (causal attention never lets
-        it see what follows)."""
+    def prefix_kv(self, embeds, *, remat=None, scan_unroll: int = 1):
+        """Rotated (k, v), each ``[layers, P, Hk, D]``, of one segment ``[P, H]`` at positions 0..P-1:
+        computed once, they stand in for that segment at the start of every row (causal attention
+        never lets it see what follows)."""
         length = embeds.shape[0]
         positions = jnp.broadcast_to(jnp.arange(length)[None, None], (3, 1, length))
-        _, _, kvs, _ = self._layers(embeds[None], jnp.ones((1, length), bool), positions, None)
-        return tuple((k[0], v[0]) for k, v in kvs)
+        _, _, (k, v), _ = self._layers(embeds[None], jnp.ones((1, length), bool), positions, None, kv=True,
+                                       remat=remat, scan_unroll=scan_unroll)  # fmt: skip
+        return k[:, 0], v[:, 0]
 
-    def _layers(self, embeds, attention_mask, position_ids, prefix, output_attentions: bool = False):
-        """Every decoder layer: (last output, embeddings + each layer's output, each layer's (k, v),
-        each layer's attention probabilities if asked for)."""
+    def _layers(self, embeds, attention_mask, position_ids, prefix, *, output_attentions: bool = False,
+                hidden_states: bool = False, kv: bool = False, remat=None, scan_unroll: int = 1):  # fmt: skip
+        """Every decoder layer, one scan: (last output, then stacked on a leading layer axis, each
+        asked for: each layer's output, each layer's (k, v), each layer's attention probabilities;
+        None where not asked for)."""
         length = embeds.shape[1]
         causal = jnp.tril(jnp.ones((length, length), dtype=bool))
         # [B, 1 (heads), Lq, Lk]: causal and never attending to padded keys.
         mask = (causal[None] & attention_mask.astype(bool)[:, None, :])[:, None]
         if prefix is not None:
-            seen = jnp.ones(mask.shape[:3] + (prefix[0][0].shape[0],), bool)  # every row sees the prefix
+            seen = jnp.ones(mask.shape[:3] + (prefix[0].shape[1],), bool)  # every row sees the prefix
             mask = jnp.concatenate([seen, mask], axis=-1)
         cos, sin = mrope_angles(position_ids, self.cfg)
-        x = constrain(embeds, RESIDUAL)
-        hidden, kvs, attentions = [x], [], []
-        for i, layer in enumerate(self.layers):
-            x, kv, *probs = call_layer(
-                lambda m, x, p: m(x, cos, sin, mask, p, output_attentions),
-                layer, x, None if prefix is None else prefix[i],
-            )  # fmt: skip
+
+        def body(layer, x, p):
+            x, layer_kv, *probs = layer(x, cos, sin, mask, p, output_attentions)
             x = constrain(x, RESIDUAL)
-            hidden.append(x)
-            kvs.append(kv)
-            attentions += probs
+            return x, (x if hidden_states else None, layer_kv if kv else None, probs[0] if probs else None)
+
+        x = constrain(embeds, RESIDUAL)
+        x, (hidden, kvs, attentions) = scan_layers(self.layers, body, x, prefix, remat=remat, unroll=scan_unroll)
         return x, hidden, kvs, attentions

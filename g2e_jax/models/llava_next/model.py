@@ -42,16 +42,17 @@ class LlavaNext(DecoderModel):
         self.multi_modal_projector = Projector(config, **kw)
         self.image_newline = param(jnp.zeros((config.text.hidden_size,), param_dtype), ("embed",))
 
-    def tile_features(self, pixel_values):
+    def tile_features(self, pixel_values, *, remat=None, scan_unroll: int = 1):
         """Projected patch features of every tile, ``[tiles * tokens_per_tile, H]`` (CLS dropped)."""
         v = self.config.vision
         tiles = jnp.asarray(pixel_values).reshape(-1, v.in_channels, v.image_size, v.image_size)
-        features = self.vision_tower(tiles, self.config.feature_layers)[:, 1:]
+        features = self.vision_tower(tiles, self.config.feature_layers, remat=remat, scan_unroll=scan_unroll)
+        features = features[:, 1:]
         return self.multi_modal_projector(features).reshape(-1, self.config.text.hidden_size)
 
-    def image_features(self, pixel_values, image_layout, rank):
+    def image_features(self, pixel_values, image_layout, rank, *, remat=None, scan_unroll: int = 1):
         """Features of the image tokens of ranks ``rank`` (``arange(n)``: the first n image tokens)."""
-        features = self.tile_features(pixel_values)
+        features = self.tile_features(pixel_values, remat=remat, scan_unroll=scan_unroll)
         index = anyres.feature_index(rank, image_layout, self.config)
         newline = self.image_newline[...].astype(features.dtype)
         return jnp.where((index == anyres.NEWLINE)[..., None], newline, features[jnp.maximum(index, 0)])
@@ -69,16 +70,18 @@ class LlavaNext(DecoderModel):
         max_patches_per_image: int | None = None,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
+        remat=None,
+        scan_unroll: int = 1,
     ):
         """Final-layer hidden states after the final norm, ``[B, L, H]`` (see ``Qwen2VL.__call__`` for
-        ``prefix``, ``output_hidden_states`` and ``output_attentions``). Positions default to 0..L-1, as
+        ``prefix``, ``output_hidden_states``, ``output_attentions``, ``remat`` and ``scan_unroll``). Positions default to 0..L-1, as
         transformers' Llama/Mistral use without ``position_ids``. ``max_patches_per_image`` is Qwen2-VL's
         (tiles all have one size) and is ignored."""
         del max_patches_per_image
         input_ids = jnp.asarray(input_ids)
         b, length = input_ids.shape
         window = self.config.sliding_window
-        if window is not None and length + (0 if prefix is None else prefix[0][0].shape[0]) > window:
+        if window is not None and length + (0 if prefix is None else prefix[0].shape[1]) > window:
             raise ValueError(
                 f"sequence length {length} exceeds Mistral's sliding_window {window}, "
                 "which this port does not implement"
@@ -96,7 +99,8 @@ class LlavaNext(DecoderModel):
                 pixel_values, image_layout = self._from_processor(input_ids, pixel_values, image_sizes)
             is_image = input_ids == self.config.image_token_id
             rank = jnp.cumsum(is_image.reshape(-1)).reshape(is_image.shape) - 1
-            features = self.image_features(pixel_values, image_layout, rank).astype(embeds.dtype)
+            features = self.image_features(pixel_values, image_layout, rank, remat=remat, scan_unroll=scan_unroll)
+            features = features.astype(embeds.dtype)
             embeds = jnp.where(is_image[..., None], features, embeds)
         return self.text(
             embeds,
@@ -105,6 +109,8 @@ class LlavaNext(DecoderModel):
             prefix=prefix,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
+            remat=remat,
+            scan_unroll=scan_unroll,
         )
 
     def _from_processor(self, input_ids, pixel_values, image_sizes):

@@ -7,7 +7,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from g2e_jax.models.llava_next.config import ClipVisionConfig
-from g2e_jax.models.common.layers import activation, attention, call_layer, embed, linear, map_rows, param
+from g2e_jax.models.common.layers import (
+    activation,
+    attention,
+    embed,
+    linear,
+    map_rows,
+    param,
+    scan_layers,
+    stack_layers,
+)
 from g2e_jax.models.common.layers import layer_norm as common_layer_norm
 
 
@@ -98,11 +107,15 @@ class ClipVisionTower(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embeddings = ClipEmbeddings(cfg, **kw)
         self.pre_layrnorm = layer_norm(cfg, **kw)  # sic: transformers' name
-        self.layers = nnx.List([ClipLayer(cfg, **kw) for _ in range(cfg.depth)])
+        # Every layer of the checkpoint, stacked (load -> save keeps them); the first num_layers run.
+        self.layers = stack_layers(lambda r: ClipLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r), cfg.depth, rngs)
         self.post_layernorm = layer_norm(cfg, **kw)
 
-    def __call__(self, pixel_values, num_layers: int):
+    def __call__(self, pixel_values, num_layers: int, *, remat=None, scan_unroll: int = 1):
+        """``remat`` / ``scan_unroll``: the layer scan's (``scan_layers``), over the first ``num_layers``
+        layers of the stack."""
         x = self.pre_layrnorm(self.embeddings(pixel_values))
-        for i in range(num_layers):
-            x = call_layer(lambda m, x: m(x), self.layers[i], x)
+        if num_layers:
+            x, _ = scan_layers(self.layers, lambda m, x, _: (m(x), None), x, remat=remat, unroll=scan_unroll,
+                               length=num_layers)  # fmt: skip
         return x

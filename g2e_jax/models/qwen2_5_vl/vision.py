@@ -6,14 +6,24 @@ As in transformers, the merged 2x2 units are reordered window by window before t
 back in processor order after the merger. Each image keeps its place in that order, so the blocks
 with full attention use Qwen2-VL's per-image layout unchanged; windows become contiguous runs of
 at most ``window_patches`` patches. Everything works on traced ``grid_thw`` under ``jit``.
+
+The blocks are one stack run by one scan whatever ``fullatt_block_indexes`` holds: each block's kind
+(full or window attention) is a per-layer scanned boolean, and the body picks the grouping with
+``lax.cond``. The predicate comes from the config, never from the batch, so it stays unbatched under
+``vmap`` (training's cells) and ``cond`` runs one branch: the program holds one block and both
+groupings, flat in depth. Scanning over repeating groups would need the full-attention blocks at a
+period dividing the depth (true of the released 7 window + 1 full, not of every config: the tiny
+model's, tests'), and would put the group's blocks, not one, in the program.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from g2e_jax.models.qwen2_5_vl.config import Qwen2_5VisionConfig
-from g2e_jax.models.common.layers import GatedMLP, attention, call_layer
+from g2e_jax.models.common.layers import GatedMLP, attention, scan_layers
 from g2e_jax.models.qwen2_vl.vision import VisionTower, rms_norm
 
 
@@ -91,14 +101,21 @@ class Qwen2_5VisionTower(VisionTower):
     def __init__(self, cfg: Qwen2_5VisionConfig, **kw):
         super().__init__(cfg, norm=rms_norm, mlp=swiglu, **kw)
 
-    def __call__(self, pixel_values, grid_thw, max_patches_per_image: int):
+    def __call__(self, pixel_values, grid_thw, max_patches_per_image: int, *, remat=None, scan_unroll: int = 1):
         x, layout, rotary = self.embed(pixel_values, grid_thw, max_patches_per_image)
         windows = WindowLayout(grid_thw, x.shape[0], self.cfg)
         x = windows.to_windows(x)
         cos, sin = (windows.to_windows(a) for a in rotary)
-        full = set(self.cfg.fullatt_block_indexes)
-        for i, block in enumerate(self.blocks):
-            # In window order each image still spans its own patch range: the per-image layout holds.
-            attend = layout.attend if i in full else windows.attend
-            x = call_layer(lambda m, x: m(x, cos, sin, attend), block, x)  # noqa: B023 (called at once)
+        # In window order each image still spans its own patch range: the per-image layout holds.
+        full = np.isin(np.arange(self.cfg.depth), list(self.cfg.fullatt_block_indexes))
+
+        def body(block, x, is_full):
+            if full.all() or not full.any():  # one kind: no branch
+                attend = layout.attend if full.all() else windows.attend
+            else:
+                def attend(q, k, v):
+                    return jax.lax.cond(is_full, layout.attend, windows.attend, q, k, v)
+            return block(x, cos, sin, attend), None
+
+        x, _ = scan_layers(self.blocks, body, x, jnp.asarray(full), remat=remat, unroll=scan_unroll)
         return windows.from_windows(self.merger(x))

@@ -32,7 +32,8 @@ class Qwen2VL(DecoderModel):
     def vision_parts(self, config: Qwen2VLConfig, *, dtype, param_dtype, rngs: nnx.Rngs) -> None:
         self.visual = self.vision_tower(config.vision, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def image_features(self, pixel_values, image_grid_thw, max_patches_per_image: int | None = None):
+    def image_features(self, pixel_values, image_grid_thw, max_patches_per_image: int | None = None, *,
+                       remat=None, scan_unroll: int = 1):  # fmt: skip
         """Merged vision features ``[num_patches / merge**2, hidden]``, images concatenated."""
         if max_patches_per_image is None:
             grid = host_value(image_grid_thw)
@@ -44,7 +45,8 @@ class Qwen2VL(DecoderModel):
                     f"image_grid_thw temporal size must be 1 for images, got {grid[:, 0].tolist()}"
                 )
             max_patches_per_image = int(grid.prod(-1).max()) if grid.size else 1
-        return self.visual(jnp.asarray(pixel_values), jnp.asarray(image_grid_thw), max_patches_per_image)
+        return self.visual(jnp.asarray(pixel_values), jnp.asarray(image_grid_thw), max_patches_per_image,
+                           remat=remat, scan_unroll=scan_unroll)  # fmt: skip
 
     def __call__(
         self,
@@ -58,6 +60,8 @@ class Qwen2VL(DecoderModel):
         max_patches_per_image: int | None = None,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
+        remat=None,
+        scan_unroll: int = 1,
     ):
         """Final-layer hidden states after the final norm, ``[B, L, H]``.
 
@@ -68,7 +72,9 @@ class Qwen2VL(DecoderModel):
         transformers' ``output_attentions=True`` with eager attention (after the hidden states when
         both are asked for). ``prefix``
         (``prefix_kv``) stands for a text segment before every row; positions must then continue after
-        it (they cannot be derived here).
+        it (they cannot be derived here). ``remat`` (a checkpoint policy, e.g. for training) checkpoints
+        each decoder layer and vision block; ``scan_unroll`` layers run per iteration of the layer scans
+        (the same result and parameters; see ``scan_layers``).
         """
         if attention_mask is None:
             attention_mask = jnp.ones(jnp.shape(input_ids), jnp.int32)
@@ -92,11 +98,13 @@ class Qwen2VL(DecoderModel):
         input_ids = jnp.asarray(input_ids)
         embeds = self.text.embed_tokens(input_ids)
         if pixel_values is not None:
-            features = self.image_features(pixel_values, image_grid_thw, max_patches_per_image)
+            features = self.image_features(pixel_values, image_grid_thw, max_patches_per_image, remat=remat,
+                                           scan_unroll=scan_unroll)  # fmt: skip
             embeds = scatter_image_features(input_ids, embeds, features, self.config.image_token_id)
         return self.text(
             embeds, jnp.asarray(attention_mask), position_ids, prefix=prefix,
-            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions, remat=remat,
+            scan_unroll=scan_unroll,
         )  # fmt: skip
 
     def _check_image_tokens(self, input_ids, grid, num_patches):

@@ -28,9 +28,10 @@ from g2e_jax.models.common.layers import (
     apply_rotary,
     attention,
     attention_implementation,
-    call_layer,
     linear,
     map_rows,
+    scan_layers,
+    stack_layers,
 )
 from g2e_jax.models.common.layers import layer_norm as common_layer_norm
 
@@ -224,7 +225,9 @@ class VisionTower(nnx.Module):
             cfg.patch_dim, cfg.embed_dim, axes=("patch", "vision_embed"), bias=False, **kw
         )
         self.rotary = VisionRotary(cfg)
-        self.blocks = nnx.List([VisionBlock(cfg, norm=norm, mlp=mlp, **kw) for _ in range(cfg.depth)])
+        self.blocks = stack_layers(
+            lambda r: VisionBlock(cfg, norm=norm, mlp=mlp, dtype=dtype, param_dtype=param_dtype, rngs=r), cfg.depth, rngs
+        )  # one stacked module: parameters [depth, ...], run by ``scan_layers``
         self.merger = PatchMerger(cfg, norm=norm, **kw)
 
     def embed(self, pixel_values, grid_thw, max_patches_per_image: int):
@@ -239,8 +242,9 @@ class VisionTower(nnx.Module):
         x = self.patch_embed(pixel_values.astype(self.patch_embed.kernel.dtype))
         return x, layout, self.rotary(layout.hpos, layout.wpos)
 
-    def __call__(self, pixel_values, grid_thw, max_patches_per_image: int):
+    def __call__(self, pixel_values, grid_thw, max_patches_per_image: int, *, remat=None, scan_unroll: int = 1):
+        """``remat`` / ``scan_unroll``: the block scan's (``scan_layers``)."""
         x, layout, (cos, sin) = self.embed(pixel_values, grid_thw, max_patches_per_image)
-        for block in self.blocks:
-            x = call_layer(lambda m, x: m(x, cos, sin, layout.attend), block, x)
+        x, _ = scan_layers(self.blocks, lambda m, x, _: (m(x, cos, sin, layout.attend), None), x,
+                           remat=remat, unroll=scan_unroll)  # fmt: skip
         return self.merger(x)
