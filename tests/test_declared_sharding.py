@@ -46,6 +46,10 @@ def test_every_backbone_is_covered(results):
         assert results[f"{model_type}/{size}"]["model_class"] == BACKBONES[model_type].model.__name__
 
 
+def _per_layer_ndim(row) -> int:
+    return sum(1 for name in row["logical"] if name != "layers")
+
+
 @pytest.mark.parametrize("model_type,size", CASES)
 def test_fsdp8_replicates_only_what_the_table_names(results, model_type, size):
     r = results[f"{model_type}/{size}"]
@@ -59,7 +63,8 @@ def test_fsdp8_replicates_only_what_the_table_names(results, model_type, size):
             assert set(x["logical"]) <= by_rule, (x["path"], x["logical"])
         else:
             assert not set(x["logical"]) <= by_rule, (x["path"], x["logical"])
-    frozen_matrices = [x for x in rows if len(x["shape"]) >= 2 and not x["trainable"]]
+    # Matrices per layer (a stacked parameter's leading ``layers`` axis not counted).
+    frozen_matrices = [x for x in rows if _per_layer_ndim(x) >= 2 and not x["trainable"]]
     assert frozen_matrices and all(x["per_device"] * 8 == x["total"] for x in frozen_matrices), [
         x["path"] for x in frozen_matrices if x["per_device"] * 8 != x["total"]
     ]
@@ -77,7 +82,7 @@ def test_llava_next_vision_tower_and_projector_are_sharded(results, size):
     """They matched no rule of the path table and stayed whole on every device; now they declare axes."""
     rows = results[f"llava_next/{size}"]["rows"]
     vision = [x for x in rows if x["path"].split(".")[0] in ("vision_tower", "multi_modal_projector")]
-    matrices = [x for x in vision if len(x["shape"]) >= 2]
+    matrices = [x for x in vision if _per_layer_ndim(x) >= 2]
     # Patch and position embeddings, 6 kernels per CLIP layer (per-layer or stacked), 2 projector linears.
     assert len({re.sub(r"\.\d+\.", ".", x["path"]) for x in matrices}) == 2 + 6 + 2
     unsharded = [x["path"] for x in matrices if "fsdp" not in x["spec"]]

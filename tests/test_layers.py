@@ -50,7 +50,16 @@ def test_attention_runs_in_groups_past_the_budget(monkeypatch):
 
 def test_map_rows_equals_one_call_values_and_gradients(monkeypatch):
     monkeypatch.setattr(layers, "ACTIVATION_BUDGET", 64 * 5)  # 5 rows of the 64-wide hidden per step
-    mlp = GatedMLP(16, 64, "silu", bias=True, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    mlp = GatedMLP(
+        16,
+        64,
+        "silu",
+        axes=("embed", "mlp"),
+        bias=True,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs=nnx.Rngs(0),
+    )
     x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 7, 16)), jnp.float32)  # 21 rows: 5 groups
 
     def loss(m, x):
@@ -168,7 +177,9 @@ def test_map_rows_inside_the_layer_scan(monkeypatch):
     draws random numbers (its stacked stream, scanned) still runs in one call and advances its stream."""
     monkeypatch.setattr(layers, "ACTIVATION_BUDGET", 64 * 5)
     kw = dict(bias=True, dtype=jnp.float32, param_dtype=jnp.float32)  # noqa: C408
-    stack = layers.stack_layers(lambda r: GatedMLP(16, 64, "silu", rngs=r, **kw), 3, nnx.Rngs(0))
+    stack = layers.stack_layers(
+        lambda r: GatedMLP(16, 64, "silu", axes=("embed", "mlp"), rngs=r, **kw), 3, nnx.Rngs(0)
+    )
     x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 7, 16)), jnp.float32)
 
     def run(x):
@@ -184,11 +195,13 @@ def test_map_rows_inside_the_layer_scan(monkeypatch):
 
     class Noisy(GatedMLP):
         def __init__(self, rngs):
-            super().__init__(16, 64, "silu", rngs=rngs, **kw)
+            super().__init__(16, 64, "silu", axes=("embed", "mlp"), rngs=rngs, **kw)
             self.drop = nnx.Dropout(0.5, rngs=rngs)
 
         def __call__(self, x):
-            return layers.map_rows(lambda h: self.drop(self.down_proj(self.gate_proj(h))), x, self.hidden, self)
+            return layers.map_rows(
+                lambda h: self.drop(self.down_proj(self.gate_proj(h))), x, self.hidden, self
+            )
 
     noisy = layers.stack_layers(Noisy, 3, nnx.Rngs(0, dropout=1))
     out, _ = layers.scan_layers(noisy, lambda m, c, _: (m(c), None), x)

@@ -500,8 +500,7 @@ def torch_mirror(model):
     params = flat(model, nnx.Param)
     with torch.no_grad():
         for name, p in net.named_parameters():
-            path, rule = NAME_MAP.to_nnx(name)
-            stacked, _, i = stacked_path(path, STACKS)
+            stacked, rule, i = NAME_MAP.to_nnx(name)  # the stacked path and the layer (None outside)
             value = np.array(params[stacked].get_value())
             value = value if i is None else value[i]
             p.copy_(torch.from_numpy(np.ascontiguousarray(rule.transform.to_hf(value, tuple(p.shape)))))
@@ -584,8 +583,7 @@ def test_peft_folders_on_stacked_layers(tmp_path, kind):
     kernels = flat(model, nnx.Param)
     kernel_diff = 0.0
     for name, p in merged.named_parameters():
-        path, rule = NAME_MAP.to_nnx(name)
-        stacked, _, i = stacked_path(path, STACKS)
+        stacked, rule, i = NAME_MAP.to_nnx(name)  # the stacked path and the layer (None outside)
         value = np.asarray(kernels[stacked].get_value())
         value = value if i is None else value[i]
         kernel_diff = max(kernel_diff, float(np.abs(rule.transform.to_nnx(p.detach().numpy()) - value).max()))
