@@ -173,10 +173,10 @@ def _restore_step(manager, step: int, targets: Mapping[str, object], stacks: Map
         args["meta"] = ocp.args.JsonRestore()
     restored = dict(manager.restore(step, args=ocp.args.Composite(**args)))
     for item, plan in plans.items():
-        got = _flat(restored[item])
+        got = _flat(restored.pop(item))  # popped as they are stacked: the per-layer copies go one by one
         flat = _flat(targets[item])
         leaves = [
-            _stack([got[layer] for layer in plan[name]], flat[name].sharding) if plan[name] else got[name]
+            _stack([got.pop(layer) for layer in plan[name]], flat[name].sharding) if plan[name] else got.pop(name)
             for name in flat
         ]
         restored[item] = jax.tree.unflatten(jax.tree.structure(targets[item]), leaves)

@@ -257,3 +257,26 @@ def test_resume_matches_the_old_code(tiny, expected, tmp_path):
         names = _leaf_names(manager.item_metadata(RESUMED_STEP)["params"])
     assert "text.layers.attn.q_proj.lora_a" in names and not any(".layers.0." in n for n in names), names
 
+
+
+def test_per_layer_names_are_recognised_and_checked():
+    """The layout is told from the checkpoint's leaf names: per-layer names of the model's stacked
+    leaves (also under an optimizer prefix) are v1, stacked names are not, and a v1 tree with other
+    layers than the model's is an error (reported, not taken for an unreadable checkpoint)."""
+    from g2e_jax.checkpoints import CheckpointLayoutError, _per_layer_plan
+
+    stacks = {"text.layers": 2}
+    target = {"1.0.count": None, "1.0.mu.text.layers.attn.q_proj.lora_a.value": None, "embed.kernel": None}
+    v1 = {"1.0.count": None, "1.0.mu.text.layers.0.attn.q_proj.lora_a.value": None,
+          "1.0.mu.text.layers.1.attn.q_proj.lora_a.value": None, "embed.kernel": None}  # fmt: skip
+    assert _per_layer_plan(v1, target, stacks) == {
+        "1.0.count": None,
+        "1.0.mu.text.layers.attn.q_proj.lora_a.value": [
+            "1.0.mu.text.layers.0.attn.q_proj.lora_a.value", "1.0.mu.text.layers.1.attn.q_proj.lora_a.value"],
+        "embed.kernel": None,
+    }  # fmt: skip
+    assert _per_layer_plan(target, target, stacks) is None  # the stacked layout: restored as it is
+    with pytest.raises(CheckpointLayoutError, match="not in the model"):
+        _per_layer_plan(v1 | {"1.0.mu.text.layers.2.attn.q_proj.lora_a.value": None}, target, stacks)
+    with pytest.raises(CheckpointLayoutError, match="missing"):
+        _per_layer_plan({k: v for k, v in v1.items() if ".1." not in k}, target, stacks)
