@@ -23,8 +23,8 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -55,13 +55,19 @@ def _handlers() -> dict:
             "meta": ocp.JsonCheckpointHandler()}  # fmt: skip
 
 
-def open_manager(workdir: str | Path, *, keep: int | None = None, async_save: bool = False, create: bool = True):
+def open_manager(
+    workdir: str | Path, *, keep: int | None = None, async_save: bool = False, create: bool = True
+):
     """The Orbax manager of ``workdir/checkpoints`` for a run (created if absent), keeping the newest
     ``keep`` checkpoints (None: all)."""
     import orbax.checkpoint as ocp
 
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=async_save)
-    return ocp.CheckpointManager((Path(workdir) / CHECKPOINTS).absolute(), options=options, item_handlers=_handlers())
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=create, enable_async_checkpointing=async_save
+    )
+    return ocp.CheckpointManager(
+        (Path(workdir) / CHECKPOINTS).absolute(), options=options, item_handlers=_handlers()
+    )
 
 
 def save(manager, step: int, *, params, opt_state, meta: dict, wait: bool = False) -> None:
@@ -146,7 +152,9 @@ def _stack(layers, sharding):
     return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=sharding)(*layers)
 
 
-def _restore_step(manager, step: int, targets: Mapping[str, object], stacks: Mapping[str, int], *, meta: bool):
+def _restore_step(
+    manager, step: int, targets: Mapping[str, object], stacks: Mapping[str, int], *, meta: bool
+):
     """Items ``targets`` (current trees of arrays) of checkpoint ``step`` restored into the current
     layout and shardings (+ ``meta`` if asked): a per-layer (v1) item is read per layer and stacked."""
     import orbax.checkpoint as ocp
@@ -165,7 +173,9 @@ def _restore_step(manager, step: int, targets: Mapping[str, object], stacks: Map
             for layer in layers or [name]:
                 shardings[layer] = _layer_sharding(flat[name].sharding) if layers else flat[name].sharding
         abstract = jax.tree_util.tree_map_with_path(
-            lambda path, m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=shardings[_dotted(path)]),
+            lambda path, m, shardings=shardings: jax.ShapeDtypeStruct(
+                m.shape, m.dtype, sharding=shardings[_dotted(path)]
+            ),
             saved[item],
         )
         args[item], plans[item] = ocp.args.StandardRestore(abstract), plan
@@ -176,7 +186,9 @@ def _restore_step(manager, step: int, targets: Mapping[str, object], stacks: Map
         got = _flat(restored.pop(item))  # popped as they are stacked: the per-layer copies go one by one
         flat = _flat(targets[item])
         leaves = [
-            _stack([got.pop(layer) for layer in plan[name]], flat[name].sharding) if plan[name] else got.pop(name)
+            _stack([got.pop(layer) for layer in plan[name]], flat[name].sharding)
+            if plan[name]
+            else got.pop(name)
             for name in flat
         ]
         restored[item] = jax.tree.unflatten(jax.tree.structure(targets[item]), leaves)
@@ -190,7 +202,7 @@ def restore_training(manager, *, params, opt_state, stacks: Mapping[str, int]):
     (v1) checkpoint is recognised and stacked. Unreadable checkpoints are deleted, so that the resumed
     run can save them again (a v1 checkpoint that does not fit the model is an error, not deleted)."""
     targets = {"params": nnx.to_pure_dict(params), "opt_state": opt_state}
-    step, restored = restore_newest(
+    _, restored = restore_newest(
         manager, lambda step: _restore_step(manager, step, targets, stacks, meta=True), delete_unreadable=True
     )
     if restored is None:
@@ -257,7 +269,9 @@ def load_trained(
     with open_manager(workdir, create=False) as manager:
         steps = sorted(manager.all_steps())
         if step is None:
-            step, restored = restore_newest(manager, lambda s: _restore_step(manager, s, targets, stacks, meta=False))
+            step, restored = restore_newest(
+                manager, lambda s: _restore_step(manager, s, targets, stacks, meta=False)
+            )
             if restored is None:
                 raise FileNotFoundError(f"{workdir}: no readable checkpoint")
         elif step not in steps:

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import report, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +50,9 @@ def tiny(tmp_path_factory) -> Path:
     from g2e_jax.models import make_tiny
 
     path = make_tiny(tmp_path_factory.mktemp("workdir_v1") / "tiny", seed=0)
-    assert _tree_hashes(path) == EXPECTED["tiny_model_sha256"], "make-tiny --seed 0 no longer writes the fixture's base model"
+    assert _tree_hashes(path) == EXPECTED["tiny_model_sha256"], (
+        "make-tiny --seed 0 no longer writes the fixture's base model"
+    )
     return path
 
 
@@ -99,7 +100,10 @@ def _layer_slices(model, prefix: str, expected: dict) -> dict[str, tuple[np.ndar
     from g2e_jax.models.name_map import stacked_path
 
     stacks = find_stacks(model)
-    state = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))}
+    state = {
+        ".".join(map(str, p)): np.asarray(v.get_value())
+        for p, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))
+    }
     out = {}
     for key, want in expected.items():
         if key.startswith(prefix + "/"):
@@ -121,7 +125,11 @@ def test_embedder_matches_the_old_code(workdir, expected):
         want = expected[f"embeddings/{role}"]
         diff = float(np.abs(got - want).max())
         moved = float(np.abs(want - expected[f"base_embeddings/{role}"]).max())
-        report(f"workdir v1: Embedder {role} embeddings vs the old code's", max_abs_diff=diff, adapters_moved=moved)
+        report(
+            f"workdir v1: Embedder {role} embeddings vs the old code's",
+            max_abs_diff=diff,
+            adapters_moved=moved,
+        )
         assert got.shape == want.shape
         assert diff <= 1e-6
         assert moved > 0.05  # the adapters matter: dropping or misplacing them cannot pass
@@ -190,7 +198,9 @@ def test_export_hf_merged_matches_the_old_code(workdir, tiny, expected, tmp_path
     scaling = 64.0 / 8  # alpha / rank (expected.json's train flags: DoRA, configs/tiny.py's rank and alpha)
     for name in [k for k in expected if k.startswith("trainable/") and k.endswith(".lora_a")]:
         layer = name[len("trainable/") : -len(".lora_a")]  # text.layers.<i>.attn.q_proj
-        a, b, m = (expected[f"trainable/{layer}.{x}"].astype(np.float64) for x in ("lora_a", "lora_b", "magnitude"))
+        a, b, m = (
+            expected[f"trainable/{layer}.{x}"].astype(np.float64) for x in ("lora_a", "lora_b", "magnitude")
+        )
         hf = layer.replace("text.layers.", "model.layers.").replace(".attn.", ".self_attn.") + ".weight"
         w = base_w[hf].T.astype(np.float64) + scaling * a @ b
         w = w * (m / np.sqrt((w * w).sum(0)))
@@ -244,7 +254,9 @@ def test_resume_matches_the_old_code(tiny, expected, tmp_path):
     model, _, _ = load_trained(workdir, merge=False)
     pairs = _layer_slices(model, "resumed_trainable", expected)
     diff = max(float(np.abs(got - want).max()) for want, got in pairs.values())
-    moved = max(float(np.abs(expected[f"resumed_trainable/{n}"] - expected[f"trainable/{n}"]).max()) for n in pairs)
+    moved = max(
+        float(np.abs(expected[f"resumed_trainable/{n}"] - expected[f"trainable/{n}"]).max()) for n in pairs
+    )
     report("workdir v1: resumed to step 5 vs the old code's", max_param_diff=diff, moved_by_resume=moved,
            max_metric_diff=worst)  # fmt: skip
     for name, (want, got) in pairs.items():
@@ -256,7 +268,6 @@ def test_resume_matches_the_old_code(tiny, expected, tmp_path):
         assert sorted(manager.all_steps()) == [STEP, RESUMED_STEP]
         names = _leaf_names(manager.item_metadata(RESUMED_STEP)["params"])
     assert "text.layers.attn.q_proj.lora_a" in names and not any(".layers.0." in n for n in names), names
-
 
 
 def test_per_layer_names_are_recognised_and_checked():
