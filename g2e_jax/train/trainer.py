@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from g2e_jax import checkpoints, plots
-from g2e_jax.adapters.lora import trainable_filter
+from g2e_jax.adapters.lora import find_stacks, trainable_filter
 from g2e_jax.aot import device_memory_limit
 from g2e_jax.check_data import check_before_run
 from g2e_jax.config_sections import prompt_fields
@@ -174,7 +174,9 @@ def save_checkpoint(run: Run, manager, step: int, *, wait: bool = False) -> None
 
 def restore_latest(run: Run, manager) -> int:
     """Restores the newest readable checkpoint into ``run``; returns its step, 0 when there is none."""
-    step, opt_state, meta = checkpoints.restore_training(manager, params=run.params, opt_state=run.opt_state)
+    stacks = find_stacks(nnx.merge(run.graphdef, run.params, run.rest))  # how a per-layer (v1) checkpoint stacks
+    step, opt_state, meta = checkpoints.restore_training(manager, params=run.params, opt_state=run.opt_state,
+                                                         stacks=stacks)  # fmt: skip
     if meta is not None:
         run.opt_state = opt_state
         run.bad_steps = int(meta.get("bad_steps", 0))
