@@ -31,6 +31,7 @@ from g2e_jax.adapters.lora import (
     trainable_filter,
 )
 from g2e_jax.adapters.peft import load_peft_adapter, save_peft_adapter
+from g2e_jax.models.common import layers as layers_lib
 from g2e_jax.models.name_map import stacked_path, unstacked_path
 from g2e_jax.models.qwen2_vl import NAME_MAP
 
@@ -88,35 +89,16 @@ class Layer(nnx.Module):
         return h + self.mlp.down_proj(jnp.tanh(h))
 
 
-def stack_layers(make, n, rngs):
-    """The contract of ``g2e_jax.models.common.layers.stack_layers``."""
-
-    @nnx.split_rngs(splits=n)
-    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def build(rngs):
-        return make(rngs)
-
-    module = build(rngs)
-    module.stack_size = n
-    return module
-
-
 def scan_layers(layers, x, body):
-    """``body(layer, x) -> (x, out)`` over a stack: the layer's state (parameters and random
-    streams) scanned on axis 0, ``out`` stacked on axis 0."""
-    scan = nnx.scan(
-        body,
-        in_axes=(0, nnx.Carry),
-        out_axes=(nnx.Carry, 0),
-        transform_metadata={nnx.PARTITION_NAME: "layers"},
-    )
-    return scan(layers, x)
+    """``body(layer, x) -> (x, out)`` over a stack (the library's scan: the layer's state, random
+    streams included, on axis 0; ``out`` stacked on axis 0)."""
+    return layers_lib.scan_layers(layers, lambda layer, carry, _: body(layer, carry), x)
 
 
 class Text(nnx.Module):
     def __init__(self, stacked, rngs):
         if stacked:
-            self.layers = stack_layers(Layer, L, rngs)
+            self.layers = layers_lib.stack_layers(Layer, L, rngs)
         else:
             self.layers = nnx.List([Layer(rngs) for _ in range(L)])
 
