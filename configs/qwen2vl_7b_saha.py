@@ -5,7 +5,7 @@ With 8 devices of 80 GB, the 15 GB of bf16 weights fit replicated; on smaller de
 ``--config.mesh.fsdp=8``. The step's activations are the larger part: compiled for 8 simulated CPU devices
 with ``mesh.fsdp=8`` (``tests/sharding_checks.py --full``, scanned layers, 2026-12-07) it needs 27.3 GiB
 per device with ``--config.train.remat=layers`` (each decoder layer and vision block recomputed in the
-backward pass), and 965.8 GiB without it (the layer scan keeps every layer's intermediates): use
+backward pass), and 373.2 GiB without it (each layer's matmul outputs kept for the backward): use
 ``train.remat=layers`` at this depth. A GPU
 keeps bf16 matmuls in bf16; its figure is not measured yet: ``g2e-jax train`` prints the compiled step's
 need against the device before step 1 and stops if it does not fit (add ``train.remat=layers`` then).
