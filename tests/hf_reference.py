@@ -104,3 +104,15 @@ def official_embeddings(hf_model, processor, strings, images, *, scheme: str) ->
     last = batch["attention_mask"].sum(-1) - 1
     pooled = torch.as_tensor(hidden[np.arange(len(last)), last])
     return torch.nn.functional.normalize(pooled, dim=-1).numpy()
+
+
+def perturb_adapters(wrapped, seed: int):
+    """Random non-zero PEFT adapters in place (A, B ~ 0.05 N(0, 1); DoRA magnitudes scaled by
+    1 + 0.2 N(0, 1)), drawn from torch's generator seeded ``seed``: B = 0 would hide bugs."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_" in name:
+                noise = torch.randn(p.shape, generator=gen)
+                p.copy_(p * (1 + 0.2 * noise) if "magnitude" in name else 0.05 * noise)
+    return wrapped

@@ -491,17 +491,14 @@ def torch_mirror(model):
 
 def peft_folder(net, kind, folder, seed=1, targets=HF_TARGETS):
     """PEFT on the mirror with random non-zero A, B (and magnitude), saved to ``folder``."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
+    from hf_reference import perturb_adapters
+
     wrapped = peft.get_peft_model(
         net, peft.LoraConfig(r=4, lora_alpha=16, target_modules=targets, use_dora=kind == "dora")
     )
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in wrapped.named_parameters():
-            if "lora_" in name:
-                noise = torch.randn(p.shape, generator=gen)
-                p.copy_(p * (1 + 0.2 * noise) if "magnitude" in name else 0.05 * noise)
+    perturb_adapters(wrapped, seed)
     wrapped.save_pretrained(folder)
     return wrapped.eval()
 

@@ -9,8 +9,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import report
+
 from g2e_jax.adapters.lora import adapter_layers, merge_adapters
 from g2e_jax.adapters.peft import load_peft_adapter, save_peft_adapter
 from g2e_jax.models.qwen2_vl import load, rope_index
@@ -20,18 +20,13 @@ HF_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|
 
 def peft_model(tiny_dir, kind, seed=1, **config):
     """transformers + PEFT with random non-zero A, B (and magnitude): B = 0 would hide bugs."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
-    from hf_reference import load_hf_model
+    from hf_reference import load_hf_model, perturb_adapters
 
     options = dict(r=4, lora_alpha=16, target_modules=HF_TARGETS, use_dora=kind == "dora")
     wrapped = peft.get_peft_model(load_hf_model(tiny_dir), peft.LoraConfig(**{**options, **config}))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in wrapped.named_parameters():
-            if "lora_" in name:
-                noise = torch.randn(p.shape, generator=gen)
-                p.copy_(p * (1 + 0.2 * noise) if "magnitude" in name else 0.05 * noise)
+    perturb_adapters(wrapped, seed)
     return wrapped.eval()
 
 

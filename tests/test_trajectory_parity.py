@@ -27,7 +27,13 @@ peft = pytest.importorskip("peft")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
-from hf_reference import OFFICIAL_SYSTEM, load_hf_model, official_template, sequential_positions  # noqa: E402
+from hf_reference import (  # noqa: E402
+    OFFICIAL_SYSTEM,
+    load_hf_model,
+    official_template,
+    perturb_adapters,
+    sequential_positions,
+)
 
 from g2e_jax.adapters.lora import find_stacks  # noqa: E402
 from g2e_jax.adapters.peft import load_peft_adapter  # noqa: E402
@@ -80,12 +86,7 @@ def make_adapter(tiny_dir, folder, kind, seed=0):
         load_hf_model(tiny_dir),
         peft.LoraConfig(r=4, lora_alpha=16, target_modules=HF_TARGETS, use_dora=kind == "dora"),
     )
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in wrapped.named_parameters():
-            if "lora_" in name:
-                noise = torch.randn(p.shape, generator=gen)
-                p.copy_(p * (1 + 0.2 * noise) if "magnitude" in name else 0.05 * noise)
+    perturb_adapters(wrapped, seed)
     wrapped.save_pretrained(folder)
     return folder
 
@@ -311,8 +312,8 @@ def test_trajectory_matches_peft_and_torch(tiny_dir, folders, reference, kind, g
 def test_one_step_at_2b_widths(tmp_path):
     """Qwen2-VL-2B's widths (2 decoder layers, 1 vision block, the tiny tokenizer's vocabulary), DoRA,
     GradCache, one step without warm-up: loss, gradient norm and updated adapters as torch's."""
-    from g2e_jax.models.qwen2_vl import Qwen2VLConfig, TextConfig, VisionConfig
     from g2e_jax.models.common.hf_files import special_token_ids
+    from g2e_jax.models.qwen2_vl import Qwen2VLConfig, TextConfig, VisionConfig
     from g2e_jax.models.qwen2_vl.tiny import make_tiny, with_token_ids
 
     cfg = with_token_ids(

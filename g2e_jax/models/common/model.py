@@ -47,8 +47,8 @@ class DecoderModel(nnx.Module):
 
     def vision_parts(self, config, *, dtype, param_dtype, rngs: nnx.Rngs) -> None:
         """Sets the modules and parameters before the decoder (created first, they draw from ``rngs``
-        first)."""
-        raise NotImplementedError
+        first). Each backbone's model class defines it; the base has no vision parts of its own."""
+        raise NotImplementedError(f"{type(self).__name__} must define vision_parts (its vision tower)")
 
     def prefix_kv(self, ids, *, remat=None, scan_unroll: int = 1):
         """Keys and values, each ``[layers, P, Hk, D]``, of a text segment ``[P]`` that starts every row
