@@ -1,5 +1,7 @@
-"""Shared fixtures: the tiny model written once per session, loaded by both frameworks; running
-``g2e-jax`` from fresh working directories (``run_cli``, ``fresh_cwd``, ``written_paths``)."""
+"""Shared fixtures: what many test files start from (the tiny model of each backbone, synthetic sets,
+a mined cluster set, a short trained run) built once per pytest run and shared by every xdist worker
+(``build_once``: a file lock in the run's shared temporary folder); running ``g2e-jax`` from fresh
+working directories (``run_cli``, ``fresh_cwd``, ``written_paths``)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -83,11 +86,76 @@ def assert_parity(case: str, ref: np.ndarray, out: np.ndarray, mask: np.ndarray,
     assert cosine >= 0.99999
 
 
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    from g2e_jax.models.qwen2_vl.tiny import make_tiny
+def shared_root(tmp_path_factory) -> Path:
+    """The folder of this pytest run that all its xdist workers see: each worker's base temporary
+    folder is a child of the run's (pytest-xdist's documented recipe); without xdist, the run's own."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
 
-    return make_tiny(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+def build_once(tmp_path_factory, name: str, build) -> Path:
+    """``build(folder)`` once per pytest run, whichever worker asks first; the others wait on a file
+    lock and get the same folder. A build that raised is retried by the next caller (and fails it
+    again), never handed on half-written. Consumers must not write into the folder: copy it."""
+    from filelock import FileLock
+
+    root = shared_root(tmp_path_factory)
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            if folder.exists():
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True)
+            build(folder)
+            done.touch()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """``tiny_models(arch, seed=0)``: the tiny random model of a backbone (a ``models.BACKBONES``
+    key), as ``g2e-jax make-tiny --arch ARCH --seed SEED`` writes it, once per run."""
+    from g2e_jax.models import make_tiny
+
+    def get(arch: str, seed: int = 0) -> Path:
+        return build_once(tmp_path_factory, f"tiny-{arch}-{seed}",
+                          lambda folder: make_tiny(folder / "model", arch=arch, seed=seed)) / "model"  # fmt: skip
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tiny_models):
+    return tiny_models("qwen2_vl")
+
+
+@pytest.fixture(scope="session")
+def synthetic_sets(tmp_path_factory):
+    """``synthetic_sets(**kwargs)``: ``make_synthetic(folder, **kwargs)``'s set, once per run for each
+    distinct ``kwargs`` (read only: a test that breaks files copies it first)."""
+    from g2e_jax.data.synthetic import make_synthetic
+
+    def get(**kwargs) -> Path:
+        name = "synthetic-" + "-".join(f"{k}={v}" for k, v in sorted(kwargs.items()))
+        return build_once(tmp_path_factory, name, lambda folder: make_synthetic(folder / "data", **kwargs)) / "data"
+
+    return get
+
+
+def shared_results(tmp_path_factory, name: str, script: str, *args: str, devices: int = 8,
+                   timeout: int = 1500) -> dict:
+    """The JSON that a driver script in tests/ writes (its last argument: the output path), run once
+    per pytest run in a subprocess with ``devices`` simulated CPU devices (fixed when JAX starts)."""
+
+    def build(folder):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+        proc = subprocess.run([sys.executable, str(ROOT / "tests" / script), *args, str(folder / "results.json")],
+                              env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-4000:]
+
+    return json.loads((build_once(tmp_path_factory, name, build) / "results.json").read_text())
 
 
 @pytest.fixture(scope="session")
@@ -199,3 +267,54 @@ def written_paths(folder: Path, *, exclude: tuple[Path, ...] = ()):
         for doc in docs:
             for key, value in walk(doc):
                 yield file, key, value, Path(resolve_from(file, value))
+
+
+MINE_SUBSETS = "('SynShape', 'SynT2I', 'SynGround')"
+# The shared trained run's adapter: DoRA with adapter dropout (GradCache is on in configs/tiny.py).
+DORA = ["--config.adapter.kind=dora", "--config.adapter.dropout=0.1"]
+
+
+@pytest.fixture(scope="session")
+def mined_set(tmp_path_factory, tiny_dir, synthetic_sets):
+    """SaHa clusters that ``mine`` (configs/tiny.py) writes for the tiny model on the synthetic set
+    ``synthetic_sets(train_rows=12, eval_queries=2)``, once per run."""
+
+    def build(folder):
+        from g2e_jax.config_utils import load_config
+        from g2e_jax.mine import run_mine
+
+        data = synthetic_sets(train_rows=12, eval_queries=2)
+        run_mine(load_config(str(ROOT / "configs/tiny.py"), [
+            f"model.path={tiny_dir}", f"data.root={data / 'train'}", f"data.image_dir={data / 'images'}",
+            f"data.subsets={MINE_SUBSETS}", f"mine.output_dir={folder / 'mined'}",
+        ]))  # fmt: skip
+
+    return build_once(tmp_path_factory, "mined", build) / "mined"
+
+
+def train_args(tiny_dir: Path, data: Path, mined: Path) -> list[str]:
+    """``g2e-jax train`` overrides of the shared short run: 12 steps on the mined clusters, a line every
+    2 steps and a checkpoint every 4."""
+    return [f"--config.model.path={tiny_dir}", f"--config.data.clusters_dir={mined}",
+            f"--config.data.image_dir={data / 'images'}", f"--config.data.subsets={MINE_SUBSETS}",
+            "--config.train.steps=12", "--config.train.log_every=2", "--config.train.checkpoint_every=4",
+            "--config.train.warmup_steps=2"]  # fmt: skip
+
+
+def train_cmd(workdir: Path, args: list[str], *extra: str) -> list[str]:
+    return [sys.executable, "-m", "g2e_jax.cli", "train", "--config", str(ROOT / "configs/tiny.py"),
+            "--workdir", str(workdir), *args, *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_dir, synthetic_sets, mined_set):
+    """One short training run (``train_args`` + ``DORA``, as ``g2e-jax train`` runs it), once per run:
+    the workdir that the resume, export and embed tests start from (read only: copy it to change it)."""
+
+    def build(folder):
+        data = synthetic_sets(train_rows=12, eval_queries=2)
+        proc = subprocess.run(train_cmd(folder / "run", train_args(tiny_dir, data, mined_set), *DORA),
+                              capture_output=True, text=True, timeout=900, cwd=ROOT)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    return build_once(tmp_path_factory, "trained-run", build) / "run"

@@ -7,16 +7,12 @@ backbone at its released widths, 2 decoder layers and 2 vision blocks, fsdp=8, D
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import jax.numpy as jnp
 import pytest
-from conftest import report
+from conftest import report, shared_results
 from flax import nnx
 
 from g2e_jax.mesh import LOGICAL_RULES, NO_AXES, declared, make_mesh, state_shardings
@@ -31,12 +27,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ds") / "results.json"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    proc = subprocess.run([sys.executable, str(HERE / "declared_sharding_checks.py"), str(out)], env=env,
-                          capture_output=True, text=True, timeout=900, cwd=HERE.parent)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    return shared_results(tmp_path_factory, "declared_sharding_checks", "declared_sharding_checks.py")
 
 
 def test_every_backbone_is_covered(results):

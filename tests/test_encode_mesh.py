@@ -6,27 +6,17 @@ The checks run in one subprocess (the device count is fixed when JAX starts): te
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-from conftest import report
+from conftest import report, shared_results
 
 HERE = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
 def results(tiny_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("mesh") / "results.json"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    proc = subprocess.run([sys.executable, str(HERE / "encode_mesh_checks.py"), str(tiny_dir), str(out)], env=env,
-                          capture_output=True, text=True, timeout=1200, cwd=HERE.parent)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    return shared_results(tmp_path_factory, "encode_mesh_checks", "encode_mesh_checks.py", str(tiny_dir))
 
 
 @pytest.mark.slow

@@ -23,18 +23,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def clean(tmp_path_factory):
-    from g2e_jax.data.synthetic import make_synthetic
-
-    return make_synthetic(tmp_path_factory.mktemp("long") / "data", train_rows=12, eval_queries=2)
+def clean(synthetic_sets):
+    return synthetic_sets(train_rows=12, eval_queries=2)
 
 
 @pytest.fixture(scope="module")
-def broken(tmp_path_factory):
-    """The issue's set: training images truncated, emptied and missing."""
-    from g2e_jax.data.synthetic import make_synthetic
+def broken(clean, tmp_path_factory):
+    """The issue's set: training images truncated, emptied and missing (a copy of the shared one)."""
+    import shutil
 
-    data = make_synthetic(tmp_path_factory.mktemp("broken") / "data", train_rows=12, eval_queries=2)
+    data = tmp_path_factory.mktemp("broken") / "data"
+    shutil.copytree(clean, data)
     image = data / "images/SynT2I/train_00010.png"
     image.write_bytes(image.read_bytes()[:200])
     (data / "images/SynShape/train_00003.png").write_bytes(b"")

@@ -6,15 +6,10 @@ tests/multidevice_checks.py.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-from conftest import report
+from conftest import report, shared_results
 
 HERE = Path(__file__).resolve().parent
 
@@ -23,12 +18,7 @@ pytestmark = pytest.mark.slow  # 8 devices in a subprocess: `pytest -m "not slow
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("md") / "results.json"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    proc = subprocess.run([sys.executable, str(HERE / "multidevice_checks.py"), str(out)], env=env,
-                          capture_output=True, text=True, timeout=900, cwd=HERE.parent)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    return shared_results(tmp_path_factory, "multidevice_checks", "multidevice_checks.py")
 
 
 @pytest.mark.parametrize("variant", ["filters off", "target ids", "all filters"])

@@ -5,26 +5,17 @@ The 8-device checks run in one subprocess (tests/sharding_checks.py) on abstract
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import report
+from conftest import report, shared_results
 
 HERE = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sc") / "results.json"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    proc = subprocess.run([sys.executable, str(HERE / "sharding_checks.py"), str(out)], env=env,
-                          capture_output=True, text=True, timeout=1500, cwd=HERE.parent)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    return shared_results(tmp_path_factory, "sharding_checks", "sharding_checks.py")
 
 
 @pytest.mark.slow
