@@ -52,6 +52,15 @@ def pytest_configure(config):
             ) from e
 
 
+def pytest_collection_modifyitems(config, items):
+    """Files with slow tests first, each file's tests together and in their order: xdist's workers
+    take tests from the front of this list, so the long ones start early and the short ones fill
+    the end, and both workers finish together (the longest-first rule). The order is the same on
+    every worker (xdist requires it)."""
+    heavy = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in heavy)  # stable: the order within each group is kept
+
+
 def report(case: str, **values) -> None:
     """One greppable line per measured quantity (visible with ``pytest -s``)."""
     items = " ".join(f"{k}={v:.3e}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
