@@ -14,7 +14,7 @@ BUSY_CORES = 0.25  # background load above which the timings are flagged
 
 
 def qwen2_vl_2b_width(layers: int, vision_blocks: int):
-    """Qwen2-VL-2B's widths (tests/test_qwen2_vl_2b_width.py) at a reduced depth."""
+    """Qwen2-VL-2B's widths (tests/backbones.py, the released-widths case) at a reduced depth."""
     from g2e_jax.models.qwen2_vl import Qwen2VLConfig, TextConfig, VisionConfig
     from g2e_jax.models.qwen2_vl.tiny import with_token_ids
 

@@ -13,19 +13,14 @@ OFFICIAL_SYSTEM = (
 
 
 def hf_model_class(path):
-    """The transformers class of a model directory, by its config.json's model_type."""
+    """The transformers class of a model directory, by its config.json's model_type (tests/backbones.py)."""
     import json
     from pathlib import Path
 
-    from transformers import (
-        LlavaNextForConditionalGeneration,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2VLForConditionalGeneration,
-    )
+    import transformers
+    from backbones import SPECS
 
-    classes = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
-               "llava_next": LlavaNextForConditionalGeneration}  # fmt: skip
-    return classes[json.loads((Path(path) / "config.json").read_text())["model_type"]]
+    return getattr(transformers, SPECS[json.loads((Path(path) / "config.json").read_text())["model_type"]].hf_class)
 
 
 def load_hf_model(path):

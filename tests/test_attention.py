@@ -10,6 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from backbones import archs
 from conftest import report
 
 from g2e_jax.analysis import SEGMENTS, attention_profile
@@ -51,16 +52,9 @@ def hf_attentions(hf_model, batch, positions):
     return out.last_hidden_state.numpy(), [a.numpy() for a in out.attentions]
 
 
-@pytest.fixture(scope="module")
-def tiny_2_5_dir(tmp_path_factory):
-    from g2e_jax.models import make_tiny
-
-    return make_tiny(tmp_path_factory.mktemp("tiny25") / "model", arch="qwen2_5_vl", seed=0)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
-def test_attention_probabilities_match_transformers_eager(arch, tiny_dir, tiny_2_5_dir, request):
+@pytest.mark.parametrize("arch", archs("attention"))  # tests/backbones.py
+def test_attention_probabilities_match_transformers_eager(arch, tiny_models):
     """Both schemes' batch shapes: a row with an image (M-RoPE) and a shorter text-only row (padding)."""
     from hf_reference import hf_rope_index
 
@@ -68,7 +62,7 @@ def test_attention_probabilities_match_transformers_eager(arch, tiny_dir, tiny_2
     from g2e_jax.models.qwen2_vl import rope_index
     from g2e_jax.models.qwen2_vl.hf_files import load_hf_processor
 
-    path = tiny_dir if arch == "qwen2_vl" else tiny_2_5_dir
+    path = tiny_models(arch)
     processor, hf_model = load_hf_processor(path), load_eager(path)
     head = f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n"
     texts = [

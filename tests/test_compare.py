@@ -9,12 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from backbones import archs
 
 from g2e_jax.cli import main
 
 # The paper's system prompt, written out here: a reference never borrows constants from the code under test.
 SYSTEM = "Given an image, summarize the provided image in one word. Given only text, describe the text in one word."
-ARCHS = ["qwen2_vl", "qwen2_5_vl"]
+# The backbones whose transformers reference compare knows (tests/backbones.py).
+ARCHS = archs("compare")
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +27,8 @@ def synthetic(tmp_path_factory):
 
 
 @pytest.fixture(scope="module", params=ARCHS)
-def model_dir(request, tmp_path_factory):
-    from g2e_jax.models import make_tiny
-
-    return make_tiny(tmp_path_factory.mktemp(request.param) / "model", arch=request.param, seed=3)
+def model_dir(request, tiny_models):
+    return tiny_models(request.param, seed=3)
 
 
 def _image(path, size, seed):
