@@ -210,6 +210,9 @@ class Spec:
     forward: Callable[[Any, dict], np.ndarray]  # (our model, batch) -> final hidden states, eager
     official: Callable[..., np.ndarray]  # (hf_model, processor, texts, images, role) -> official embeddings
     released: Released
+    # The adapter test_train_then_export_hf trains: between them the backbones cover both kinds' exports
+    # (the merge and the PEFT writer are common code; the trainer's own run is DoRA on Qwen2-VL).
+    adapter: str
     compare: bool  # `g2e-jax compare` has a transformers reference for it (test_compare)
     attention: bool  # analyze-attention is checked against transformers' eager attention (test_attention)
 
@@ -219,19 +222,19 @@ _QWEN = dict(image=QWEN_VISION, prompt=_qwen_prompt, load_processor=_qwen_proces
 
 SPECS: dict[str, Spec] = {
     "qwen2_vl": Spec(
-        name="Qwen2-VL", model_class="Qwen2VL", hf_class="Qwen2VLForConditionalGeneration",
+        name="Qwen2-VL", model_class="Qwen2VL", hf_class="Qwen2VLForConditionalGeneration", adapter="lora",
         released=Released("Qwen2-VL-2B widths, 1 layer + 1 vision block", _qwen2_vl_2b, (84, 112),
                           lambda batch, cfg: None),
         **_QWEN,
     ),
     "qwen2_5_vl": Spec(
-        name="Qwen2.5-VL", model_class="Qwen2_5VL", hf_class="Qwen2_5_VLForConditionalGeneration",
+        name="Qwen2.5-VL", model_class="Qwen2_5VL", hf_class="Qwen2_5_VLForConditionalGeneration", adapter="lora",
         released=Released("Qwen2.5-VL-3B widths, 1 layer + 2 vision blocks (windowed, full)", _qwen2_5_vl_3b,
                           (168, 252), _qwen2_5_vl_3b_batch),
         **_QWEN,
     ),
     "llava_next": Spec(
-        name="LLaVA-NeXT", model_class="LlavaNext", hf_class="LlavaNextForConditionalGeneration",
+        name="LLaVA-NeXT", model_class="LlavaNext", hf_class="LlavaNextForConditionalGeneration", adapter="dora",
         image="<image>", prompt=_llava_prompt, load_processor=_llava_processor, hf_forward=_llava_hf_forward,
         forward=_llava_forward, official=_llava_official,
         released=Released("LLaVA-NeXT llava-v1.6-mistral-7b widths, 1 layer + 2 CLIP layers",

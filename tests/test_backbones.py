@@ -167,7 +167,7 @@ def test_released_widths(arch, spec, tmp_path):
 
 @pytest.mark.slow  # a training run (2 steps) and two exports: about a minute on 2 cores
 def test_train_then_export_hf(arch, spec, model_dir, processor, synthetic_sets, tmp_path):
-    """``train`` (DoRA on the decoder's projections, the paper's adapter) and ``export-hf``: transformers
+    """``train`` (the spec's adapter on the decoder's projections) and ``export-hf``: transformers
     loads the merged export (with the processor files it wrote) and agrees with the trained workdir
     through the official path; the PEFT export, applied by PEFT on transformers' base model, gives the
     merged export's hidden states."""
@@ -187,7 +187,7 @@ def test_train_then_export_hf(arch, spec, model_dir, processor, synthetic_sets, 
         str(data / "images"),
         ("SynShape",),
     )
-    cfg.adapter.kind, cfg.train.learning_rate = "dora", 1e-2
+    cfg.adapter.kind, cfg.train.learning_rate = spec.adapter, 1e-2
     cfg.train.update(steps=2, checkpoint_every=2, log_every=1, warmup_steps=1)
     run = tmp_path / "run"
     last = train(cfg.lock(), run, progress=False)
@@ -203,7 +203,7 @@ def test_train_then_export_hf(arch, spec, model_dir, processor, synthetic_sets, 
     )
     cosine = float((ref * ours).sum(-1).min())
     report(
-        f"{spec.name} trained run (DoRA) exported: transformers vs g2e_jax", one_minus_min_cosine=1.0 - cosine
+        f"{spec.name} trained run ({spec.adapter}) exported: transformers vs g2e_jax", one_minus_min_cosine=1.0 - cosine
     )
     assert cosine >= MIN_COSINE
     assert not np.allclose(base, ours, atol=1e-3)  # training changed the model
@@ -213,7 +213,7 @@ def test_train_then_export_hf(arch, spec, model_dir, processor, synthetic_sets, 
         == 0
     )
     adapted = peft.PeftModel.from_pretrained(load_hf_model(model_dir), tmp_path / "peft").eval()
-    assert adapted.peft_config["default"].use_dora
+    assert adapted.peft_config["default"].use_dora == (spec.adapter == "dora")
     batch = encode(processor, [spec.prompt(f"{spec.image}\nWhat shape is it?"), spec.prompt("a red circle")],
                    [images[0]])  # fmt: skip
     diff = real_token_diff(spec.hf_forward(hf, batch), spec.hf_forward(adapted.base_model.model, batch),
