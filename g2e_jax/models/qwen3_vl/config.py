@@ -98,8 +98,10 @@ class Qwen3VisionConfig(VisionSizes):
 
 
 def qwen3_text(text: TextConfig, **fields) -> TextConfig:
-    """A decoder config with Qwen3-VL's fixed choices: q/k norms, interleaved M-RoPE."""
-    return dataclasses.replace(text, qk_norm=True, mrope_interleaved=True, **fields)
+    """A decoder config with Qwen3-VL's fixed choices: q/k norms, interleaved M-RoPE, and head_dim
+    explicit (config.json always names it, so a config read back equals the one written)."""
+    text = dataclasses.replace(text, qk_norm=True, mrope_interleaved=True, **fields)
+    return dataclasses.replace(text, attention_head_dim=text.head_dim)
 
 
 def _text_2b() -> TextConfig:
