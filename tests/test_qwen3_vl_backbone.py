@@ -210,3 +210,16 @@ def test_train_dora_grad_cache_then_export_hf(model_dir, tmp_path):
     report("Qwen3-VL trained run exported: transformers vs g2e_jax", one_minus_min_cosine=1.0 - cosine)
     assert cosine >= 0.99999
     assert not np.allclose(base, ours, atol=1e-3)  # training changed the model
+
+
+@pytest.mark.slow
+def test_training_trajectory_matches_peft_and_torch(model_dir, tmp_path):
+    """test_trajectory_parity's comparison on the tiny Qwen3-VL: DoRA, GradCache, 5 AdamW steps with an
+    image batch (DeepStack, the interpolated positions and the block segments under the gradient)."""
+    pytest.importorskip("peft")
+    from test_trajectory_parity import STEPS, compare, make_adapter, our_trajectory, torch_trajectory
+
+    folder = make_adapter(model_dir, tmp_path / "dora", "dora")
+    ref = torch_trajectory(model_dir, folder, STEPS)
+    ours = our_trajectory(model_dir, folder, STEPS, grad_cache=True)
+    compare("dora, GradCache on, tiny Qwen3-VL", ours, ref)
