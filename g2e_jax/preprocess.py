@@ -55,6 +55,8 @@ class Preprocessor:
         self.backbone = backbone_of(config.model_type)
         self.chat = self.backbone.chat
         self.chat.image_placeholder(self.prompt.scheme)  # the scheme exists for this backbone
+        if self.prompt.instruction_mode:
+            self.chat.check_instruction_format()
         self.image_pad_id = tokenizer.token_id(self.chat.image_token)
         if self.image_pad_id != config.image_token_id:
             raise ValueError(
@@ -89,6 +91,8 @@ class Preprocessor:
         other.__dict__.update(self.__dict__)
         other.prompt = get_prompt(prompt if prompt is not None else self.prompt, **changes)
         other.chat.image_placeholder(other.prompt.scheme)
+        if other.prompt.instruction_mode:
+            other.chat.check_instruction_format()
         return other
 
     def prepare(
@@ -185,7 +189,7 @@ class Preprocessor:
         patches = grid = None
         if image is not None:
             patches, grid = self.image_features(i, image) if features is None else features
-        elif not text.strip():
+        elif not text.strip() and not self.prompt.instruction_mode:  # that format embeds "NULL"
             raise InputError(i, "text", "empty text and no image: nothing to embed")
         n_image = 0 if grid is None else self.backbone.images.num_tokens(grid, self.config)
         budget = self.max_len - system_len - len(self.header_ids)
@@ -197,7 +201,7 @@ class Preprocessor:
                 )
             except ValueError as e:
                 raise InputError(i, "text", str(e)) from None
-            ids = self._tokenize(self.prompt.user_segment(role, user, self.chat))
+            ids = self._tokenize(self.prompt.user_segment(role, user, self.chat, instruction=instruction))
             if n_image:
                 (at,) = np.flatnonzero(ids == self.image_pad_id)
                 ids = np.concatenate([ids[:at], np.full(n_image, self.image_pad_id, np.int32), ids[at + 1 :]])
