@@ -21,10 +21,11 @@ def hf_model_class(path):
         LlavaNextForConditionalGeneration,
         Qwen2_5_VLForConditionalGeneration,
         Qwen2VLForConditionalGeneration,
+        Qwen3VLForConditionalGeneration,
     )
 
     classes = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
-               "llava_next": LlavaNextForConditionalGeneration}  # fmt: skip
+               "llava_next": LlavaNextForConditionalGeneration, "qwen3_vl": Qwen3VLForConditionalGeneration}  # fmt: skip
     return classes[json.loads((Path(path) / "config.json").read_text())["model_type"]]
 
 
