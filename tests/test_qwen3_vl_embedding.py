@@ -1,7 +1,12 @@
 """The Qwen3-VL-Embedding format (prompt "qwen3_vl_embedding") and Matryoshka ``dim`` against the
 reference embedding path typed out here: QwenLM/Qwen3-VL-Embedding's ``Qwen3VLEmbedder`` (conversation,
 chat template with the generation prompt, right padding, the model's own positions, last non-pad
-state, L2 norm) over transformers' model, written without g2e_jax's prompt code."""
+state, L2 norm) over transformers' model, written without g2e_jax's prompt code; on the tiny Qwen2-VL
+and the tiny Qwen3-VL (``Qwen3VLForConditionalGeneration``, the released embedders' class).
+
+Images are sized in multiples of the backbone's factor (28, 32) within its tiny pixel bounds, so
+neither side resizes: the reference's own pre-resize (qwen_vl_utils, 4,096 to 1,843,200 pixels, then
+the processor with do_resize=False) is then the identity too."""
 
 from __future__ import annotations
 
@@ -100,33 +105,49 @@ def reference_embeddings(model_dir, rows, dims) -> dict:
     return out
 
 
-def materialise(rows):
-    return [(t, None if im is None else random_image(*im), ins) for t, im, ins in rows]
+def materialise(rows, factor):
+    return [(t, None if im is None else random_image(im[0] * factor, im[1] * factor, im[2]), ins)
+            for t, im, ins in rows]  # fmt: skip
 
 
-DIMS = (64, 32, 7, 1)  # 64: the tiny model's hidden size (no truncation)
+DIMS = (64, 32, 7, 1)  # 64: the tiny models' hidden size (no truncation)
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen3_vl"])
+def arch(request):
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def rows():
-    return materialise(ROWS)
+def model_dir(arch, tiny_dir, tmp_path_factory):
+    if arch == "qwen2_vl":
+        return tiny_dir
+    from g2e_jax.models import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("q3emb") / "tiny", arch=arch)
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_dir, rows):
+def rows(arch):
+    return materialise(ROWS, FACTOR[arch])
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, rows):
     pytest.importorskip("torch")
-    return reference_embeddings(tiny_dir, rows, DIMS)
+    return reference_embeddings(model_dir, rows, DIMS)
 
 
 @pytest.mark.parametrize("dim", [None, *DIMS])
-def test_matches_reference_embedder(tiny_dir, rows, reference, dim):
+def test_matches_reference_embedder(arch, model_dir, rows, reference, dim):
     texts, images, instructions = (list(c) for c in zip(*rows))
-    emb = Embedder.from_pretrained(tiny_dir, dtype="float32", prompt="qwen3_vl_embedding", dim=dim, batch_size=4,
+    emb = Embedder.from_pretrained(model_dir, dtype="float32", prompt="qwen3_vl_embedding", dim=dim, batch_size=4,
                                    max_len=512, progress=False)  # fmt: skip
+    assert emb.config.model_type == arch
     ours = emb.encode(texts, images, role="query", instruction=instructions)
     ref = reference[dim]
     cosine = (ref * ours).sum(-1)
-    report(f"qwen3_vl_embedding format vs reference embedder (qwen2_vl tiny, dim={dim})",
+    report(f"qwen3_vl_embedding format vs reference embedder ({arch} tiny, dim={dim})",
            min_cosine=float(cosine.min()), one_minus_min_cosine=float(1 - cosine.min()))  # fmt: skip
     assert ours.shape == ref.shape == (len(rows), emb.dim)
     assert emb.dim == (64 if dim is None else dim)
@@ -137,8 +158,8 @@ def test_matches_reference_embedder(tiny_dir, rows, reference, dim):
     assert (np.sum(doc * ref[1:3], -1) >= 0.99999).all()
 
 
-def test_same_weights_keep_the_hierarchical_prompt(tiny_dir, rows, reference):
-    emb = Embedder.from_pretrained(tiny_dir, dtype="float32", prompt="qwen3_vl_embedding", batch_size=4,
+def test_same_weights_keep_the_hierarchical_prompt(model_dir, rows):
+    emb = Embedder.from_pretrained(model_dir, dtype="float32", prompt="qwen3_vl_embedding", batch_size=4,
                                    max_len=512, progress=False)  # fmt: skip
     texts, images, _ = (list(c) for c in zip(*rows[:4]))
     texts[2] = "a picture"  # the hierarchical prompt has no "NULL": an empty text-less row is an error there
