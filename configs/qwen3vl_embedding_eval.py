@@ -11,7 +11,8 @@ the queries' system turn is ``prompt.query_system``, by default the retrieval in
 reference README's example. The reference's own MMEB-V2 loaders (which split a per-dataset instruction
 out of the text) are not public in a form this repository reads, so its published scores are the
 comparison, not a parity target. Other settings from the reference embedder: max length 8192, images
-at their own size within the checkpoint's pixel bounds (no pre-resize), bf16 (the released dtype).
+at their own size within its pixel bounds (4,096 to 1,843,200 pixels, not the checkpoint's
+preprocessor_config.json's; no pre-resize), bf16 (the released dtype).
 
 ``:hierarchical`` evaluates the same weights with the paper's hierarchical prompt (``gen2embed``).
 ``--config.dim=N`` keeps the first N coordinates (Matryoshka), re-normalised.
@@ -31,4 +32,5 @@ def get_config(prompt: str = "qwen3_vl_embedding"):
     if prompt == "qwen3_vl_embedding":
         c.prompt.query_system = QUERY_INSTRUCTION
         c.max_len = 8192
+        c.min_pixels, c.max_pixels = 4096, 1843200
     return c

@@ -4,9 +4,12 @@ chat template with the generation prompt, right padding, the model's own positio
 state, L2 norm) over transformers' model, written without g2e_jax's prompt code; on the tiny Qwen2-VL
 and the tiny Qwen3-VL (``Qwen3VLForConditionalGeneration``, the released embedders' class).
 
-Images are sized in multiples of the backbone's factor (28, 32) within its tiny pixel bounds, so
-neither side resizes: the reference's own pre-resize (qwen_vl_utils, 4,096 to 1,843,200 pixels, then
-the processor with do_resize=False) is then the identity too."""
+Images: on Qwen3-VL the reference's own path, typed out: qwen_vl_utils' resize (32-pixel factor, 4,096 to
+1,843,200 pixels, PIL's default bicubic), then the processor with do_resize=False; ours runs with
+``min_pixels=4096, max_pixels=1843200``. On Qwen2-VL (which that code does not serve: its factor is
+hard-coded to 32) the processor resizes, within the tiny model's bounds."""
+
+import math
 
 from __future__ import annotations
 
@@ -78,9 +81,26 @@ def reference_render(conversation) -> str:
     return out + "<|im_start|>assistant\n"
 
 
-def reference_embeddings(model_dir, rows, dims) -> dict:
+def reference_resize(image, factor=32, min_pixels=REFERENCE_PIXELS[0], max_pixels=REFERENCE_PIXELS[1]):
+    """qwen_vl_utils.vision_process (fetch_image, smart_resize) as the reference calls it, typed out."""
+    width, height = image.size
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return image.resize((w_bar, h_bar))
+
+
+def reference_embeddings(model_dir, rows, dims, *, pre_resize: bool) -> dict:
     """Conversations -> template -> processor (right padding) -> model(**inputs) -> last one of the
-    attention mask -> L2 normalise; then each Matryoshka dim: truncate, normalise again."""
+    attention mask -> L2 normalise; then each Matryoshka dim: truncate, normalise again.
+    ``pre_resize``: images resized as the reference does, the processor called with do_resize=False."""
     import torch
 
     from hf_reference import load_hf_model
@@ -92,7 +112,10 @@ def reference_embeddings(model_dir, rows, dims) -> dict:
     conversations = [reference_conversation(t, im, ins) for t, im, ins in rows]
     strings = [reference_render(c) for c in conversations]
     images = [im for _, im, _ in rows if im is not None]
-    batch = processor(text=strings, images=images or None, padding=True, return_tensors="pt")
+    kwargs = {}
+    if pre_resize:
+        images, kwargs = [reference_resize(im) for im in images], {"do_resize": False}
+    batch = processor(text=strings, images=images or None, padding=True, return_tensors="pt", **kwargs)
     with torch.no_grad():
         hidden = hf_model.model(**batch).last_hidden_state
     mask = batch["attention_mask"]
@@ -106,8 +129,14 @@ def reference_embeddings(model_dir, rows, dims) -> dict:
 
 
 def materialise(rows, factor):
-    return [(t, None if im is None else random_image(im[0] * factor, im[1] * factor, im[2]), ins)
-            for t, im, ins in rows]  # fmt: skip
+    def image(spec):
+        if spec is None:
+            return None
+        if spec[0] == "px":
+            return random_image(*spec[1:])
+        return random_image(spec[0] * factor, spec[1] * factor, spec[2])
+
+    return [(t, image(im), ins) for t, im, ins in rows]
 
 
 DIMS = (64, 32, 7, 1)  # 64: the tiny models' hidden size (no truncation)
@@ -133,16 +162,16 @@ def rows(arch):
 
 
 @pytest.fixture(scope="module")
-def reference(model_dir, rows):
+def reference(arch, model_dir, rows):
     pytest.importorskip("torch")
-    return reference_embeddings(model_dir, rows, DIMS)
+    return reference_embeddings(model_dir, rows, DIMS, pre_resize=arch == "qwen3_vl")
 
 
 @pytest.mark.parametrize("dim", [None, *DIMS])
 def test_matches_reference_embedder(arch, model_dir, rows, reference, dim):
     texts, images, instructions = (list(c) for c in zip(*rows))
     emb = Embedder.from_pretrained(model_dir, dtype="float32", prompt="qwen3_vl_embedding", dim=dim, batch_size=4,
-                                   max_len=512, progress=False)  # fmt: skip
+                                   max_len=512, progress=False, **PIXELS[arch])  # fmt: skip
     assert emb.config.model_type == arch
     ours = emb.encode(texts, images, role="query", instruction=instructions)
     ref = reference[dim]
@@ -198,6 +227,24 @@ def test_template_and_errors():
 
     with pytest.raises(ValueError, match="llava_next chat format has no per-row system turn"):
         p.system_segment("query", LLAVA_NEXT_CHAT)
+
+
+def test_pixel_bounds_override(tiny_dir):
+    from g2e_jax.models.llava_next.images import LlavaImageConfig
+    from g2e_jax.preprocess import Preprocessor, with_pixel_bounds
+
+    base = Preprocessor.from_pretrained(tiny_dir)
+    pre = Preprocessor.from_pretrained(tiny_dir, min_pixels=4096, max_pixels=9000)
+    assert (pre.image_config.min_pixels, pre.image_config.max_pixels) == (4096, 9000)
+    assert pre.image_config.patch_size == base.image_config.patch_size  # the rest from the file
+    (row,) = pre.prepare([""], [random_image(300, 200, 5)], role="document")
+    assert int(np.prod(row.grid_thw)) * 14 * 14 <= 9000
+    with pytest.raises(ValueError, match="min_pixels .4096. > max_pixels .100."):
+        Preprocessor.from_pretrained(tiny_dir, min_pixels=4096, max_pixels=100)
+    with pytest.raises(ValueError, match="max_pixels=-5: expected a positive number of pixels"):
+        Preprocessor.from_pretrained(tiny_dir, max_pixels=-5)
+    with pytest.raises(ValueError, match="the llava_next image processor has no pixel bounds"):
+        with_pixel_bounds(LlavaImageConfig(), 4096, None, "llava_next")
 
 
 @pytest.mark.parametrize("dim", [0, 65, -1, True, 8.0, "8"])

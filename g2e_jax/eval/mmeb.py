@@ -59,6 +59,8 @@ def eval_config(preset: str = "hierarchical") -> ml_collections.ConfigDict:
     c.image_resolution = config_dict.FieldReference("random", field_type=str)  # None: native size
     c.batch_size = 8  # rows per batch over all devices
     c.dim = config_dict.placeholder(int)  # Matryoshka: keep the first dim coordinates, re-normalised
+    c.min_pixels = config_dict.placeholder(int)  # image pixel bounds; None: preprocessor_config.json's
+    c.max_pixels = config_dict.placeholder(int)
     c.distributed = distributed_section()  # multi-host, as in `g2e-jax train`
     return c
 
