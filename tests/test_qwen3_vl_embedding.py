@@ -9,10 +9,9 @@ Images: on Qwen3-VL the reference's own path, typed out: qwen_vl_utils' resize (
 ``min_pixels=4096, max_pixels=1843200``. On Qwen2-VL (which that code does not serve: its factor is
 hard-coded to 32) the processor resizes, within the tiny model's bounds."""
 
-import math
-
 from __future__ import annotations
 
+import math
 import unicodedata
 
 import numpy as np
@@ -30,22 +29,23 @@ def random_image(height, width, seed):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-# (text, image, instruction): every branch of the reference's format_model_input. Image sides are
-# multiples of the tiny model's 28-pixel factor, so that no resize happens on either side.
+# (text, image, instruction): every branch of the reference's format_model_input. An image is
+# (rows, cols, seed) in units of the backbone's factor, or ("px", height, width, seed).
 ROWS = [
-    (
-        "A woman playing with her dog on a beach at sunset.",
-        None,
-        "Retrieve images or text relevant to the query",
-    ),
+    ("A woman playing with her dog on a beach at sunset.", None, "Retrieve images or text relevant to the query"),
     ("a caption", None, None),
-    ("", (56, 84, 1), None),  # image only
-    ("What is in the picture?", (112, 56, 2), "  Answer the question.  "),  # stripped, already punctuated
+    ("", (2, 3, 1), None),  # image only
+    ("What is in the picture?", (4, 2, 2), "  Answer the question.  "),  # stripped, already punctuated
     ("", None, None),  # nothing: "NULL"
     ("unicodé 日本語 🙂\ttabs", None, "日本語で答えてください？"),  # ends in a full-width "？" (punctuation)
     ("  spaces around  ", None, ""),  # empty instruction: the default
-    ("x " * 40, (28, 28, 3), "Instruction: retrieve"),
-]
+    ("x " * 40, (2, 2, 3), "Instruction: retrieve"),
+    ("an odd size", ("px", 37, 53, 4), None),  # resized up (under 4,096 pixels)
+]  # fmt: skip
+FACTOR = {"qwen2_vl": 28, "qwen3_vl": 32}
+# The reference embedder's image bounds (its MIN_PIXELS, MAX_PIXELS), ours given the same on Qwen3-VL.
+REFERENCE_PIXELS = (4 * 32 * 32, 1800 * 32 * 32)
+PIXELS = {"qwen2_vl": {}, "qwen3_vl": {"min_pixels": REFERENCE_PIXELS[0], "max_pixels": REFERENCE_PIXELS[1]}}
 
 
 def reference_conversation(text, image, instruction):
