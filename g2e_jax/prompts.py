@@ -37,7 +37,11 @@ The per-row system text cannot sit in the constant system segment, so this forma
 after ``<|im_start|>system\\n`` (``ChatFormat.instruction_segment``) and tokenises the instruction with
 the row; its first character is never whitespace (it is stripped), so the cut is a token boundary.
 MMEB rows' ``<|image_1|>`` marker is dropped (with the whitespace around the rest of the text): the
-reference knows no markers and always puts the image before the text.
+reference knows no markers and always puts the image before the text. Rows over ``max_len`` differ by
+design: the reference's processor cuts the token sequence's end (assistant header included), this
+library cuts inside the content and keeps the pooled header (the reference's limit is 8192 tokens).
+Its technical report pools an appended ``<|endoftext|>``; the code, which the released scores come
+from, pools the ``\\n`` after ``assistant``, and so does this format.
 """
 
 from __future__ import annotations
