@@ -254,3 +254,23 @@ def test_dim_is_checked(jax_model, tiny_dir, dim):
     pre = Preprocessor.from_pretrained(tiny_dir)
     with pytest.raises(ValueError, match=rf"dim={dim!r}: .* from 1 to the model's hidden size 64"):
         Embedder(jax_model, pre, dim=dim)
+
+
+def test_job_configs_reach_the_embedder(tiny_dir):
+    """configs/qwen3vl_embedding_eval.py and configs/embed.py's keys (prompt, dim, pixel bounds) as
+    ``Embedder.from_config`` reads them."""
+    from g2e_jax.config_utils import load_config
+
+    cfg = load_config("configs/qwen3vl_embedding_eval.py", [f"model.path={tiny_dir}",
+                      "model.dtype=float32", "max_len=512", "dim=16"])  # fmt: skip
+    emb = Embedder.from_config(cfg)
+    assert (emb.prompt.name, emb.prompt.scheme, emb.dim) == ("qwen3_vl_embedding", "mrope", 16)
+    assert emb.prompt.row_system("query", None) == "Retrieve images or text relevant to the user's query."
+    assert emb.prompt.row_system("document", None) == DEFAULT
+    assert (emb.image_config.min_pixels, emb.image_config.max_pixels) == REFERENCE_PIXELS
+    assert emb.encode(["a"], role="document").shape == (1, 16)
+    hier = load_config("configs/qwen3vl_embedding_eval.py:hierarchical", [f"model.path={tiny_dir}"])
+    assert (hier.prompt.preset, hier.prompt.scheme, hier.dim) == ("hierarchical", "gen2embed", None)
+    embed = load_config("configs/embed.py", ["prompt.preset=qwen3_vl_embedding",
+                        "prompt.scheme=mrope", "dim=8", "max_pixels=5000"])  # fmt: skip
+    assert (embed.dim, embed.max_pixels, embed.min_pixels) == (8, 5000, None)
