@@ -145,6 +145,7 @@ class JaxSide:
         for p in apply_adapters(model, acfg, rngs=nnx.Rngs(args.seed)):
             a, b = lora_init[hf_module_name(p)]  # PEFT [out, in] layout -> ours [in, out]
             _set_adapter(model, p, a, b)
+        self.args = args
         self.graphdef, self.init_params, self.rest = nnx.split(model, trainable_filter(acfg), ...)
         self.trainable = int(sum(x.size for x in jax.tree.leaves(self.init_params)))
         self.tx = make_optimizer(
@@ -220,6 +221,7 @@ class JaxSide:
             temperature=TEMPERATURE,
             grad_cache=grad_cache,
             remat=remat,
+            scan_unroll=self.args.scan_unroll,
             mask_same_target=False,
             mask_same_query=False,
             scheme="gen2embed",
@@ -646,6 +648,9 @@ def main():
     parser.add_argument("--grad-cache", default="off,on", help="off, on, or 'off,on'")
     parser.add_argument("--chunk", type=int, default=4, help="GradCache chunk size (pairs)")
     parser.add_argument("--remat", default="none", help="rematerialisation inside each chunk's forward")
+    parser.add_argument(
+        "--scan-unroll", type=int, default=1, help="layers per iteration of the layer scans (train.scan_unroll)"
+    )
     parser.add_argument("--pairs", type=int, default=16, help="batch size N (pairs)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps after the warm-up step")
     parser.add_argument(

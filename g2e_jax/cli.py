@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tiny.add_argument("--output", required=True, help="directory to write (created if missing)")
     tiny.add_argument("--arch", default="qwen2_vl",
-                      help="backbone: a supported Hugging Face model_type: qwen2_vl, qwen2_5_vl or llava_next (default %(default)s)")  # fmt: skip
+                      help="backbone: a supported Hugging Face model_type: qwen2_vl, qwen2_5_vl, qwen3_vl or llava_next (default %(default)s)")  # fmt: skip
     tiny.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     tiny.set_defaults(run=_make_tiny)
 

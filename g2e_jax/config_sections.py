@@ -35,14 +35,17 @@ def model_section(
     return m
 
 
-def prompt_section(preset: str = "hierarchical", *, systems: bool = True) -> ml_collections.ConfigDict:
-    """``prompt.preset`` (a preset of ``g2e_jax.prompts.PRESETS``: "hierarchical", "plain", ...),
-    ``prompt.scheme`` ("gen2embed", or "mrope" for Qwen's own M-RoPE positions) and, where the
-    command renders whole templates, ``prompt.query_system`` / ``prompt.document_system`` (None: the
-    preset's system prompts)."""
+def prompt_section(
+    preset: str = "hierarchical", *, systems: bool = True, scheme: str = "gen2embed"
+) -> ml_collections.ConfigDict:
+    """``prompt.preset`` (a preset of ``g2e_jax.prompts.PRESETS``: "hierarchical", "plain",
+    "qwen3_vl_embedding", ...), ``prompt.scheme`` ("gen2embed", or "mrope" for Qwen's own M-RoPE
+    positions, which the qwen3_vl_embedding preset requires) and, where the command renders whole
+    templates, ``prompt.query_system`` / ``prompt.document_system`` (None: the preset's system prompts;
+    in the qwen3_vl_embedding format, each role's default instruction)."""
     p = ml_collections.ConfigDict()
     p.preset = preset
-    p.scheme = "gen2embed"
+    p.scheme = scheme
     if systems:
         p.query_system = config_dict.placeholder(str)
         p.document_system = config_dict.placeholder(str)

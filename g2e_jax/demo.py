@@ -64,7 +64,7 @@ def tiny_training_config() -> ml_collections.ConfigDict:
 
 def demo_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.arch = "qwen2_vl"  # the tiny model's backbone (a model_type): qwen2_vl, qwen2_5_vl or llava_next
+    c.arch = "qwen2_vl"  # the tiny model's backbone (a model_type): qwen2_vl, qwen2_5_vl, qwen3_vl or llava_next
     c.seed = 0
     c.synthetic = ml_collections.ConfigDict(
         dict(train_rows=64, eval_queries=24, num_candidates=8, image_size=84)

@@ -53,7 +53,7 @@ class Embedder(EncodeLoop):
         *,
         dtype: str = "auto",
         prompt: str | PromptConfig = "hierarchical",
-        scheme: str = "gen2embed",
+        scheme: str | None = None,
         max_len: int = 1024,
         image_resolution: str | None = None,
         batch_size: int = 8,
@@ -64,32 +64,51 @@ class Embedder(EncodeLoop):
         shard_weights: bool = False,
         workers: int | None = None,
         device_memory_gb: float | None = None,
+        dim: int | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
     ) -> Embedder:
         """``path``: a Hugging Face model directory or a ``g2e-jax train`` workdir; ``adapter``: a PEFT
         LoRA/DoRA folder (``adapter_config.json`` + ``adapter_model.safetensors``) merged onto ``path``.
         ``mesh=None``: every device JAX sees, on the data axis, or with ``shard_weights`` on the fsdp
         axis (weights sharded by the training table: a model too big for one device).
-        ``device_memory_gb``: see ``Embedder``."""
+        ``device_memory_gb``: see ``Embedder``. ``scheme``: None keeps the prompt's own.
+        ``dim``: Matryoshka dimensions, each embedding truncated to its first ``dim`` coordinates and
+        normalised again (1 to the hidden size; None: the whole hidden state). ``min_pixels`` /
+        ``max_pixels``: the image processor's pixel bounds in place of the checkpoint's
+        preprocessor_config.json (Qwen-family backbones).
+
+        Qwen3-VL-Embedding (2B, 8B) checkpoints are plain ``Qwen3VLForConditionalGeneration``
+        directories (``model.language_model.*``, ``model.visual.*``): they load as any ``qwen3_vl``
+        model, and nothing in them tells them from Qwen3-VL-Instruct, so the format is chosen, not
+        detected: ``prompt="qwen3_vl_embedding"`` embeds as their reference code does (its
+        instruction per row with ``instruction=``; see ``g2e_jax.prompts``), and the hierarchical
+        prompt stays available on the same weights (``with_prompt``). E.g.
+        ``Embedder.from_pretrained("Qwen3-VL-Embedding-2B", prompt="qwen3_vl_embedding", dim=1024,
+        min_pixels=4096, max_pixels=1843200)`` (the reference's image bounds, not the checkpoint's)."""
         model, base, weights_id = load_weights(path, dtype=dtype, progress=progress, adapter=adapter)
         preprocessor = Preprocessor.from_pretrained(
-            base, prompt=prompt, scheme=scheme, max_len=max_len, image_resolution=image_resolution
-        )
+            base, prompt=prompt, scheme=scheme, max_len=max_len, image_resolution=image_resolution,
+            min_pixels=min_pixels, max_pixels=max_pixels,
+        )  # fmt: skip
         if mesh is None and shard_weights:
             mesh = make_mesh(data=1, fsdp=jax.device_count())
         return cls(model, preprocessor, batch_size=batch_size, model_path=path, weights_id=weights_id,
                    prefix_cache=prefix_cache, mesh=mesh, workers=workers,
-                   device_memory_gb=device_memory_gb)  # fmt: skip
+                   device_memory_gb=device_memory_gb, dim=dim)  # fmt: skip
 
     @classmethod
     def from_config(cls, cfg) -> Embedder:
         """From the ``model`` / ``prompt`` / ``max_len`` / ``image_resolution`` / ``batch_size`` fields
-        that every config of an embedding job shares (see configs/embed.py)."""
+        that every config of an embedding job shares (see configs/embed.py), and ``dim`` /
+        ``min_pixels`` / ``max_pixels`` where the job has them (embed, eval)."""
         if cfg.model.path is None:
             raise ValueError("no model: set --config.model.path=/path/to/hf_model_dir")
         return cls.from_pretrained(
             cfg.model.path, dtype=cfg.model.dtype, prompt=prompt_fields(cfg.prompt), scheme=cfg.prompt.scheme,
             max_len=cfg.max_len, image_resolution=cfg.image_resolution, batch_size=cfg.batch_size, progress=False,
             adapter=cfg.model.get("adapter"), shard_weights=bool(cfg.model.get("shard_weights", False)),
+            dim=cfg.get("dim"), min_pixels=cfg.get("min_pixels"), max_pixels=cfg.get("max_pixels"),
         )  # fmt: skip
 
     def with_prompt(self, prompt: str | PromptConfig | None = None, **changes) -> Embedder:

@@ -78,6 +78,7 @@ def cache_key(embedder, texts, images, role, subset) -> str:
         "max_len": embedder.max_len,
         "image": dataclasses.asdict(embedder.image_config),
         "role": embedder.prompt.template_role(role, subset),
+        **({"dim": embedder.dim} if embedder.dim != embedder.config.text.hidden_size else {}),
     }
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for text, image in zip(texts, images):

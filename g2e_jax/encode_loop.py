@@ -60,14 +60,18 @@ class EncodeLoop:
         workers: int | None = None,
         window: int | None = None,
         device_memory_gb: float | None = None,
+        dim: int | None = None,
     ):
         """``mesh``: default, every device on the data axis (weights replicated); a mesh with an
         ``fsdp``/``tensor`` axis shards the weights by the training table. ``batch_size`` rows per
         batch in all, rounded up to a multiple of the data-axis size. ``workers`` image threads
         (default: one per core) and a sort window of ``window`` rows (default 8 batches).
         ``device_memory_gb``: what one device holds, where the backend does not say (CPU); with a
-        limit known, the largest text program is compiled and checked before the first batch."""
+        limit known, the largest text program is compiled and checked before the first batch.
+        ``dim``: Matryoshka dimensions, the embeddings truncated to their first ``dim`` coordinates
+        and normalised again, on the device (None: the hidden size, untruncated)."""
         self.config = model.config
+        self.embed_dim = check_dim(dim, model.config.text.hidden_size)
         self.mesh = make_mesh() if mesh is None else mesh
         self.graphdef, state = nnx.split(model)
         self.state = jax.device_put(state, state_shardings(state, self.mesh))
@@ -90,7 +94,7 @@ class EncodeLoop:
         self.prefix_cache = prefix_cache
         self._prefixes: dict[tuple, Any] = {}  # system segment ids -> (k, v) [layers, P, Hk, D]; weights are fixed
         self._prefix_kv = jax.jit(lambda state, ids: nnx.merge(self.graphdef, state).prefix_kv(ids))
-        static = ("scheme", "pad_id", "max_patches_per_image")
+        static = ("scheme", "pad_id", "max_patches_per_image", "dim")
         jitted = jax.jit(
             functools.partial(encode_cells, self.graphdef, self.traces),
             static_argnames=static,
@@ -123,7 +127,12 @@ class EncodeLoop:
 
     @property
     def dim(self) -> int:
-        return self.config.text.hidden_size
+        """The embeddings' width: ``dim`` if truncated, else the hidden size."""
+        return self.embed_dim
+
+    @property
+    def _dim_static(self) -> int | None:
+        return None if self.embed_dim == self.config.text.hidden_size else self.embed_dim
 
     @functools.cached_property
     def _local_cell_range(self) -> tuple[int, int]:
@@ -180,6 +189,7 @@ class EncodeLoop:
                 emb = self._encode(
                     self.state, sys_ids, header_ids, prefix, **batch["arrays"], scheme=self.prompt.scheme,
                     pad_id=self.preprocessor.pad_id, max_patches_per_image=batch["max_patches_per_image"],
+                    dim=self._dim_static,
                 )  # fmt: skip
             except ProgramTooLarge as e:
                 # Every process compiled the same program against the same limit: all split alike.
@@ -223,6 +233,7 @@ class EncodeLoop:
             "scheme": self.prompt.scheme,
             "pad_id": self.preprocessor.pad_id,
             "max_patches_per_image": None,
+            "dim": self._dim_static,
         }
         self._encode.compile(self.state, sys_ids, header_ids, prefix, **batch["arrays"], **statics)
         if len(self._encode.memory) > known and distributed.is_lead():
@@ -298,6 +309,18 @@ class EncodeLoop:
         if ids not in self._prefixes:
             self._prefixes[ids] = self._prefix_kv(self.state, jnp.asarray(ids, jnp.int32))
         return self._prefixes[ids]
+
+
+def check_dim(dim, hidden_size: int) -> int:
+    """``dim`` (Matryoshka truncation) as an int within 1..hidden size; None: the hidden size."""
+    if dim is None:
+        return hidden_size
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 1 <= dim <= hidden_size:
+        raise ValueError(
+            f"dim={dim!r}: the embedding dimension must be an integer from 1 to the model's hidden size "
+            f"{hidden_size} (None: all {hidden_size})"
+        )
+    return int(dim)
 
 
 def _encode_advice(mesh: Mesh) -> str:

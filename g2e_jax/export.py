@@ -39,9 +39,12 @@ def embed_config() -> ml_collections.ConfigDict:
     c.model = model_section(shard_weights=True)
     c.prompt = prompt_section()
 
-    c.instruction = config_dict.placeholder(str)  # task instruction joined before each row's text
+    c.instruction = config_dict.placeholder(str)  # task instruction (qwen3_vl_embedding: the system turn)
     c.subset = config_dict.placeholder(str)  # e.g. "RefCOCO-Matching": applies the Matching rule
     c.max_len = 1024
+    c.dim = config_dict.placeholder(int)  # Matryoshka: keep the first dim coordinates, re-normalised
+    c.min_pixels = config_dict.placeholder(int)  # image pixel bounds; None: preprocessor_config.json's
+    c.max_pixels = config_dict.placeholder(int)
     c.image_resolution = config_dict.placeholder(str)  # low | clip | mid_low | mid | mid_high | high | random
     c.batch_size = 8  # rows per batch over all devices
     c.shard_size = 512  # rows per checkpointed shard (unit of --resume)

@@ -9,6 +9,7 @@ token count, over-long content is truncated inside the content, and M-RoPE offse
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -55,6 +56,8 @@ class Preprocessor:
         self.backbone = backbone_of(config.model_type)
         self.chat = self.backbone.chat
         self.chat.image_placeholder(self.prompt.scheme)  # the scheme exists for this backbone
+        if self.prompt.instruction_mode:
+            self.chat.check_instruction_format()
         self.image_pad_id = tokenizer.token_id(self.chat.image_token)
         if self.image_pad_id != config.image_token_id:
             raise ValueError(
@@ -75,11 +78,16 @@ class Preprocessor:
         scheme: str | None = None,
         max_len: int = 1024,
         image_resolution: str | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
     ) -> "Preprocessor":
-        """From a local Hugging Face directory: config.json, tokenizer.json, preprocessor_config.json."""
+        """From a local Hugging Face directory: config.json, tokenizer.json, preprocessor_config.json.
+        ``min_pixels`` / ``max_pixels``: the image processor's pixel bounds in place of the file's
+        (``with_pixel_bounds``)."""
         path = Path(path)
         config = read_config(path)
         image_config = backbone_of(config.model_type).images.config(path, image_resolution)
+        image_config = with_pixel_bounds(image_config, min_pixels, max_pixels, config.model_type)
         return cls(config, Tokenizer(path), image_config, prompt=prompt, scheme=scheme,
                    max_len=max_len)  # fmt: skip
 
@@ -89,6 +97,8 @@ class Preprocessor:
         other.__dict__.update(self.__dict__)
         other.prompt = get_prompt(prompt if prompt is not None else self.prompt, **changes)
         other.chat.image_placeholder(other.prompt.scheme)
+        if other.prompt.instruction_mode:
+            other.chat.check_instruction_format()
         return other
 
     def prepare(
@@ -185,7 +195,7 @@ class Preprocessor:
         patches = grid = None
         if image is not None:
             patches, grid = self.image_features(i, image) if features is None else features
-        elif not text.strip():
+        elif not text.strip() and not self.prompt.instruction_mode:  # that format embeds "NULL"
             raise InputError(i, "text", "empty text and no image: nothing to embed")
         n_image = 0 if grid is None else self.backbone.images.num_tokens(grid, self.config)
         budget = self.max_len - system_len - len(self.header_ids)
@@ -197,7 +207,7 @@ class Preprocessor:
                 )
             except ValueError as e:
                 raise InputError(i, "text", str(e)) from None
-            ids = self._tokenize(self.prompt.user_segment(role, user, self.chat))
+            ids = self._tokenize(self.prompt.user_segment(role, user, self.chat, instruction=instruction))
             if n_image:
                 (at,) = np.flatnonzero(ids == self.image_pad_id)
                 ids = np.concatenate([ids[:at], np.full(n_image, self.image_pad_id, np.int32), ids[at + 1 :]])
@@ -243,6 +253,21 @@ class Preprocessor:
             else:
                 hi = mid - 1
         return user_ids_for(cut(lo))
+
+
+def with_pixel_bounds(image_config, min_pixels: int | None, max_pixels: int | None, model_type: str = "this"):
+    """The image settings with the pixel bounds replaced where given, as a caller of the processor that
+    resizes images itself does (Qwen3-VL-Embedding: 4,096 to 1,843,200 pixels, then the processor
+    with do_resize=False; the same size as one resize within those bounds). Qwen-family processors only."""
+    changes = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+    if not changes:
+        return image_config
+    if not {"min_pixels", "max_pixels"} <= {f.name for f in dataclasses.fields(image_config)}:
+        raise ValueError(f"min_pixels/max_pixels: the {model_type} image processor has no pixel bounds")
+    for name, value in changes.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            raise ValueError(f"{name}={value!r}: expected a positive number of pixels")
+    return dataclasses.replace(image_config, **{k: int(v) for k, v in changes.items()})
 
 
 class PreparedInputs:

@@ -18,11 +18,36 @@ That template is Qwen2-VL's ``ChatFormat``; another backbone brings its own with
 (LLaVA-NeXT's ``<s>[INST] {SYSTEM}\n{USER} [/INST]``, ``g2e_jax.models.llava_next.chat``, cuts after
 ``[INST]``, since its system text ends in punctuation that a byte-level BPE joins with the ``\n``).
 The hierarchical prompt itself (system texts, suffixes, Matching rule) is defined once, here.
+
+Next to it, on the same weights, the instruction format of Qwen3-VL-Embedding (``mode=
+"qwen3_vl_embedding"``, preset ``"qwen3_vl_embedding"``), read from QwenLM/Qwen3-VL-Embedding's
+``src/models/qwen3_vl_embedding.py`` (``Qwen3VLEmbedder.format_model_input``; read in the forks
+robustonian/Qwen3-VL-Embedding@e24041072814b3809773321a4843db90414c24c1 and
+yujieli001/Qwen3-VL-Embedding@514078cd87854823775b5cfd8fa912301ad1063d, whose copies agree; the
+upstream repository's README@7f1303885ed65b4d7bfae2b85fc458a7577c811d documents the same API):
+
+- the system turn is the row's instruction, stripped, with a "." appended when its last character is
+  not Unicode punctuation (category P*); no instruction (or an empty one): the role's system text,
+  "Represent the user's input." in the preset (``DEFAULT_INSTRUCTION``);
+- the user turn is the image (tagged ``<|vision_start|><|image_pad|><|vision_end|>``, the chat
+  template's rendering) then the text; a row with neither becomes the text "NULL";
+- no suffix, no instruction in the user turn; positions are the model's own M-RoPE (``scheme="mrope"``).
+
+The per-row system text cannot sit in the constant system segment, so this format cuts the template
+after ``<|im_start|>system\\n`` (``ChatFormat.instruction_segment``) and tokenises the instruction with
+the row; its first character is never whitespace (it is stripped), so the cut is a token boundary.
+MMEB rows' ``<|image_1|>`` marker is dropped (with the whitespace around the rest of the text): the
+reference knows no markers and always puts the image before the text. Rows over ``max_len`` differ by
+design: the reference's processor cuts the token sequence's end (assistant header included), this
+library cuts inside the content and keeps the pooled header (the reference's limit is 8192 tokens).
+Its technical report pools an appended ``<|endoftext|>``; the code, which the released scores come
+from, pools the ``\\n`` after ``assistant``, and so does this format.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import unicodedata
 from typing import Any, Mapping
 
 IMAGE_MARKER = "<|image_1|>"  # how MMEB text marks its image
@@ -30,6 +55,10 @@ IMAGE_PAD = "<|image_pad|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 SCHEMES = ("gen2embed", "mrope")
 ROLES = ("query", "document")
+MODES = ("hierarchical", "qwen3_vl_embedding")
+# Qwen3-VL-Embedding's default instruction and the text of an empty row (its Qwen3VLEmbedder).
+DEFAULT_INSTRUCTION = "Represent the user's input."
+EMPTY_ROW = "NULL"
 ASSISTANT_HEADER = "<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -50,6 +79,10 @@ class ChatFormat:
     image_token: str  # the placeholder the processor expands into the image's tokens
     pad_token: str  # fills padded positions (masked out)
     tagged_image: str | None = None  # the "mrope" scheme's placeholder; None: only "gen2embed" exists
+    # The instruction format's cut (mode "qwen3_vl_embedding"): the constant start of the system turn,
+    # then per row "{system}" (the instruction) and "{user}". None: this backbone has no such format.
+    instruction_segment: str | None = None
+    instruction_user_segment_format: str | None = None
 
     def system_segment(self, system: str | None) -> str:
         return self.no_system_segment if system is None else self.system_segment_format.format(system=system)
@@ -66,6 +99,13 @@ class ChatFormat:
             raise ValueError(f"the {self.name} chat format has no {scheme!r} scheme; use 'gen2embed'")
         return self.tagged_image
 
+    def check_instruction_format(self) -> None:
+        if self.instruction_segment is None or self.instruction_user_segment_format is None:
+            raise ValueError(
+                f"the {self.name} chat format has no per-row system turn: the 'qwen3_vl_embedding' prompt "
+                "needs a Qwen chat format (qwen2_vl, qwen2_5_vl, qwen3_vl)"
+            )
+
 
 QWEN2_VL_CHAT = ChatFormat(
     name="qwen2_vl",
@@ -77,6 +117,8 @@ QWEN2_VL_CHAT = ChatFormat(
     image_token=IMAGE_PAD,
     pad_token="<|endoftext|>",
     tagged_image=VISION_START + IMAGE_PAD + VISION_END,
+    instruction_segment="<|im_start|>system\n",
+    instruction_user_segment_format="{system}<|im_end|>\n<|im_start|>user\n{user}",
 )
 
 PAPER_SYSTEM = "Given an image, summarize the provided image in one word. Given only text, describe the text in one word."
@@ -95,6 +137,9 @@ class PromptConfig:
     instruction_format: str = "{instruction}\n{content}"  # how a task instruction joins the content
     scheme: str = "gen2embed"  # image placeholder and positions: bare pads + 1-D, or tagged + M-RoPE
     matching_marker: str = "Matching"  # subsets named so encode their candidates with the query template
+    # "hierarchical": the instruction joins the user turn (instruction_format); "qwen3_vl_embedding":
+    # it replaces the system turn (the role's system text is the default), see the module docstring.
+    mode: str = "hierarchical"
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
@@ -103,6 +148,26 @@ class PromptConfig:
             )
         if "{content}" not in self.instruction_format:
             raise ValueError(f"prompt {self.name!r}: instruction_format must contain '{{content}}'")
+        if self.mode not in MODES:
+            raise ValueError(f"prompt {self.name!r}: unknown mode {self.mode!r}; expected one of {MODES}")
+        if self.mode == "qwen3_vl_embedding":
+            if self.scheme != "mrope":
+                raise ValueError(
+                    f"prompt {self.name!r}: the qwen3_vl_embedding format runs the model's own M-RoPE "
+                    f"positions over tagged images: scheme must be 'mrope' (prompt.scheme=mrope), got {self.scheme!r}"
+                )
+            suffixes = {
+                k: getattr(self, k) for k in ("query_suffix_image", "query_suffix_text", "document_suffix")
+            }
+            if any(suffixes.values()):
+                raise ValueError(
+                    f"prompt {self.name!r}: the qwen3_vl_embedding format has no role suffixes, got {suffixes}"
+                )
+
+    @property
+    def instruction_mode(self) -> bool:
+        """True in the Qwen3-VL-Embedding format: the instruction is the system turn."""
+        return self.mode == "qwen3_vl_embedding"
 
     def replace(self, **changes) -> "PromptConfig":
         return dataclasses.replace(self, **changes)
@@ -119,6 +184,11 @@ class PromptConfig:
     def system(self, role: str) -> str | None:
         return self.query_system if check_role(role) == "query" else self.document_system
 
+    def row_system(self, role: str, instruction: str | None) -> str:
+        """The instruction format's system text of one row: its instruction (punctuated), else the
+        role's system text (punctuated the same way: it is the instruction of every row of the role)."""
+        return punctuate(instruction) or punctuate(self.system(role)) or DEFAULT_INSTRUCTION
+
     def suffix(self, role: str, has_image: bool) -> str:
         if check_role(role) == "document":
             return self.document_suffix
@@ -133,13 +203,22 @@ class PromptConfig:
                   chat: ChatFormat = QWEN2_VL_CHAT) -> str:  # fmt: skip
         """``{USER}``: instruction + content (image marker -> placeholder) + role suffix.
 
-        An image without a marker in the content goes first, as MMEB's image-first rows do.
+        An image without a marker in the content goes first, as MMEB's image-first rows do. In the
+        instruction format: the image, then the text (marker dropped), or "NULL"; the instruction is
+        not part of it (see ``row_system``).
         """
         markers = content.count(IMAGE_MARKER)
         if markers > 1:
             raise ValueError(f"content has {markers} {IMAGE_MARKER} markers; one image per row is supported")
         if markers and not has_image:
             raise ValueError(f"content has an {IMAGE_MARKER} marker but no image was given")
+        if self.instruction_mode:
+            chat.check_instruction_format()
+            if markers:
+                content = content.replace(IMAGE_MARKER, "").strip()
+            if has_image:
+                return self.image_placeholder(chat) + content
+            return content if content else EMPTY_ROW
         if has_image:
             placeholder = self.image_placeholder(chat)
             content = content.replace(IMAGE_MARKER, placeholder) if markers else placeholder + content
@@ -148,15 +227,41 @@ class PromptConfig:
         return content + self.suffix(role, has_image)
 
     def system_segment(self, role: str, chat: ChatFormat = QWEN2_VL_CHAT) -> str:
+        if self.instruction_mode:
+            chat.check_instruction_format()
+            return chat.instruction_segment
         return chat.system_segment(self.system(role))
 
-    def render(self, role: str, user: str, chat: ChatFormat = QWEN2_VL_CHAT) -> str:
+    def render(
+        self, role: str, user: str, chat: ChatFormat = QWEN2_VL_CHAT, instruction: str | None = None
+    ) -> str:
         """The whole template string: what the reference pipeline tokenises in one go."""
-        return self.system_segment(role, chat) + self.user_segment(role, user, chat) + chat.assistant_header
+        return (
+            self.system_segment(role, chat)
+            + self.user_segment(role, user, chat, instruction=instruction)
+            + chat.assistant_header
+        )
 
-    def user_segment(self, role: str, user: str, chat: ChatFormat = QWEN2_VL_CHAT) -> str:
-        """The row's tokenised segment: ``{USER}`` (``user_text``) in the chat format's cut."""
+    def user_segment(
+        self, role: str, user: str, chat: ChatFormat = QWEN2_VL_CHAT, instruction: str | None = None
+    ) -> str:
+        """The row's tokenised segment: ``{USER}`` (``user_text``) in the chat format's cut; in the
+        instruction format also the row's system text (``row_system``)."""
+        if self.instruction_mode:
+            chat.check_instruction_format()
+            return chat.instruction_user_segment_format.format(
+                system=self.row_system(role, instruction), user=user
+            )
         return chat.user_segment(self.system(role), user)
+
+
+def punctuate(instruction: str | None) -> str:
+    """Qwen3-VL-Embedding's instruction rule: stripped, and "." appended unless it ends in Unicode
+    punctuation; "" for None or blank."""
+    text = (instruction or "").strip()
+    if text and not unicodedata.category(text[-1]).startswith("P"):
+        text += "."
+    return text
 
 
 def plural(role: str) -> str:
@@ -202,6 +307,19 @@ PRESETS: dict[str, PromptConfig] = {
         document_system=_without_one_word(_HIERARCHICAL.document_system),
         query_suffix_image=_without_one_word(_HIERARCHICAL.query_suffix_image),
         query_suffix_text=_without_one_word(_HIERARCHICAL.query_suffix_text),
+    ),
+    # Qwen3-VL-Embedding's own format (module docstring): the instruction as the system turn, the
+    # default instruction on both sides; MMEB-style evaluation sets query_system to the task's. Its
+    # MMEB evaluation gives every candidate the default instruction: no Matching rule.
+    "qwen3_vl_embedding": PromptConfig(
+        name="qwen3_vl_embedding",
+        query_system=DEFAULT_INSTRUCTION,
+        document_system=DEFAULT_INSTRUCTION,
+        query_suffix_image="",
+        query_suffix_text="",
+        scheme="mrope",
+        matching_marker="",
+        mode="qwen3_vl_embedding",
     ),
 }
 # Other names for the same prompt (the name the paper's ablation uses).

@@ -118,6 +118,27 @@ def _qwen2_5_vl_3b_batch(batch, cfg):
     assert batch["image_grid_thw"].tolist() == [[1, 12, 18]]
 
 
+def _qwen3_vl_2b():
+    """Every width Qwen3-VL-2B-Instruct's (``QWEN3_VL_2B``: vision 1024 wide, 16 heads of 64, GELU-tanh MLP
+    4096; decoder 2048 wide, 16 heads of 128 with q/k norms, 8 KV heads, MLP 6144, interleaved M-RoPE
+    sections 24/20/20, rope theta 5e6) except the vocabulary, the tiny tokenizer's; 2 decoder layers and
+    2 vision blocks, a DeepStack tap after block 0 (so decoder layer 1 gets no DeepStack feature)."""
+    from g2e_jax.models.common.hf_files import special_token_ids
+    from g2e_jax.models.qwen2_vl.config import with_token_ids
+    from g2e_jax.models.qwen3_vl import QWEN3_VL_2B
+
+    c, ids = QWEN3_VL_2B, special_token_ids()
+    text = dataclasses.replace(c.text, num_hidden_layers=2, vocab_size=ids["vocab_size"], bos_token_id=None,
+                               eos_token_id=ids["im_end"])  # fmt: skip
+    vision = dataclasses.replace(c.vision, depth=2, deepstack_visual_indexes=(0,))
+    return with_token_ids(c.replace(text=text, vision=vision))
+
+
+def _qwen3_vl_2b_batch(batch, cfg):
+    # 12x18 patches of 16 pixels: the 48x48 learned position table is sampled down.
+    assert batch["image_grid_thw"].tolist() == [[1, 12, 18]]
+
+
 # --- LLaVA-NeXT ------------------------------------------------------------------------------------------
 
 
@@ -232,6 +253,12 @@ SPECS: dict[str, Spec] = {
         released=Released("Qwen2.5-VL-3B widths, 1 layer + 2 vision blocks (windowed, full)", _qwen2_5_vl_3b,
                           (168, 252), _qwen2_5_vl_3b_batch),
         **_QWEN,
+    ),
+    "qwen3_vl": Spec(
+        name="Qwen3-VL", model_class="Qwen3VL", hf_class="Qwen3VLForConditionalGeneration", adapter="dora",
+        released=Released("Qwen3-VL-2B widths, 2 layers + 2 vision blocks (DeepStack tap after block 0)",
+                          _qwen3_vl_2b, (192, 288), _qwen3_vl_2b_batch),
+        **{**_QWEN, "compare": False, "attention": False},  # not yet in test_compare / test_attention
     ),
     "llava_next": Spec(
         name="LLaVA-NeXT", model_class="LlavaNext", hf_class="LlavaNextForConditionalGeneration", adapter="dora",

@@ -24,6 +24,7 @@ from g2e_jax.models.llava_next.config import LlavaNextConfig, one_d_rope
 from g2e_jax.models.qwen2_5_vl.config import QWEN2_5_VL_3B, QWEN2_5_VL_7B
 from g2e_jax.models.qwen2_vl.config import Qwen2VLConfig, VisionConfig, tiny_config
 from g2e_jax.models.qwen2_vl.model import Qwen2VL
+from g2e_jax.models.qwen3_vl.config import QWEN3_VL_2B
 from g2e_jax.train.report import abstract_train_state, sharding_report
 from g2e_jax.train.step import make_optimizer
 
@@ -46,6 +47,15 @@ def _qwen2_5_vl(base):
     )
 
 
+def _qwen3_vl(base):
+    """DeepStack taps after both blocks: their mergers shard too."""
+    return dataclasses.replace(
+        base,
+        text=dataclasses.replace(base.text, num_hidden_layers=LAYERS),
+        vision=dataclasses.replace(base.vision, depth=BLOCKS, deepstack_visual_indexes=tuple(range(BLOCKS))),
+    )
+
+
 def _llava_next(text: TextConfig | None = None) -> LlavaNextConfig:
     base = LlavaNextConfig() if text is None else LlavaNextConfig(text=text)  # default: Mistral-7B
     return dataclasses.replace(
@@ -63,6 +73,7 @@ CONFIGS = {
                                                num_attention_heads=28, num_key_value_heads=4), tied=False),
     ("qwen2_5_vl", "3b"): lambda: _qwen2_5_vl(QWEN2_5_VL_3B),
     ("qwen2_5_vl", "7b"): lambda: _qwen2_5_vl(QWEN2_5_VL_7B),
+    ("qwen3_vl", "2b"): lambda: _qwen3_vl(QWEN3_VL_2B),
     ("llava_next", "mistral-7b"): _llava_next,
     ("llava_next", "vicuna-7b"): lambda: _llava_next(one_d_rope(TextConfig(
         vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,

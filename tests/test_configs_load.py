@@ -26,6 +26,8 @@ VARIANTS = {
     "recipes.py": [None, "saha", "filtered", "inbatch", "zero_shot", "plain"],
     "qwen2vl_2b_saha.py": [None, "saha", "filtered", "inbatch", "zero_shot", "plain"],
     "qwen2vl_7b_saha.py": [None, "saha", "filtered", "inbatch", "zero_shot", "plain"],
+    "qwen3vl_2b_saha.py": [None, "saha", "filtered", "inbatch", "zero_shot", "plain"],
+    "qwen3vl_embedding_eval.py": [None, "qwen3_vl_embedding", "hierarchical"],
     "sugarcrepe.py": [None],
     "tiny.py": [None],
 }

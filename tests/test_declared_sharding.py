@@ -20,7 +20,7 @@ from g2e_jax.models import BACKBONES
 
 HERE = Path(__file__).resolve().parent
 CASES = [
-    ("qwen2_vl", "2b"), ("qwen2_vl", "7b"), ("qwen2_5_vl", "3b"), ("qwen2_5_vl", "7b"),
+    ("qwen2_vl", "2b"), ("qwen2_vl", "7b"), ("qwen2_5_vl", "3b"), ("qwen2_5_vl", "7b"), ("qwen3_vl", "2b"),
     ("llava_next", "mistral-7b"), ("llava_next", "vicuna-7b"),
 ]  # fmt: skip
 

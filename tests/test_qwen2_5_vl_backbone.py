@@ -114,8 +114,8 @@ def test_dispatch_and_clear_errors(tmp_path):
     (path / "config.json").write_text(json.dumps({**config, "model_type": "llava"}))
     with pytest.raises(ValueError, match=r"unsupported model_type 'llava'; supported: qwen2_vl, qwen2_5_vl"):
         models.load(path)
-    with pytest.raises(ValueError, match=r"arch: unsupported model_type 'qwen3_vl'"):
-        models.make_tiny(tmp_path / "x", arch="qwen3_vl")
+    with pytest.raises(ValueError, match=r"arch: unsupported model_type 'phi3_v'"):
+        models.make_tiny(tmp_path / "x", arch="phi3_v")
     with pytest.raises(ValueError, match="window_size 27 must be at least"):
         Qwen2_5VisionConfig(window_size=27)
 

@@ -164,7 +164,9 @@ def peft_key(name_map, path: str) -> str:
     """Our variable path (``text.layers.0.attn.q_proj.lora_a``) -> PEFT's saved key, via the name map."""
     module, var = path.rsplit(".", 1)
     hub = name_map.to_hf(module + ".kernel")[0].removesuffix(".weight")
-    name = "model.language_model." + hub.removeprefix("model.")
+    if not hub.startswith("model.language_model."):  # Qwen2-VL's hub names (``model.layers``); Qwen3-VL's are in-memory
+        hub = "model.language_model." + hub.removeprefix("model.")
+    name = hub
     suffix = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight", "magnitude": "lora_magnitude_vector"}[var]
     return f"base_model.model.{name}.{suffix}"
 

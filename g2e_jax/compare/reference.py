@@ -138,7 +138,7 @@ def torch_dtype(name: str):
 
 
 class TorchReference:
-    """A transformers Qwen2-VL / Qwen2.5-VL model and its processor, encoding as the official code does."""
+    """A transformers Qwen2-VL / Qwen2.5-VL / Qwen3-VL model and its processor, encoding as the official code does."""
 
     def __init__(
         self,
@@ -153,7 +153,11 @@ class TorchReference:
         batch_size: int = 8,
     ):
         torch = require_torch()
-        from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+        from transformers import (
+            Qwen2_5_VLForConditionalGeneration,
+            Qwen2VLForConditionalGeneration,
+            Qwen3VLForConditionalGeneration,
+        )
 
         from g2e_jax.models.qwen2_vl.hf_files import load_hf_processor
 
@@ -165,6 +169,7 @@ class TorchReference:
         classes = {
             "qwen2_vl": Qwen2VLForConditionalGeneration,
             "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+            "qwen3_vl": Qwen3VLForConditionalGeneration,  # the same processor and chat, with patch 16
         }
         if model_type not in classes:
             raise ValueError(

@@ -41,13 +41,14 @@ MMEB_GROUPS: dict[str, tuple[str, str]] = {
 
 def eval_config(preset: str = "hierarchical") -> ml_collections.ConfigDict:
     """Defaults of `g2e-jax eval` (configs/mmeb_eval.py returns these): the official evaluation
-    settings; ``model.dtype`` "auto" is the official bf16 on GPU/TPU."""
+    settings; ``model.dtype`` "auto" is the official bf16 on GPU/TPU. ``prompt.scheme`` is the
+    preset's ("mrope" for qwen3_vl_embedding)."""
     from g2e_jax.prompts import get_prompt
 
-    get_prompt(preset)  # configs/mmeb_eval.py:NAME: a typo is an error here, not at encode time
+    prompt = get_prompt(preset)  # configs/mmeb_eval.py:NAME: a typo is an error here, not at encode time
     c = ml_collections.ConfigDict()
     c.model = model_section(shard_weights=True)
-    c.prompt = prompt_section(preset)
+    c.prompt = prompt_section(preset, scheme=prompt.scheme)
     c.data = data_section("root", "image_dir", "groups_file")  # root: the test split
     c.subsets = ()  # (): every subset of the groups table (the 36 of MMEB, or those of data.groups_file)
 
@@ -57,6 +58,9 @@ def eval_config(preset: str = "hierarchical") -> ml_collections.ConfigDict:
     c.max_len = 2048
     c.image_resolution = config_dict.FieldReference("random", field_type=str)  # None: native size
     c.batch_size = 8  # rows per batch over all devices
+    c.dim = config_dict.placeholder(int)  # Matryoshka: keep the first dim coordinates, re-normalised
+    c.min_pixels = config_dict.placeholder(int)  # image pixel bounds; None: preprocessor_config.json's
+    c.max_pixels = config_dict.placeholder(int)
     c.distributed = distributed_section()  # multi-host, as in `g2e-jax train`
     return c
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from g2e_jax.models import llava_next, qwen2_5_vl, qwen2_vl, tiny
+from g2e_jax.models import llava_next, qwen2_5_vl, qwen2_vl, qwen3_vl, tiny
 from g2e_jax.models.backbone import Backbone
 from g2e_jax.models.common.config import read_hf_config
 
 BACKBONES: dict[str, Backbone] = {
-    b.model_type: b for b in (qwen2_vl.BACKBONE, qwen2_5_vl.BACKBONE, llava_next.BACKBONE)
+    b.model_type: b for b in (qwen2_vl.BACKBONE, qwen2_5_vl.BACKBONE, llava_next.BACKBONE, qwen3_vl.BACKBONE)
 }
 SUPPORTED_MODEL_TYPES = tuple(BACKBONES)
 

@@ -22,13 +22,26 @@ def encode_cells(graphdef, traces, state, sys_ids, header_ids, prefix, **arrays)
     traces.append((sys_ids.shape, arrays["user_ids"].shape[1:], None if pixels is None else pixels.shape[1:]))
     model = nnx.merge(graphdef, state)
     statics = {k: arrays.pop(k) for k in ("scheme", "pad_id", "max_patches_per_image")}
+    dim = arrays.pop("dim", None)
 
     def cell(a):
-        return embed_batch(model, sys_ids, header_ids, **a, **statics, prefix=prefix)
+        return truncate_embeddings(
+            embed_batch(model, sys_ids, header_ids, **a, **statics, prefix=prefix), dim
+        )
 
     if arrays["user_ids"].shape[0] == 1:  # one cell: no batching transform at all
         return cell({k: None if v is None else v[0] for k, v in arrays.items()})[None]
     return jax.vmap(cell)(arrays)
+
+
+def truncate_embeddings(emb, dim: int | None):
+    """Matryoshka dimensions: the first ``dim`` coordinates, L2-normalised again (None: unchanged).
+    Of a normalised vector, as Qwen3-VL-Embedding's users truncate its output (its model card claims
+    MRL; its code returns the full vector); the same as truncating the pooled state, then normalising."""
+    if dim is None or dim == emb.shape[-1]:
+        return emb
+    head = emb[..., :dim]
+    return head / jnp.maximum(jnp.linalg.norm(head, axis=-1, keepdims=True), 1e-12)
 
 
 def embed_batch(

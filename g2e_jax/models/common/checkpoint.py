@@ -7,15 +7,18 @@ from g2e_jax.models.name_map import TRANSPOSE, Rule
 
 
 def linears(hf: str, nnx: str, names, *, bias: bool = True) -> tuple[Rule, ...]:
-    """torch Linears ``{hf}.{n}`` <-> ``nnx.Linear`` ``{nnx}.{n}``: weight (transposed) and bias."""
-    rules = [Rule(f"{hf}.{n}.weight", f"{nnx}.{n}.kernel", TRANSPOSE) for n in names]
-    return tuple(rules + [Rule(f"{hf}.{n}.bias", f"{nnx}.{n}.bias") for n in names if bias])
+    """torch Linears ``{hf}.{n}`` <-> ``nnx.Linear`` ``{nnx}.{n}``: weight (transposed) and bias. A name
+    may be a pair ``(hf_name, nnx_name)`` where the two differ."""
+    pairs = [(n, n) if isinstance(n, str) else tuple(n) for n in names]
+    rules = [Rule(f"{hf}.{h}.weight", f"{nnx}.{n}.kernel", TRANSPOSE) for h, n in pairs]
+    return tuple(rules + [Rule(f"{hf}.{h}.bias", f"{nnx}.{n}.bias") for h, n in pairs if bias])
 
 
 def norms(hf: str, nnx: str, names, *, bias: bool) -> tuple[Rule, ...]:
-    """LayerNorm (``bias``) or RMSNorm weights: ``weight`` <-> ``scale``."""
-    rules = [Rule(f"{hf}.{n}.weight", f"{nnx}.{n}.scale") for n in names]
-    return tuple(rules + [Rule(f"{hf}.{n}.bias", f"{nnx}.{n}.bias") for n in names if bias])
+    """LayerNorm (``bias``) or RMSNorm weights: ``weight`` <-> ``scale``; names as ``linears``'."""
+    pairs = [(n, n) if isinstance(n, str) else tuple(n) for n in names]
+    rules = [Rule(f"{hf}.{h}.weight", f"{nnx}.{n}.scale") for h, n in pairs]
+    return tuple(rules + [Rule(f"{hf}.{h}.bias", f"{nnx}.{n}.bias") for h, n in pairs if bias])
 
 
 def text_rules(hf: str = "model", lm_head: str = "lm_head.weight", *, attention_bias: bool = True):

@@ -65,10 +65,18 @@ class TextConfig:
     max_position_embeddings: int = 32768
     bos_token_id: int | None = 151643
     eos_token_id: int | None = 151645
-    attention_bias: bool = True  # q/k/v biases: Qwen2 has them, Llama/Mistral (LLaVA-NeXT) do not
+    attention_bias: bool = True  # q/k/v biases: Qwen2 has them, Llama/Mistral (LLaVA-NeXT) and Qwen3 do not
+    # Qwen3-VL's decoder (g2e_jax.models.qwen3_vl): RMSNorm of q and k over head_dim before RoPE;
+    # M-RoPE sections interleaved over the frequencies (T H W T H W ...) instead of contiguous; and a
+    # head_dim written in config.json (None: hidden_size / num_attention_heads).
+    qk_norm: bool = False
+    mrope_interleaved: bool = False
+    attention_head_dim: int | None = None
 
     @property
     def head_dim(self) -> int:
+        if self.attention_head_dim is not None:
+            return self.attention_head_dim
         return self.hidden_size // self.num_attention_heads
 
     @classmethod

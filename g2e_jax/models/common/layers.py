@@ -49,19 +49,21 @@ def stack_paths(model: nnx.Module) -> list[tuple]:
     return [tuple(path) for path, m in nnx.iter_modules(model) if hasattr(m, "stack_size")]
 
 
-def scan_layers(stack: nnx.Module, body, carry, xs=None, *, remat=None, unroll: int = 1, length: int | None = None):
+def scan_layers(stack: nnx.Module, body, carry, xs=None, *, remat=None, unroll: int = 1, length: int | None = None,
+                start: int = 0):
     """``body(layer, carry, x) -> (carry, y)`` over the layers of ``stack`` (``stack_layers``), in order:
     ``nnx.scan`` with the layer's state on axis 0 (its random streams advance per layer), ``xs`` the
     per-layer inputs (a pytree with a leading layer axis, or None) and the ``y`` stacked on axis 0.
 
     ``remat``: a checkpoint policy (``jax.checkpoint_policies``): each layer's body is checkpointed
     with it, so the backward keeps each layer's carry and recomputes the rest; None: no checkpoint.
-    ``unroll``: layers per scan iteration (same result, same parameters). ``length``: only the first
-    ``length`` layers run (a slice of the stack; the others' state is untouched)."""
+    ``unroll``: layers per scan iteration (same result, same parameters). ``start``, ``length``: only
+    layers ``start .. start + length - 1`` run (a slice of the stack, by default all from ``start``;
+    the others' state is untouched), e.g. the vision blocks between two DeepStack taps."""
     size = stack.stack_size
-    length = size if length is None else length
-    if not 0 < length <= size:
-        raise ValueError(f"cannot run {length} layers of a stack of {size}")
+    length = size - start if length is None else length
+    if not (0 <= start and 0 < length and start + length <= size):
+        raise ValueError(f"cannot run {length} layers from layer {start} of a stack of {size}")
     fn = body if remat is None else nnx.remat(body, policy=remat, prevent_cse=False)
 
     @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0), unroll=unroll,
@@ -69,19 +71,19 @@ def scan_layers(stack: nnx.Module, body, carry, xs=None, *, remat=None, unroll: 
     def step(layer, carry, x):
         return fn(layer, carry, x)
 
-    # A copy of the stack (of its first ``length`` layers) made in this trace: nnx transforms refuse
+    # A copy of the stack (of the layers that run) made in this trace: nnx transforms refuse
     # variables of an outer trace, which a model called inside ``jax.jit`` / ``jax.eval_shape`` by
     # closure has. Its advanced random streams are written back.
     graph, state = nnx.split(stack)
     if length < size:
-        state = jax.tree.map(lambda a: a[:length], state)
+        state = jax.tree.map(lambda a: a[start : start + length], state)
     local = nnx.merge(graph, state, copy=True)
     out = step(local, carry, xs)
     rng = nnx.state(stack, nnx.RngState)
     if jax.tree.leaves(rng):
         new = nnx.state(local, nnx.RngState)
         if length < size:
-            new = jax.tree.map(lambda a, h: a.at[:length].set(h), rng, new)
+            new = jax.tree.map(lambda a, h: a.at[start : start + length].set(h), rng, new)
         nnx.update(stack, new)
     return out
 

@@ -135,9 +135,17 @@ class Qwen2VLConfig(HFConfig):
     # --- Hugging Face config.json ---------------------------------------------------------------
 
     @classmethod
+    def text_from_hf_dict(cls, d: dict[str, Any]) -> TextConfig:
+        """The decoder's config from the whole config.json (Qwen3-VL reads more of it)."""
+        return TextConfig.from_hf_dict(d)
+
+    def text_to_hf_dict(self) -> dict[str, Any]:
+        return self.text.to_hf_dict(self.model_type)
+
+    @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json"):
         cls.check_model_type(d, source)
-        text = TextConfig.from_hf_dict(d)
+        text = cls.text_from_hf_dict(d)
         tie = d.get("tie_word_embeddings")
         if tie is None:
             tie = (d.get("text_config") or {}).get("tie_word_embeddings", False)
@@ -160,7 +168,7 @@ class Qwen2VLConfig(HFConfig):
             "vision_start_token_id": self.vision_start_token_id,
             "vision_end_token_id": self.vision_end_token_id,
             "tie_word_embeddings": self.tie_word_embeddings,
-            "text_config": self.text.to_hf_dict(self.model_type),
+            "text_config": self.text_to_hf_dict(),
             "vision_config": self.vision.to_hf_dict(),
         }
 

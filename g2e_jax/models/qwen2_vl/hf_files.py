@@ -85,7 +85,8 @@ def _tokenizer_config(ids: dict) -> dict:
     }
 
 
-def _preprocessor_config(*, min_pixels, max_pixels, patch_size, temporal_patch_size, merge_size) -> dict:
+def _preprocessor_config(*, min_pixels, max_pixels, patch_size, temporal_patch_size, merge_size, image_mean,
+                         image_std) -> dict:  # fmt: skip
     return {
         "image_processor_type": "Qwen2VLImageProcessor",
         "do_convert_rgb": True,
@@ -94,8 +95,8 @@ def _preprocessor_config(*, min_pixels, max_pixels, patch_size, temporal_patch_s
         "do_normalize": True,
         "rescale_factor": 1 / 255,
         "resample": 3,  # bicubic, as Qwen2-VL
-        "image_mean": list(CLIP_MEAN),
-        "image_std": list(CLIP_STD),
+        "image_mean": list(image_mean),
+        "image_std": list(image_std),
         "min_pixels": min_pixels,
         "max_pixels": max_pixels,
         # transformers 5 reads `size`; min/max_pixels are kept for older readers and our own code.
@@ -114,15 +115,19 @@ def write_processor_files(
     patch_size: int = 14,
     temporal_patch_size: int = 2,
     merge_size: int = 2,
+    image_mean=CLIP_MEAN,
+    image_std=CLIP_STD,
+    chat_template: str = CHAT_TEMPLATE,
 ) -> Path:
-    """Write tokenizer + chat template + image-processor files; small pixel bounds keep tests fast."""
+    """Write tokenizer + chat template + image-processor files; small pixel bounds keep tests fast.
+    Qwen3-VL writes its own chat template, normalisation and (patch 16) pixel bounds."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(TOKENIZER_ASSET, out / "tokenizer.json")
     ids = special_token_ids(TOKENIZER_ASSET)
     _dump_json(out / "tokenizer_config.json", _tokenizer_config(ids))
     # transformers 5 picks up `chat_template.jinja` for both the tokenizer and the processor.
-    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
+    (out / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
     _dump_json(
         out / "preprocessor_config.json",
         _preprocessor_config(
@@ -131,6 +136,8 @@ def write_processor_files(
             patch_size=patch_size,
             temporal_patch_size=temporal_patch_size,
             merge_size=merge_size,
+            image_mean=image_mean,
+            image_std=image_std,
         ),
     )
     return out

@@ -96,16 +96,23 @@ class Qwen2VL(DecoderModel):
         position_ids = positions_3d(position_ids)
 
         input_ids = jnp.asarray(input_ids)
-        embeds = self.text.embed_tokens(input_ids)
+        embeds, text_kw = self.text.embed_tokens(input_ids), {}
         if pixel_values is not None:
-            features = self.image_features(pixel_values, image_grid_thw, max_patches_per_image, remat=remat,
-                                           scan_unroll=scan_unroll)  # fmt: skip
-            embeds = scatter_image_features(input_ids, embeds, features, self.config.image_token_id)
+            embeds, text_kw = self.insert_images(input_ids, embeds, pixel_values, image_grid_thw,
+                                                 max_patches_per_image, remat=remat, scan_unroll=scan_unroll)  # fmt: skip
         return self.text(
             embeds, jnp.asarray(attention_mask), position_ids, prefix=prefix,
             output_hidden_states=output_hidden_states, output_attentions=output_attentions, remat=remat,
-            scan_unroll=scan_unroll,
+            scan_unroll=scan_unroll, **text_kw,
         )  # fmt: skip
+
+    def insert_images(self, input_ids, embeds, pixel_values, image_grid_thw, max_patches_per_image, *, remat,
+                      scan_unroll):  # fmt: skip
+        """The input embeddings with the image features in the ``<|image_pad|>`` slots, and the decoder's
+        extra keyword arguments (none here; Qwen3-VL's DeepStack features)."""
+        features = self.image_features(pixel_values, image_grid_thw, max_patches_per_image, remat=remat,
+                                       scan_unroll=scan_unroll)  # fmt: skip
+        return scatter_image_features(input_ids, embeds, features, self.config.image_token_id), {}
 
     def _check_image_tokens(self, input_ids, grid, num_patches):
         window = self.config.vision.spatial_merge_size**2

@@ -197,32 +197,38 @@ class VisionBlock(nnx.Module):
 
 
 class PatchMerger(nnx.Module):
-    """Norm, then each 2x2 window of neighbouring patches (contiguous in the input) -> one token."""
+    """Norm, then each 2x2 window of neighbouring patches (contiguous in the input) -> one token.
 
-    def __init__(self, cfg, *, norm, dtype, param_dtype, rngs: nnx.Rngs):
+    ``postshuffle`` (Qwen3-VL's DeepStack mergers): the norm runs over the merged window (4x the width)
+    instead of over each patch."""
+
+    def __init__(self, cfg, *, norm, postshuffle: bool = False, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.window = cfg.spatial_merge_size**2
+        self.postshuffle = postshuffle
         merged = cfg.embed_dim * self.window
-        self.ln_q = norm(cfg.embed_dim, **kw)
+        self.ln_q = norm(merged if postshuffle else cfg.embed_dim, **kw)
         self.fc1 = linear(merged, merged, axes=("merge", "vision_embed"), bias=True, **kw)
         self.fc2 = linear(merged, cfg.out_hidden_size, axes=("merge", "embed"), bias=True, **kw)
 
     def __call__(self, x):
-        x = self.ln_q(x).reshape(-1, self.window * x.shape[-1])
+        merged = self.window * x.shape[-1]
+        x = self.ln_q(x.reshape(-1, merged)) if self.postshuffle else self.ln_q(x).reshape(-1, merged)
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
 
 
 class VisionTower(nnx.Module):
     """Flattened patches -> one feature per merged 2x2 window (``[num_patches / 4, text hidden]``).
 
-    Qwen2-VL's parts by default (LayerNorm, fc1/fc2 MLP); other towers pass their own."""
+    Qwen2-VL's parts by default (LayerNorm, fc1/fc2 MLP, a patch embedding without bias); other towers
+    pass their own."""
 
-    def __init__(self, cfg, *, norm=layer_norm, mlp=VisionMLP, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):  # fmt: skip
+    def __init__(self, cfg, *, norm=layer_norm, mlp=VisionMLP, patch_bias: bool = False, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):  # fmt: skip
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.cfg = cfg
         self.patch_embed = linear(
-            cfg.patch_dim, cfg.embed_dim, axes=("patch", "vision_embed"), bias=False, **kw
+            cfg.patch_dim, cfg.embed_dim, axes=("patch", "vision_embed"), bias=patch_bias, **kw
         )
         self.rotary = VisionRotary(cfg)
         self.blocks = stack_layers(
