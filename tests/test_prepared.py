@@ -202,12 +202,14 @@ def test_mrope_and_resolution(tiny_dir, synthetic, tmp_path):
     assert ds.meta["image_config"]["resolution"] == "low" and ds[0]["qry_pos"].any()
 
 
-def test_embeddings_equal_on_the_fly(prepared, tiny_dir, synthetic):
-    """prepared_row plugs into Embedder.encode_prepared and gives Embedder.encode's embeddings exactly."""
+def test_embeddings_equal_on_the_fly(backbone_prepared, synthetic):
+    """prepared_row plugs into Embedder.encode_prepared and gives Embedder.encode's embeddings exactly,
+    for every backbone."""
     from g2e_jax.embed import Embedder
 
-    ds = PreparedDataset(prepared)
-    embedder = Embedder.from_pretrained(tiny_dir, progress=False)
+    _, model, out = backbone_prepared
+    ds = PreparedDataset(out)
+    embedder = Embedder.from_pretrained(model, progress=False)
     for subset in ("SynT2I", "SynGround-Matching"):
         rows = read_train(synthetic / "train", subset, image_dir=synthetic / "images")
         for side, role, texts, images in (
