@@ -7,7 +7,6 @@ or not at all (written under a temporary name, then renamed).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
@@ -39,7 +38,6 @@ from g2e_jax.data.prepared import (
     features,
 )
 from g2e_jax.io import sha256_file, write_atomic
-from g2e_jax.models.qwen2_vl.images import load_resized, uint8_patches
 from g2e_jax.paths import absolute
 from g2e_jax.preprocess import InputError, Preprocessor
 
@@ -101,28 +99,21 @@ def _get(cfg, dotted: str):
 
 
 class _SideLoader:
-    """Preprocesses one side of a chunk of rows: images in threads, user segments with ``Preprocessor``."""
+    """Preprocesses one side of a chunk of rows: images in threads (the backbone's ``images.store``, its
+    image processor stopped before rescale/normalise), user segments with ``Preprocessor``."""
 
     def __init__(self, pp: Preprocessor, pool: ThreadPoolExecutor | None):
+        self.pp = pp
         self.pool = pool
-        self.image_config = pp.image_config
-        # Images reach `prepare` already at their final size, so the preprocessor that builds the token ids
-        # must not resize them again: no pre-resize, and pixel bounds that keep any multiple of the factor
-        # (smart_resize is then the identity and PIL's resize to the same size a copy). Same grid, same ids,
-        # and each image is decoded and resized once.
-        self.fast = copy.copy(pp)
-        self.fast.image_config = dataclasses.replace(
-            pp.image_config, resolution=None, min_pixels=1, max_pixels=2**62
-        )
+        self.images = pp.backbone.images
 
     def _image(self, path: str | None, where: str):
         if path is None:
             return None
         try:
-            img = load_resized(path, self.image_config, source=where)
+            return self.images.store(path, self.pp.image_config, source=where)
         except ImageError as e:
             raise PrepareError(str(e)) from None
-        return img, *uint8_patches(img, self.image_config)
 
     def __call__(self, subset: str, start: int, rows: list[TrainRow], side: str, image_dir: Path | None):
         text_field, image_field = _FIELDS[side]
@@ -132,26 +123,21 @@ class _SideLoader:
         loaded = list(
             self.pool.map(self._image, paths, wheres) if self.pool else map(self._image, paths, wheres)
         )
-        patch_dim = 3 * self.image_config.patch_size**2
+        patch_dim = self.images.stored_dim(self.pp.image_config)
+        role = self.pp.prompt.template_role(_BASE_ROLES[side], subset)
+        system_len = len(self.pp.system_ids(role))
         out = []
         for k, (text, path, image) in enumerate(zip(texts, paths, loaded)):
-            # One row per call: only one image's float32 patches (which prepare makes and we drop) at a time.
-            with warnings.catch_warnings():
-                warnings.filterwarnings(
-                    "ignore", message=r".*exceeded max_len="
-                )  # counted per subset instead
-                (p,) = self.fast.prepare(
-                    [text], [None if image is None else image[0]], role=_BASE_ROLES[side], subset=subset,
-                    errors="collect", progress=False,
-                )  # fmt: skip
-            if isinstance(p, InputError):
-                raise PrepareError(f"subset {subset!r} row {start + k}, {side} {p.field}: {p.reason}")
+            # The stored rows stand in for the float ones: the row's ids need only the image's geometry,
+            # and each image is decoded and resized once. (Over-long rows are counted per subset.)
+            try:
+                p = self.pp._prepare_row(start + k, text, path, role, None, system_len, features=image)
+            except InputError as e:
+                raise PrepareError(f"subset {subset!r} row {start + k}, {side} {e.field}: {e.reason}") from None
             if image is None:
                 patches, grid = np.zeros((0, patch_dim), np.uint8), np.zeros(3, np.int32)
             else:
-                patches, grid = image[1], image[2]
-                if not np.array_equal(grid, p.grid_thw):  # cannot happen: smart_resize keeps the size
-                    raise AssertionError(f"subset {subset!r} row {start + k}: grid {grid} != {p.grid_thw}")
+                patches, grid = image
             pos = np.zeros((3, len(p.user_ids)), np.int32) if p.user_pos is None else p.user_pos
             out.append({
                 f"{side}_ids": p.user_ids.astype(np.int32),
@@ -186,7 +172,7 @@ def run_prepare(cfg) -> Path:
     total = offset
     if total == 0:
         raise ValueError(f"prepare: subsets {subsets} of {cfg.data.root} have no rows")
-    patch_dim = 3 * pp.image_config.patch_size**2
+    patch_dim = pp.backbone.images.stored_dim(pp.image_config)
     truncated = {s["name"]: {side: 0 for side in SIDES} for s in sources}
 
     workers = int(cfg.get("workers", 0) or 0)
@@ -272,6 +258,7 @@ def _meta(
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        "model_type": pp.config.model_type,  # whose image processor made the stored rows (and ids)
         "split": SPLIT,
         "num_records": total,
         "num_shards": len(shard_lengths),
@@ -282,8 +269,8 @@ def _meta(
         "scheme": pp.prompt.scheme,
         "max_len": pp.max_len,
         "image_resolution": cfg.image_resolution,
-        "image_config": dataclasses.asdict(pp.image_config),
-        "patch_dim_uint8": patch_dim,
+        "image_config": dataclasses.asdict(pp.image_config),  # the backbone's images.settings
+        "patch_dim_uint8": patch_dim,  # width of a stored uint8 row (Qwen: a patch; LLaVA-NeXT: a tile)
         "data": {
             "root": absolute(cfg.data.root),
             "image_dir": None if cfg.data.image_dir is None else absolute(cfg.data.image_dir),

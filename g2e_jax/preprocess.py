@@ -22,7 +22,7 @@ from g2e_jax.data.images import ImageError
 from g2e_jax.data.rows import PreparedRow
 from g2e_jax.models import backbone_of, read_config
 from g2e_jax.models.qwen2_vl import Qwen2VLConfig, rope_index
-from g2e_jax.models.qwen2_vl.images import ImageConfig, expand_patches
+from g2e_jax.models.qwen2_vl.images import ImageConfig
 from g2e_jax.prompts import IMAGE_MARKER, PromptConfig, get_prompt, plural
 from g2e_jax.tokenization import Tokenizer
 
@@ -272,18 +272,45 @@ def with_pixel_bounds(image_config, min_pixels: int | None, max_pixels: int | No
 
 class PreparedInputs:
     """The sides of a prepared dataset's records (``g2e_jax.data.prepared``) as ``Preprocessor.prepare``
-    makes them: the stored uint8 patches expanded by Qwen2-VL's image processor, whose patches
-    ``g2e-jax prepare`` stores, with the settings in the dataset's metadata (bit for bit)."""
+    makes them: the stored uint8 rows expanded by the image processor of the backbone that stored them
+    (``images.expand``), with the settings in the dataset's metadata (bit for bit)."""
 
     def __init__(self, dataset):
         self.dataset = dataset
-        self.image_config = ImageConfig(**dataset.meta["image_config"])
+        self.images = backbone_of(dataset.model_type, f"{dataset.path}: model_type").images
+        self.image_config = self.images.settings(**dataset.meta["image_config"])
+
+    def check_model(self, model_type: str, image_config=None) -> None:
+        """Refuses a dataset prepared for another backbone than ``model_type``'s (other token ids, other
+        image rows): the message names the dataset folder and both model types. A version-1 dataset
+        names none: any Qwen2-VL-family model whose patch arithmetic (``image_config``, when given)
+        is the dataset's passes."""
+        have = self.dataset.model_type
+        if "model_type" not in self.dataset.meta:  # version 1: some Qwen2-VL-family model's patches
+            if backbone_of(model_type).images.settings is self.images.settings:
+                keys = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std")
+                have, want = self.image_config, image_config or self.image_config
+                differ = [f"{k}={getattr(have, k)} (model: {getattr(want, k)})" for k in keys
+                          if getattr(want, k) != getattr(have, k)]  # fmt: skip
+                if not differ:
+                    return
+                raise ValueError(
+                    f"{self.dataset.path}: prepared with other image settings than the {model_type} model's: "
+                    f"{', '.join(differ)}; re-run `g2e-jax prepare` with this model"
+                )
+            have = "a Qwen2-VL-family model (version 1, no model_type recorded)"
+        elif have == model_type:
+            return
+        raise ValueError(
+            f"{self.dataset.path}: prepared for {have}, but the model is {model_type}; "
+            "re-run `g2e-jax prepare` with this model"
+        )
 
     def __call__(self, i_or_record: int | dict, side: str) -> PreparedRow:
         """One side of record ``i`` (or of a record from ``dataset[i]``), for ``encode_prepared``."""
         row = self.dataset.prepared_row(i_or_record, side)
         if row.patches is not None:
-            row.patches = expand_patches(row.patches, self.image_config)
+            row.patches = self.images.expand(row.patches, self.image_config)
         return row
 
 

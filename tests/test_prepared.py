@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -17,6 +18,7 @@ from g2e_jax.data.mmeb import read_train
 from g2e_jax.data.prepared import META_FILE, SIDES, PreparedDataset, content_id
 from g2e_jax.prepare import prepare_config, run_prepare
 from g2e_jax.data.synthetic import make_synthetic
+from g2e_jax.models import BACKBONES, make_tiny
 from g2e_jax.preprocess import PreparedInputs, Preprocessor
 
 # Image queries with repeated labels (SynShape: 6 rows, 5 shapes), text queries with image positives (SynT2I),
@@ -65,7 +67,10 @@ def _assert_same(got, want, where):
         assert got.grid_thw is None and got.patches is None, where
     else:
         np.testing.assert_array_equal(got.grid_thw, want.grid_thw, err_msg=where)
-        assert got.patches.dtype == np.float32 and got.grid_thw.dtype == want.grid_thw.dtype, where
+        # The reader gives int64 geometry (Qwen's grid_thw dtype; LLaVA-NeXT's layout is int32 and
+        # collate casts either to int32).
+        assert got.patches.dtype == np.float32 and got.grid_thw.dtype == np.int64, where
+        assert want.grid_thw.dtype.kind == "i", where
         np.testing.assert_array_equal(got.patches, want.patches, err_msg=where)  # bit for bit
 
 
@@ -118,6 +123,77 @@ def test_records_match_on_the_fly(prepared, tiny_dir, synthetic):
     assert [b["row"] for b in batch] == [5, 0, 5] and batch[2]["subset"] == SUBSETS[2]
 
 
+@pytest.fixture(scope="module", params=tuple(BACKBONES))
+def backbone_prepared(request, synthetic, tmp_path_factory):
+    """(model_type, tiny model, its prepared dataset) for every backbone in the table."""
+    arch = request.param
+    base = tmp_path_factory.mktemp(f"prep_{arch}")
+    model = make_tiny(base / "model", arch=arch)
+    return arch, model, run_prepare(_cfg(model, synthetic, base / "dataset"))
+
+
+def test_every_backbone_records_match_on_the_fly(backbone_prepared, synthetic):
+    """Each backbone's prepared records are what its own Preprocessor makes, bit for bit (Qwen3-VL: 16-pixel
+    patches, mean/std 0.5; LLaVA-NeXT: anyres tiles and layout), and the metadata names the backbone."""
+    arch, model, out = backbone_prepared
+    ds, pp = PreparedDataset(out), Preprocessor.from_pretrained(model)
+    _check_against_fly(ds, pp, synthetic)
+    images = BACKBONES[arch].images
+    assert ds.model_type == ds.meta["model_type"] == arch and ds.meta["format_version"] == 2
+    assert PreparedInputs(ds).image_config == pp.image_config  # the settings survive the JSON round trip
+    assert ds.meta["patch_dim_uint8"] == images.stored_dim(pp.image_config)
+    if arch == "qwen3_vl":
+        assert pp.image_config.patch_size == 16 and pp.image_config.image_mean == (0.5, 0.5, 0.5)
+        assert ds.meta["patch_dim_uint8"] == 3 * 16 * 16
+    if arch == "llava_next":
+        assert ds.meta["patch_dim_uint8"] == 3 * pp.image_config.tile_size**2
+
+
+def test_training_refuses_a_prepared_dataset_of_another_backbone(backbone_prepared, tmp_path):
+    from g2e_jax.train.config import training_config
+    from g2e_jax.train.data import TrainData
+
+    arch, model, out = backbone_prepared
+    other = tuple(BACKBONES)[(tuple(BACKBONES).index(arch) + 1) % len(BACKBONES)]
+    other_pp = Preprocessor.from_pretrained(make_tiny(tmp_path / "other", arch=other))
+    cfg = training_config(subsets=SUBSETS)
+    cfg.data.source, cfg.data.prepared_dir = "prepared", str(out)
+    cfg.image_resolution = None
+    with pytest.raises(ValueError, match=rf"{re.escape(str(out))}: prepared for {arch}, but the model is {other}"):
+        TrainData.from_config(cfg, other_pp)
+    assert TrainData.from_config(cfg, Preprocessor.from_pretrained(model)).prepared is not None
+
+
+def test_version_1_datasets_read_as_qwen2_vl_family(prepared, tiny_dir, tmp_path):
+    """A dataset written before the metadata named its backbone holds Qwen2-VL-family patches: it still
+    loads unchanged, for a Qwen2-VL-family model with its patch arithmetic only."""
+    import shutil
+
+    old = tmp_path / "v1"
+    shutil.copytree(prepared, old)
+    meta = json.loads((old / META_FILE).read_text())
+    del meta["model_type"]
+    meta["format_version"] = 1
+    (old / META_FILE).write_text(json.dumps(meta))
+    ds, new = PreparedDataset(old), PreparedDataset(prepared)
+    assert ds.model_type == "qwen2_vl"
+    for i in range(len(ds)):
+        for side in SIDES:
+            _assert_same(PreparedInputs(ds)(i, side), PreparedInputs(new)(i, side), f"record {i} {side}")
+    inputs, pp = PreparedInputs(ds), Preprocessor.from_pretrained(tiny_dir)
+    inputs.check_model("qwen2_vl", pp.image_config)
+    inputs.check_model("qwen2_5_vl", pp.image_config)  # same family, same arithmetic
+    qwen3 = Preprocessor.from_pretrained(make_tiny(tmp_path / "q3", arch="qwen3_vl"))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(old))}: prepared with other image settings .*patch_size=14 \(model: 16\)"):
+        inputs.check_model("qwen3_vl", qwen3.image_config)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(old))}: prepared for a Qwen2-VL-family model .* the model is llava_next"):
+        inputs.check_model("llava_next")
+    meta["model_type"] = "qwen2_vl"  # version 1 never named one: a mixed-up file is refused
+    (old / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="version 1 must not name a model_type"):
+        PreparedDataset(old)
+
+
 def test_mrope_and_resolution(tiny_dir, synthetic, tmp_path):
     cfg = _cfg(tiny_dir, synthetic, tmp_path / "mrope", **{"prompt.scheme": "mrope"}, image_resolution="low")
     ds = PreparedDataset(run_prepare(cfg))
@@ -126,12 +202,14 @@ def test_mrope_and_resolution(tiny_dir, synthetic, tmp_path):
     assert ds.meta["image_config"]["resolution"] == "low" and ds[0]["qry_pos"].any()
 
 
-def test_embeddings_equal_on_the_fly(prepared, tiny_dir, synthetic):
-    """prepared_row plugs into Embedder.encode_prepared and gives Embedder.encode's embeddings exactly."""
+def test_embeddings_equal_on_the_fly(backbone_prepared, synthetic):
+    """prepared_row plugs into Embedder.encode_prepared and gives Embedder.encode's embeddings exactly,
+    for every backbone."""
     from g2e_jax.embed import Embedder
 
-    ds = PreparedDataset(prepared)
-    embedder = Embedder.from_pretrained(tiny_dir, progress=False)
+    _, model, out = backbone_prepared
+    ds = PreparedDataset(out)
+    embedder = Embedder.from_pretrained(model, progress=False)
     for subset in ("SynT2I", "SynGround-Matching"):
         rows = read_train(synthetic / "train", subset, image_dir=synthetic / "images")
         for side, role, texts, images in (

@@ -258,24 +258,38 @@ def test_two_processes_match_one(setup):
     assert max(diffs) <= 1e-5
 
 
-def test_training_reads_a_prepared_dataset(setup, tiny_dir):
-    """The same rows from a prepared (array_record) dataset and from MMEB files train alike."""
-    from g2e_jax.prepare import run_prepare
+# Every backbone in the table (checked by the test); the other backbones' runs are slow-marked.
+PREPARED_ARCHS = ("qwen2_vl", "qwen2_5_vl", "llava_next", "qwen3_vl")
 
-    base, args = setup
-    data = base / "data"
+
+def test_prepared_archs_cover_every_backbone():
+    from g2e_jax.models import BACKBONES
+
+    assert sorted(PREPARED_ARCHS) == sorted(BACKBONES)
+
+
+@pytest.mark.parametrize(
+    "arch", [a if a == "qwen2_vl" else pytest.param(a, marks=pytest.mark.slow) for a in PREPARED_ARCHS]
+)
+def test_training_reads_a_prepared_dataset(setup, tiny_dir, arch, tmp_path):
+    """The same rows from a prepared (array_record) dataset and from MMEB files train alike, for every
+    backbone (its own image rows stored: Qwen patches, LLaVA-NeXT anyres tiles)."""
+    from g2e_jax.models import make_tiny
+    from g2e_jax.prepare import prepare_config, run_prepare
+
+    data, base = setup[0] / "data", tmp_path
+    model = tiny_dir if arch == "qwen2_vl" else make_tiny(base / "model", arch=arch)
     prepared = base / "prepared"
-    from g2e_jax.prepare import prepare_config
 
     cfg = prepare_config()
     cfg.model.path, cfg.data.root, cfg.data.image_dir = (
-        str(tiny_dir),
+        str(model),
         str(data / "train"),
         str(data / "images"),
     )
     cfg.subsets, cfg.output_dir, cfg.max_len = ("SynShape", "SynT2I"), str(prepared), 256
     run_prepare(cfg)
-    common = [f"--config.model.path={tiny_dir}", "--config.data.subsets=('SynShape', 'SynT2I')",
+    common = [f"--config.model.path={model}", "--config.data.subsets=('SynShape', 'SynT2I')",
               "--config.train.steps=3", "--config.train.log_every=1", "--config.train.checkpoint_every=100",
               "--config.train.shape_buckets=True"]  # fmt: skip
     # In this process: what is tested is the data source, not the command (no signal, no device count).
@@ -288,7 +302,7 @@ def test_training_reads_a_prepared_dataset(setup, tiny_dir):
         assert main(_train_cmd(base / workdir, common, *source)[3:]) == 0
     a, b = _losses(base / "from_prepared"), _losses(base / "from_files")
     report(
-        "training from a prepared dataset vs from MMEB files (3 steps)",
+        f"{arch}: training from a prepared dataset vs from MMEB files (3 steps)",
         max_abs_diff=max(abs(a[k] - b[k]) for k in a),
     )
     assert max(abs(a[k] - b[k]) for k in a) <= 1e-5

@@ -18,11 +18,14 @@ One split, ``train``: the subsets one after another in config order, rows in sou
 shuffling disabled), so record ``meta["subsets"][k]["offset"] + row`` is row ``row`` of subset ``k``
 and a record's subset and row are known without reading it. Per record: ``subset``, ``row`` and, for
 each side (``qry``, ``pos``), the user segment as ``Preprocessor.prepare`` makes it (``ids``, ``pos``,
-``next_pos``, ``truncated_from``), the image as uint8 patches (Qwen2-VL's ``preprocess_uint8``: a
-quarter of float32's bytes per frame and no temporal copy) with its ``grid``, and ``content_id``, a hash
-of the content used to mask false negatives. The reader gives the patches as stored: the image
-processor above expands them (``g2e_jax.preprocess.PreparedInputs``: ``expand_patches`` with the
-``image_config`` in the metadata restores ``preprocess``' floats bit for bit).
+``next_pos``, ``truncated_from``), the image as its backbone's image processor makes it but stopped
+before rescale/normalise (``Backbone.images.store``: uint8 rows, a quarter of float32's bytes; Qwen2-VL
+family: patches of one frame, no temporal copy; LLaVA-NeXT: anyres tiles) with its geometry ``grid``
+(``grid_thw``; the anyres layout), and ``content_id``, a hash of the content used to mask false
+negatives. The metadata names the backbone (``model_type``) and its image settings (``image_config``).
+The reader gives the rows as stored: the image processor above expands them
+(``g2e_jax.preprocess.PreparedInputs``: ``images.expand`` with the metadata's settings restores
+``preprocess``' floats bit for bit).
 """
 
 from __future__ import annotations
@@ -41,7 +44,12 @@ SIDES = ("qry", "pos")
 SPLIT = "train"
 META_FILE = "prepare_meta.json"
 FORMAT = "g2e_jax.prepared"
-FORMAT_VERSION = 1
+# 2: the metadata names the backbone (``model_type``) whose image processor made the stored rows, which
+# may be another's than Qwen2-VL's patches (LLaVA-NeXT: anyres tiles). Version 1 datasets name none and
+# hold Qwen2-VL-family patches; they are read as such (``LEGACY_MODEL_TYPE``), their records unchanged.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+LEGACY_MODEL_TYPE = "qwen2_vl"
 BUILDER_NAME = "g2e_jax_prepared"
 BUILDER_VERSION = "1.0.0"
 def content_id(text: str, image: str | None) -> int:
@@ -75,11 +83,17 @@ class PreparedDataset:
         if not meta_file.is_file():
             raise FileNotFoundError(f"{self.path}: no {META_FILE}; not a prepared dataset (write one with `g2e-jax prepare`)")
         self.meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        if self.meta.get("format") != FORMAT or self.meta.get("format_version") != FORMAT_VERSION:
+        version = self.meta.get("format_version")
+        if self.meta.get("format") != FORMAT or version not in READABLE_VERSIONS:
             raise ValueError(
-                f"{self.path}: format {self.meta.get('format')!r} version {self.meta.get('format_version')}, "
-                f"expected {FORMAT!r} version {FORMAT_VERSION}"
+                f"{self.path}: format {self.meta.get('format')!r} version {version}, "
+                f"expected {FORMAT!r} version {' or '.join(map(str, READABLE_VERSIONS))}"
             )
+        if (version == 1) != ("model_type" not in self.meta):
+            raise ValueError(f"{self.path}: {META_FILE} of version {version} must "
+                             f"{'not ' if version == 1 else ''}name a model_type")  # fmt: skip
+        # The backbone whose image processor made the stored rows (and whose tokenizer the ids).
+        self.model_type: str = self.meta.get("model_type", LEGACY_MODEL_TYPE)
         self.scheme = self.meta["scheme"]
         self._subsets = {s["name"]: s for s in self.meta["subsets"]}
         self._offsets = np.array([s["offset"] for s in self.meta["subsets"]], np.int64)

@@ -56,6 +56,14 @@ class ImageProcessing:
         ..., tuple[np.ndarray, np.ndarray]
     ]  # (image, settings, *, source) -> (rows, geometry)
     num_tokens: Callable[[np.ndarray, Any], int]  # (geometry, model config) -> image tokens
+    # What a prepared dataset (``g2e-jax prepare``) stores, and how its reader turns it back:
+    # ``expand(store(image)[0], settings)`` is ``preprocess(image)[0]`` bit for bit (``store`` keeps the
+    # resized pixels as uint8, a quarter of float32's bytes).
+    settings: type  # the settings' class: ``settings(**dataclasses.asdict(s))`` rebuilds ``s`` from JSON
+    # (image, settings, *, source) -> (uint8 rows, geometry)
+    store: Callable[..., tuple[np.ndarray, np.ndarray]]
+    expand: Callable[[np.ndarray, Any], np.ndarray]  # (uint8 rows, settings) -> preprocess' float32 rows
+    stored_dim: Callable[[Any], int]  # settings -> the width of one uint8 row
 
 
 @dataclasses.dataclass(frozen=True)

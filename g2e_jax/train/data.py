@@ -119,6 +119,8 @@ class TrainData:
                     "data.source=prepared needs --config.data.prepared_dir (the `g2e-jax prepare` output)"
                 )
             prepared = PreparedDataset(cfg.data.prepared_dir)
+            if preprocessor is not None:  # the records hold this backbone's token ids and image rows
+                PreparedInputs(prepared).check_model(preprocessor.config.model_type, preprocessor.image_config)
             # Records are tokenised and resized once: they must be what this config would make.
             settings = {
                 "max_len": cfg.max_len, "image_resolution": cfg.image_resolution, "scheme": cfg.prompt.scheme

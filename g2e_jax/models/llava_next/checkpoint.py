@@ -55,6 +55,10 @@ IMAGES = ImageProcessing(
     lambda path, resolution: images.LlavaImageConfig.from_preprocessor_config(path, resolution=resolution),
     images.preprocess_rows,
     anyres.num_image_tokens,
+    settings=images.LlavaImageConfig,
+    store=images.store_rows,
+    expand=images.expand_rows,
+    stored_dim=lambda cfg: 3 * cfg.tile_size**2,
 )
 BACKBONE = Backbone(
     "llava_next",

@@ -33,6 +33,13 @@ class LlavaImageConfig:
         None  # Gen2Embed's optional pre-resize (g2e_jax.data.images.resize_for_resolution)
     )
 
+    def __post_init__(self):
+        # Lists from JSON (a prepared dataset's metadata) would make the frozen config unhashable.
+        object.__setattr__(self, "image_grid_pinpoints",
+                           tuple(tuple(int(x) for x in p) for p in self.image_grid_pinpoints))  # fmt: skip
+        object.__setattr__(self, "image_mean", tuple(float(v) for v in self.image_mean))
+        object.__setattr__(self, "image_std", tuple(float(v) for v in self.image_std))
+
     @classmethod
     def from_preprocessor_config(cls, path_or_dir: str | os.PathLike, *, resolution: str | None = None):
         """Reads a ``LlavaNextImageProcessor`` ``preprocessor_config.json`` (or the directory holding it);
@@ -90,17 +97,41 @@ def tiles_uint8(img: Image.Image, cfg: LlavaImageConfig) -> np.ndarray:
     return np.concatenate([base[None], grid])
 
 
-def preprocess(image, cfg: LlavaImageConfig, *, source: str = "image") -> tuple[np.ndarray, np.ndarray]:
-    """One image (PIL or path) -> (pixel_values float32 ``[tiles, 3, S, S]``, image_size int64 ``[2]``
-    as (height, width) of the image the processor saw)."""
+def _tiles(image, cfg: LlavaImageConfig, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 tiles ``[tiles, 3, S, S]``, (height, width) of the image the processor saw)."""
     img = resize_for_resolution(load_image(image, source=source), cfg.resolution)
     if min(img.height, img.width) < 1:
         raise ImageError(f"{source}: empty image")
-    pixels = rescale_normalize(tiles_uint8(img, cfg), cfg.rescale_factor, cfg.image_mean, cfg.image_std)
-    return pixels, np.array([img.height, img.width], np.int64)
+    return tiles_uint8(img, cfg), np.array([img.height, img.width], np.int64)
+
+
+def preprocess(image, cfg: LlavaImageConfig, *, source: str = "image") -> tuple[np.ndarray, np.ndarray]:
+    """One image (PIL or path) -> (pixel_values float32 ``[tiles, 3, S, S]``, image_size int64 ``[2]``
+    as (height, width) of the image the processor saw)."""
+    tiles, size = _tiles(image, cfg, source)
+    return rescale_normalize(tiles, cfg.rescale_factor, cfg.image_mean, cfg.image_std), size
 
 
 def preprocess_rows(image, cfg: LlavaImageConfig, *, source: str = "image") -> tuple[np.ndarray, np.ndarray]:
     """For the Embedder: (tiles flattened ``[tiles, 3*S*S]``, the anyres layout ``[3]``)."""
     pixels, (height, width) = preprocess(image, cfg, source=source)
     return pixels.reshape(pixels.shape[0], -1), image_layout(int(height), int(width), cfg)
+
+
+def store_rows(image, cfg: LlavaImageConfig, *, source: str = "image") -> tuple[np.ndarray, np.ndarray]:
+    """What a prepared dataset stores: ``preprocess_rows`` before rescale/normalise (uint8 tiles
+    ``[tiles, 3*S*S]``, the anyres layout); ``expand_rows`` finishes it bit for bit."""
+    tiles, (height, width) = _tiles(image, cfg, source)
+    return tiles.reshape(tiles.shape[0], -1), image_layout(int(height), int(width), cfg)
+
+
+def expand_rows(rows_u8: np.ndarray, cfg: LlavaImageConfig) -> np.ndarray:
+    """``store_rows``' uint8 tiles -> ``preprocess_rows``' float32 tiles (the same float ops, same order)."""
+    s = cfg.tile_size
+    rows_u8 = np.asarray(rows_u8)
+    if rows_u8.dtype != np.uint8 or rows_u8.ndim != 2 or rows_u8.shape[1] != 3 * s * s:
+        raise ValueError(
+            f"expected uint8 tiles [N, {3 * s * s}] (3*S*S for tile_size={s}), got {rows_u8.dtype} {rows_u8.shape}"
+        )
+    pixels = rescale_normalize(rows_u8.reshape(-1, 3, s, s), cfg.rescale_factor, cfg.image_mean, cfg.image_std)
+    return pixels.reshape(rows_u8.shape[0], -1)

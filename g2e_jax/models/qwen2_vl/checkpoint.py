@@ -46,6 +46,10 @@ IMAGES = ImageProcessing(
     lambda path, resolution: images.ImageConfig.from_preprocessor_config(path, resolution=resolution),
     images.preprocess,
     lambda grid, cfg: images.num_image_tokens(grid, cfg.vision.spatial_merge_size),
+    settings=images.ImageConfig,
+    store=images.preprocess_uint8,
+    expand=images.expand_patches,
+    stored_dim=lambda cfg: 3 * cfg.patch_size**2,
 )
 BACKBONE = Backbone("qwen2_vl", Qwen2VLConfig, Qwen2VL, NAME_MAP, tiny_config, write_tiny_files,
                     chat=QWEN2_VL_CHAT, images=IMAGES)  # fmt: skip
