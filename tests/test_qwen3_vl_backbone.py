@@ -1,7 +1,8 @@
 """Qwen3-VL: the name map both ways (transformers' save read exactly, ours read by transformers), the
 hub config.json of the released 2B, dispatch, the declared axes of its new parameters, adapters on its
 decoder and vision modules, PEFT folders in and out (DoRA, with an image: DeepStack under adapters), and
-training with DoRA + GradCache then export-hf."""
+the training trajectory against torch + PEFT. Training with DoRA + GradCache then export-hf (merged and
+PEFT) is test_backbones::test_train_then_export_hf[qwen3_vl] (its spec's adapter is DoRA)."""
 
 from __future__ import annotations
 
@@ -170,46 +171,6 @@ def test_peft_folders_in_and_out_with_an_image(model_dir, tmp_path, kind):
     with torch.no_grad():
         again = hf_hidden_states(reloaded.base_model.model, batch, positions)
     assert float(np.abs(again[real] - out[real]).max()) <= 1e-5
-
-
-@pytest.mark.slow
-def test_train_dora_grad_cache_then_export_hf(model_dir, tmp_path):
-    """``train`` (DoRA, GradCache: gradients through DeepStack and the segmented block scans) and
-    ``export-hf`` work on Qwen3-VL: transformers loads the export and agrees with the trained workdir."""
-    pytest.importorskip("torch")
-    from hf_reference import OFFICIAL_SYSTEM, load_hf_model, official_embeddings, official_template
-    from test_qwen2_vl_parity import random_image
-
-    from g2e_jax import Embedder
-    from g2e_jax.cli import main
-    from g2e_jax.data.synthetic import make_synthetic
-    from g2e_jax.demo import tiny_training_config
-    from g2e_jax.models.qwen2_vl.hf_files import load_hf_processor
-    from g2e_jax.train.trainer import train
-
-    data = make_synthetic(tmp_path / "syn", train_rows=8, eval_queries=1)
-    cfg = tiny_training_config()
-    cfg.model.path, cfg.data.source = str(model_dir), "mmeb"
-    cfg.data.root, cfg.data.image_dir, cfg.data.subsets = str(data / "train"), str(data / "images"), ("SynShape",)
-    cfg.train.update(steps=2, checkpoint_every=2, log_every=1, warmup_steps=1)
-    cfg.adapter.kind = "dora"  # on the decoder's default targets
-    assert cfg.train.grad_cache
-    last = train(cfg.lock(), tmp_path / "run", progress=False)
-    assert last["step"] == 2 and np.isfinite(last["loss"])
-    assert main(["export-hf", "--checkpoint", str(tmp_path / "run"), "--output", str(tmp_path / "hf")]) == 0
-    hf = load_hf_model(tmp_path / "hf")
-    assert type(hf).__name__ == "Qwen3VLForConditionalGeneration"
-    texts, images = ["<|image_1|> What shape is it?", "a red circle"], [random_image(96, 96, 13), None]
-    strings = [official_template(t, has_image=im is not None, role="query", system=OFFICIAL_SYSTEM, scheme="gen2embed")
-               for t, im in zip(texts, images)]  # fmt: skip
-    ref = official_embeddings(hf, load_hf_processor(tmp_path / "hf"), strings, images, scheme="gen2embed")
-    ours = Embedder.from_pretrained(tmp_path / "run", dtype="float32", progress=False).encode(texts, images,
-                                                                                               role="query")  # fmt: skip
-    base = Embedder.from_pretrained(model_dir, dtype="float32", progress=False).encode(texts, images, role="query")
-    cosine = float((ref * ours).sum(-1).min())
-    report("Qwen3-VL trained run exported: transformers vs g2e_jax", one_minus_min_cosine=1.0 - cosine)
-    assert cosine >= 0.99999
-    assert not np.allclose(base, ours, atol=1e-3)  # training changed the model
 
 
 @pytest.mark.slow
