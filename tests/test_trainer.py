@@ -258,7 +258,7 @@ def test_two_processes_match_one(setup):
     assert max(diffs) <= 1e-5
 
 
-# Every backbone in the table (checked by the test); the other backbones' runs are slow-marked.
+# Every backbone in the table (checked by the test).
 PREPARED_ARCHS = ("qwen2_vl", "qwen2_5_vl", "llava_next", "qwen3_vl")
 
 
@@ -268,44 +268,77 @@ def test_prepared_archs_cover_every_backbone():
     assert sorted(PREPARED_ARCHS) == sorted(BACKBONES)
 
 
-@pytest.mark.parametrize(
-    "arch", [a if a == "qwen2_vl" else pytest.param(a, marks=pytest.mark.slow) for a in PREPARED_ARCHS]
-)
-def test_training_reads_a_prepared_dataset(setup, tiny_dir, arch, tmp_path):
-    """The same rows from a prepared (array_record) dataset and from MMEB files train alike, for every
-    backbone (its own image rows stored: Qwen patches, LLaVA-NeXT anyres tiles)."""
-    from g2e_jax.models import make_tiny
+def _prepare(model, data, out):
     from g2e_jax.prepare import prepare_config, run_prepare
 
-    data, base = setup[0] / "data", tmp_path
-    model = tiny_dir if arch == "qwen2_vl" else make_tiny(base / "model", arch=arch)
-    prepared = base / "prepared"
-
     cfg = prepare_config()
-    cfg.model.path, cfg.data.root, cfg.data.image_dir = (
-        str(model),
-        str(data / "train"),
-        str(data / "images"),
-    )
-    cfg.subsets, cfg.output_dir, cfg.max_len = ("SynShape", "SynT2I"), str(prepared), 256
+    cfg.model.path, cfg.data.root, cfg.data.image_dir = str(model), str(data / "train"), str(data / "images")
+    cfg.subsets, cfg.output_dir, cfg.max_len = ("SynShape", "SynT2I"), str(out), 256
     run_prepare(cfg)
-    common = [f"--config.model.path={model}", "--config.data.subsets=('SynShape', 'SynT2I')",
-              "--config.train.steps=3", "--config.train.log_every=1", "--config.train.checkpoint_every=100",
-              "--config.train.shape_buckets=True"]  # fmt: skip
+    return out
+
+
+def _sources(data, prepared):
+    return {"from_prepared": ["--config.data.source=prepared", f"--config.data.prepared_dir={prepared}"],
+            "from_files": ["--config.data.source=mmeb", f"--config.data.root={data / 'train'}",
+                           f"--config.data.image_dir={data / 'images'}"]}  # fmt: skip
+
+
+def _common(model):
+    return [f"--config.model.path={model}", "--config.data.subsets=('SynShape', 'SynT2I')",
+            "--config.train.steps=3", "--config.train.log_every=1", "--config.train.checkpoint_every=100",
+            "--config.train.shape_buckets=True"]  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", PREPARED_ARCHS)
+def test_prepared_dataset_feeds_the_trainer_the_same_batches(setup, tiny_models, arch, tmp_path):
+    """For every backbone (its own image rows stored: Qwen patches, LLaVA-NeXT anyres tiles), the
+    trainer's global batches of the first 3 steps from a prepared (array_record) dataset equal those
+    from the MMEB files, leaf by leaf and bit for bit: the same rows, tokens, pixels and shapes; a step
+    is a function of its batch (test_training_from_a_prepared_dataset runs one end to end)."""
+    import jax
+
+    from g2e_jax.config_utils import load_config
+    from g2e_jax.train import feed
+    from g2e_jax.train.trainer import setup as run_setup
+
+    data, model = setup[0] / "data", tiny_models(arch)
+    prepared = _prepare(model, data, tmp_path / "prepared")
+    batches = {}
+    for name, source in _sources(data, prepared).items():
+        overrides = [a.removeprefix("--config.") for a in (*_common(model), *source)]
+        run = run_setup(load_config(str(ROOT / "configs/tiny.py"), overrides), tmp_path / name)
+        batches[name] = [feed.global_batch(run, step) for step in range(3)]
+    for step, ((a, label_a), (b, label_b)) in enumerate(zip(batches["from_prepared"], batches["from_files"])):
+        assert label_a == label_b
+        flat_a, flat_b = jax.tree.leaves_with_path(a), jax.tree.leaves_with_path(b)
+        assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+        for (path, x), (_, y) in zip(flat_a, flat_b):
+            x, y, where = np.asarray(x), np.asarray(y), (arch, step, jax.tree_util.keystr(path))
+            assert x.dtype == y.dtype and x.shape == y.shape, where
+            if where[2] not in ("['query_ids']", "['target_ids']"):
+                assert np.array_equal(x, y), where
+        # Content ids (false-negative masks) hash the image path as each source spells it: what the
+        # loss sees is which rows share content, over both sides together.
+        ids_a, ids_b = (np.concatenate([np.ravel(t["query_ids"]), np.ravel(t["target_ids"])]) for t in (a, b))
+        assert np.array_equal(ids_a[:, None] == ids_a[None], ids_b[:, None] == ids_b[None]), (arch, step)
+    pixels = [np.asarray(x) for b, _ in batches["from_files"] for path, x in jax.tree.leaves_with_path(b)
+              if "pixel_values" in jax.tree_util.keystr(path)]  # fmt: skip
+    assert any(np.abs(p).sum() > 0 for p in pixels)  # the batches hold images, not only padding
+
+
+def test_training_from_a_prepared_dataset(setup, tiny_dir, tmp_path):
+    """``g2e-jax train`` on a prepared dataset: 3 steps with the losses of the same run on MMEB files."""
+    data = setup[0] / "data"
+    prepared = _prepare(tiny_dir, data, tmp_path / "prepared")
     # In this process: what is tested is the data source, not the command (no signal, no device count).
     from g2e_jax.cli import main
 
-    sources = {"from_prepared": ["--config.data.source=prepared", f"--config.data.prepared_dir={prepared}"],
-               "from_files": ["--config.data.source=mmeb", f"--config.data.root={data / 'train'}",
-                              f"--config.data.image_dir={data / 'images'}"]}  # fmt: skip
-    for workdir, source in sources.items():
-        assert main(_train_cmd(base / workdir, common, *source)[3:]) == 0
-    a, b = _losses(base / "from_prepared"), _losses(base / "from_files")
-    report(
-        f"{arch}: training from a prepared dataset vs from MMEB files (3 steps)",
-        max_abs_diff=max(abs(a[k] - b[k]) for k in a),
-    )
-    assert max(abs(a[k] - b[k]) for k in a) <= 1e-5
+    for workdir, source in _sources(data, prepared).items():
+        assert main(_train_cmd(tmp_path / workdir, _common(tiny_dir), *source)[3:]) == 0
+    a, b = _losses(tmp_path / "from_prepared"), _losses(tmp_path / "from_files")
+    report("training from a prepared dataset vs from MMEB files (3 steps)", max_abs_diff=max(abs(a[k] - b[k]) for k in a))
+    assert sorted(a) == [1, 2, 3] and max(abs(a[k] - b[k]) for k in a) <= 1e-5
 
 
 # --- adapters through `g2e-jax train` ----------------------------------------------------------------
