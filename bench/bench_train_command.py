@@ -108,7 +108,7 @@ def step_alone(flags: list[str], workdir: Path, repeats: int) -> tuple[float, fl
         for step, batch in enumerate(batches):
             start = time.perf_counter()
             run.params, run.opt_state, metrics = fn(run.params, run.rest, run.opt_state, batch, run.consts,
-                                                    jax.random.fold_in(key, step))  # fmt: skip
+                                                    jax.random.fold_in(key, step), run.schedule)  # fmt: skip
             jax.block_until_ready((run.params, metrics))
             times.append(time.perf_counter() - start)
     return statistics.median(times[1:]), meter.background_cores

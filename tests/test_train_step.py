@@ -99,19 +99,40 @@ def test_grad_cache_equals_full_batch_gradient(setup, jax_model):
 
 
 def test_one_step_lowers_the_loss_on_a_fixed_batch(setup, jax_model):
+    """The trainer's own step (``trainer.step_function``, full fine-tuning): three steps lower the
+    loss; the schedule's numbers are arguments of its program, so a learning rate of 0 (another
+    schedule: other steps and warm-up too) runs the same program and leaves the parameters as they were."""
+    from types import SimpleNamespace
+
+    import ml_collections
+
+    from g2e_jax.train.step import schedule_values
+    from g2e_jax.train.trainer import step_function
+
     pre, pairs, consts = setup
     graphdef, params, rest = nnx.split(jax_model, nnx.Param, ...)
     batch = _batch(pre, pairs, chunks=1, cells=2, rows_per_cell=8)
     tx = make_optimizer(learning_rate=1e-3, total_steps=10, warmup_steps=0)
-    opt_state = tx.init(params)
-    step = jax.jit(lambda p, o, b: train_step(graphdef, p, rest, o, b, consts, tx=tx, cfg=_cfg(pre)))
+    start = (params, tx.init(params))
+    train = ml_collections.ConfigDict({"weight_decay": 0.0, "max_grad_norm": 1.0})
+    run = SimpleNamespace(params=params, opt_state=start[1], graphdef=graphdef, step_cfg=_cfg(pre),
+                          cfg=ml_collections.ConfigDict({"train": train}))  # fmt: skip
+    step = step_function(run)
+    key = jax.random.key(0)
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731 (the step donates its inputs)
+    params, opt_state = copy(start)
     losses = []
     for _ in range(3):
-        params, opt_state, metrics = step(params, opt_state, batch)
+        params, opt_state, metrics = step(params, rest, opt_state, batch, consts, key, schedule_values(1e-3, 10, 0))
         losses.append(float(metrics["loss"]))
     report("training steps on a fixed batch (tiny, full fine-tuning)", loss_0=losses[0], loss_2=losses[2])
     assert losses[2] < losses[0]
     assert 0 <= float(metrics["accuracy"]) <= 1 and np.isfinite(float(metrics["grad_norm"]))
+    programs = step._cache_size()
+    frozen, _, metrics = step(*copy((start[0], rest, start[1])), batch, consts, key, schedule_values(0.0, 7, 3))
+    assert float(metrics["loss"]) == losses[0]
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(start[0])))
+    assert step._cache_size() == programs  # no program of its own for the other schedule
 
 
 def test_prefix_cache_gives_the_same_loss_and_gradients(setup, jax_model):

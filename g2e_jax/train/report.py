@@ -172,7 +172,7 @@ def before_first_step(run, jitted, batch, consts, key, *, lead: bool) -> AheadOf
     limit, source = device_memory_limit(run.cfg.train.get("device_memory_gb"))
     step = AheadOfTime(jitted, "training step", mesh=run.mesh, limit=limit, limit_source=source,
                        advice=mesh_advice(run.cfg.mesh.to_dict(), jax.device_count()))
-    step.compile(run.params, run.rest, run.opt_state, batch, consts, key)
+    step.compile(run.params, run.rest, run.opt_state, batch, consts, key, run.schedule)
     if lead:
         print(step.describe(), flush=True)
     return step

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -173,19 +174,38 @@ def loss_and_grads(graphdef, params, rest, batch, consts, cfg: StepConfig, rng=N
     return (loss, metrics), grads
 
 
-def lr_schedule(learning_rate: float, total_steps: int, warmup_steps: int = 0) -> optax.Schedule:
+def lr_schedule(learning_rate, total_steps, warmup_steps=0) -> optax.Schedule:
     """The reference's learning rate at optimizer step ``count`` (0 for the first step): transformers'
     get_linear_schedule_with_warmup, lr * count / warmup, then lr * (total - count) / (total - warmup);
-    with no warm-up the first step already uses the full rate. The optimizer and the logs both use it."""
-    decay = optax.linear_schedule(learning_rate, 0.0, max(total_steps - warmup_steps, 1))
-    if warmup_steps <= 0:
-        return decay
-    return optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), decay], [warmup_steps])
+    with no warm-up the first step already uses the full rate. The optimizer and the logs both use it.
+
+    The three numbers may be arrays, traced ones included (no branch on their values): the trainer
+    passes them to its compiled step as arguments (``schedule_values``), so a run resumed with more
+    steps, or another learning rate, reads the same program back from the compilation cache."""
+
+    def schedule(count):
+        count = jnp.asarray(count, jnp.float32)
+        rising = learning_rate * count / jnp.maximum(warmup_steps, 1)
+        falling = learning_rate * jnp.maximum(total_steps - count, 0.0) / jnp.maximum(total_steps - warmup_steps, 1)
+        return jnp.where(count < warmup_steps, rising, falling)
+
+    return schedule
 
 
-def make_optimizer(*, learning_rate: float, total_steps: int, warmup_steps: int = 0, weight_decay: float = 0.0,
+def schedule_values(learning_rate: float, total_steps: int, warmup_steps: int = 0) -> dict:
+    """``lr_schedule``'s numbers as float32 scalars: an argument of the trainer's step, not a constant
+    of its program."""
+    return {
+        "learning_rate": np.float32(learning_rate),
+        "total_steps": np.float32(total_steps),
+        "warmup_steps": np.float32(warmup_steps),
+    }
+
+
+def make_optimizer(*, learning_rate, total_steps, warmup_steps=0, weight_decay: float = 0.0,
                    max_grad_norm: float | None = 1.0) -> optax.GradientTransformation:  # fmt: skip
-    """AdamW with a linear warm-up then linear decay to zero (the reference's schedule), clipped."""
+    """AdamW with a linear warm-up then linear decay to zero (the reference's schedule), clipped. The
+    schedule's numbers may be traced (``lr_schedule``); the state's structure does not depend on them."""
     schedule = lr_schedule(learning_rate, total_steps, warmup_steps)
     parts = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm else []
     parts.append(optax.adamw(schedule, weight_decay=weight_decay))

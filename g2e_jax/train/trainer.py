@@ -54,7 +54,7 @@ from g2e_jax.train.guards import (
     skipped_file,
 )
 from g2e_jax.train.report import abstract_batch, before_first_step
-from g2e_jax.train.step import StepConfig, lr_schedule, make_optimizer, train_step
+from g2e_jax.train.step import StepConfig, lr_schedule, make_optimizer, schedule_values, train_step
 
 
 @dataclasses.dataclass
@@ -75,6 +75,7 @@ class Run:
     sampler: ClusterBatchSampler
     data: TrainData
     preprocessor: Preprocessor
+    schedule: dict | None = None  # the learning-rate schedule's numbers, arguments of the step (replicated)
     bad_steps: int = 0  # non-finite steps so far (kept in the checkpoints)
     sides: dict | None = None  # the largest (users, patches) per side (train.shape_from_data); None: capacity
 
@@ -138,20 +139,26 @@ def setup(cfg, workdir: str | Path) -> Run:
             print("one batch shape fitted to the data: " + "; ".join(
                 f"{side} {u} user tokens, {p or 'no'} image patches per cell" for side, (u, p) in sides.items()
             ), flush=True)  # fmt: skip
+    schedule = jax.device_put(schedule_values(t.learning_rate, t.steps, t.warmup_steps), replicated)
     return Run(cfg, workdir, mesh, graphdef, params, rest, opt_state, tx, step_cfg, consts, shape, sampler, data,
-               preprocessor, sides=sides)  # fmt: skip
+               preprocessor, schedule=schedule, sides=sides)  # fmt: skip
 
 
 def step_function(run: Run):
-    """``train_step`` jitted as the loop calls it: (params, rest, opt_state, batch, consts, key) ->
-    (params, opt_state, metrics), parameters and optimizer state donated. Outputs keep the inputs'
-    shardings, so step 2 reuses step 1's program."""
+    """``train_step`` jitted as the loop calls it: (params, rest, opt_state, batch, consts, key,
+    schedule) -> (params, opt_state, metrics), parameters and optimizer state donated. Outputs keep
+    the inputs' shardings, so step 2 reuses step 1's program. The optimizer is built inside from
+    ``schedule`` (``run.schedule``: learning rate, steps, warm-up as arguments), so the program does
+    not depend on those numbers: another step count or learning rate reuses it (the compilation
+    cache) instead of compiling again, minutes at full width."""
     shardings = jax.tree.map(lambda x: x.sharding, (run.params, run.opt_state))
-    return jax.jit(
-        lambda p, r, o, b, c, key: train_step(run.graphdef, p, r, o, b, c, key, tx=run.tx, cfg=run.step_cfg),
-        donate_argnums=(0, 2),
-        out_shardings=(*shardings, None),
-    )
+    t = run.cfg.train
+
+    def step(p, r, o, b, c, key, schedule):
+        tx = make_optimizer(**schedule, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm)
+        return train_step(run.graphdef, p, r, o, b, c, key, tx=tx, cfg=run.step_cfg)
+
+    return jax.jit(step, donate_argnums=(0, 2), out_shardings=(*shardings, None))
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------
@@ -270,7 +277,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
             batch, subset, skipped_rows = first if step == start and first is not None else batches.get(step)
             record_skipped(skipped, [dict(step=step + 1, **r) for r in skipped_rows])
             run.params, run.opt_state, metrics = fn(run.params, run.rest, run.opt_state, batch, run.consts,
-                                                    jax.random.fold_in(base_key, step))  # fmt: skip
+                                                    jax.random.fold_in(base_key, step), run.schedule)  # fmt: skip
             pairs_done += int(run.shape.pairs)
             done = step + 1
             bad.observe(done, metrics)
