@@ -324,3 +324,7 @@ def test_a_killed_process_stops_the_other_and_the_run_resumes(tiny_dir, clean, t
     assert "resuming from the checkpoint at step" in outs[0][0]
     resumed = int(outs[0][0].split("resuming from the checkpoint at step ")[1].split()[0])
     assert resumed >= 2 and _lines(workdir / "metrics.jsonl")[-1]["step"] == saved[-1] + 2
+    # Another step count, the same program: the schedule's numbers are arguments of the step, so the
+    # resumed run reads it back from the compilation cache instead of compiling it again.
+    timing = json.loads((workdir / "timing.json").read_text())
+    assert timing["first_compile_programs"] == 0, timing

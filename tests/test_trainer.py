@@ -142,7 +142,8 @@ def test_sigterm_checkpoint_is_resumed_exactly(setup):
     """SIGTERM (preemption) saves a checkpoint and exits 0; re-running the command resumes from it and
     ends as an uninterrupted run does."""
     base, args = setup
-    long = ["--config.train.steps=60", "--config.train.checkpoint_every=1000"]
+    # The shared run's config with more steps: its program (the schedule's numbers are arguments).
+    long = [*DORA, "--config.train.steps=60", "--config.train.checkpoint_every=1000"]
     workdir = base / "preempted"
     proc = spawn(_train_cmd(workdir, args, *long), base / "preempted_log", cwd=ROOT)
     _wait_for_line(workdir / "metrics.jsonl", 4, proc)  # a few steps have run
@@ -223,13 +224,15 @@ def test_checkpoints_move_between_8_devices_and_1(setup, first, then):
 
 
 def test_two_processes_match_one(setup):
-    """2 processes x 2 CPU devices give the same first 3 losses as 1 process x 4 devices (several
-    devices per process, as on a pod's hosts; half the devices of the 2 x 4 it used before, for CI's time)."""
+    """2 processes x 2 CPU devices give the same first 2 losses as 1 process x 4 devices (several
+    devices per process, as on a pod's hosts; half the devices of the 2 x 4 it used before, for CI's
+    time): step 2's loss follows step 1's update. Shape buckets on: each step's shapes agreed by an
+    all-gather of the processes' needs."""
     base, args = setup
     per_process = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     one_process = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     # Shape buckets on: the processes must agree on each step's shapes (allgather of their needs).
-    short = ["--config.train.steps=3", "--config.train.log_every=1", "--config.train.checkpoint_every=100",
+    short = ["--config.train.steps=2", "--config.train.log_every=1", "--config.train.checkpoint_every=100",
              "--config.train.shape_buckets=True"]  # fmt: skip
     _run(_train_cmd(base / "single", args, *short), env=one_process)
     port = free_port()
@@ -252,9 +255,9 @@ def test_two_processes_match_one(setup):
     wait_all(procs, timeout=900)
     single = [json.loads(x) for x in (base / "single" / "metrics.jsonl").read_text().splitlines()]
     multi = [json.loads(x) for x in (base / "multi" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in multi] == [1, 2, 3]
+    assert [r["step"] for r in multi] == [1, 2]
     diffs = [abs(a["loss"] - b["loss"]) for a, b in zip(single, multi)]
-    report("2 processes x 2 devices vs 1 x 4: first 3 losses", max_abs_diff=max(diffs))
+    report("2 processes x 2 devices vs 1 x 4: first 2 losses", max_abs_diff=max(diffs))
     assert max(diffs) <= 1e-5
 
 
