@@ -232,8 +232,9 @@ def test_two_processes_match_one(setup):
     per_process = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     one_process = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     # Shape buckets on: the processes must agree on each step's shapes (allgather of their needs).
+    # One bucket per octave: both steps' shapes fit one program (each process compiles it).
     short = ["--config.train.steps=2", "--config.train.log_every=1", "--config.train.checkpoint_every=100",
-             "--config.train.shape_buckets=True"]  # fmt: skip
+             "--config.train.shape_buckets=True", "--config.train.bucket_steps=1"]  # fmt: skip
     _run(_train_cmd(base / "single", args, *short), env=one_process)
     port = free_port()
     procs = [
