@@ -9,12 +9,6 @@ Where: ``$G2E_JAX_COMPILE_CACHE`` (a folder; ``off`` disables it), else JAX's ow
 ``JAX_COMPILATION_CACHE_DIR`` when the user set it, else ``$XDG_CACHE_HOME/g2e_jax/xla`` (default
 ``~/.cache/g2e_jax/xla``). Bounded: least recently used programs are evicted past
 ``$G2E_JAX_COMPILE_CACHE_GB`` (default 8) GiB.
-
-Every program is kept, small ones too (JAX's default keeps only those that took over a second to
-compile): a training start compiles about 50 small programs (initialisation, placement, the
-optimizer's init) besides its step, and on the tiny model reading them back took its set-up from
-3.8 s to 1.4 s (2 CPU cores); the eval and embed programs of small models often compile in under a
-second, once per start. ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS``, when set, wins.
 """
 
 from __future__ import annotations
@@ -27,7 +21,6 @@ import jax
 ENV = "G2E_JAX_COMPILE_CACHE"
 SIZE_ENV = "G2E_JAX_COMPILE_CACHE_GB"
 OFF = ("off", "none", "0", "false")
-MIN_TIME_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"  # JAX's own variable
 
 
 def default_dir() -> Path:
@@ -56,8 +49,6 @@ def enable_compile_cache() -> Path | None:
         raise ValueError(f"{SIZE_ENV}={os.environ[SIZE_ENV]!r} is not a number of GiB") from e
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_compilation_cache_max_size", int(gib * 2**30))
-    if MIN_TIME_ENV not in os.environ:
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return folder
 
 

@@ -12,8 +12,7 @@ import pytest
 from g2e_jax import compile_cache
 from g2e_jax.compile_cache import CompileClock, enable_compile_cache
 
-SETTINGS = ("jax_compilation_cache_dir", "jax_enable_compilation_cache", "jax_compilation_cache_max_size",
-            "jax_persistent_cache_min_compile_time_secs")
+SETTINGS = ("jax_compilation_cache_dir", "jax_enable_compilation_cache", "jax_compilation_cache_max_size")
 
 
 @pytest.fixture
@@ -31,13 +30,6 @@ def test_the_folder_comes_from_the_variable_then_jax_then_the_user_cache(tmp_pat
     assert enable_compile_cache() == tmp_path / "mine"
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "mine") and (tmp_path / "mine").is_dir()
     assert jax.config.jax_compilation_cache_max_size == 2**29
-    # Small programs kept too (JAX's default: only those over 1 s), unless the user set JAX's variable.
-    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    monkeypatch.setenv(compile_cache.MIN_TIME_ENV, "1.0")
-    enable_compile_cache()
-    assert jax.config.jax_persistent_cache_min_compile_time_secs == 1.0
-    monkeypatch.delenv(compile_cache.MIN_TIME_ENV)
 
     monkeypatch.delenv(compile_cache.ENV)
     jax.config.update("jax_compilation_cache_dir", str(tmp_path / "theirs"))  # JAX_COMPILATION_CACHE_DIR
