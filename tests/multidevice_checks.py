@@ -104,6 +104,7 @@ def step_checks(results):
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         fn = jax.jit(lambda p, r, b: loss_and_grads(graphdef, p, r, b, consts, cfg))
         (l1, _), g1 = fn(params, rest, batch)
+        single_hlo = fn.lower(params, rest, batch).as_text()
         mesh = make_mesh(data=2, fsdp=2, tensor=2)
         sharded = load(model_dir, progress=False)
         shard_model(sharded, mesh)
@@ -113,7 +114,16 @@ def step_checks(results):
         placed = dict(batch)
         placed["query"] = jax.device_put(batch["query"], cell_sharding)
         placed["target"] = jax.device_put(batch["target"], cell_sharding)
-        (l2, _), g2 = fn(params, rest, placed)
+        # With GradCache, under ``jax.set_mesh``: the activation sharding constraints are active (the
+        # trainer's setting), and must change the layout only; without, they are inactive (no mesh).
+        if grad_cache:
+            with jax.set_mesh(mesh):
+                (l2, _), g2 = fn(params, rest, placed)
+                hlo = fn.lower(params, rest, placed).as_text()
+            results["constraints"] = {name: text.count("Sharding") + text.count("sharding_constraint")
+                                      for name, text in (("mesh", hlo), ("no mesh", single_hlo))}  # fmt: skip
+        else:
+            (l2, _), g2 = fn(params, rest, placed)
         rel = np.sqrt(
             sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)))
         )

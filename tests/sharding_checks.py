@@ -162,68 +162,6 @@ def fallback_checks(results):
     results["fallback/summary"] = report.summary()
 
 
-def constraint_checks(results):
-    """The tiny model's loss and gradients with the activation constraints active (under
-    ``jax.set_mesh``) equal those without a mesh, and the constraints are in the program."""
-    from flax import nnx
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    from g2e_jax.mesh import shard_model
-    from g2e_jax.train.step import loss_and_grads
-
-    jax.config.update("jax_default_matmul_precision", "highest")
-    cfg = tiny_config()
-    mesh = make_mesh(data=2, fsdp=2, tensor=2)
-    shape = BatchShape(chunks=1, cells=4, rows_per_cell=2, users=16, patches_per_cell=None, patch_dim=1176)
-    rng = np.random.default_rng(0)
-    batch = jax.tree.map(
-        jnp.asarray, __import__("g2e_jax.train.batch", fromlist=["x"]).build_batch([], shape, 0)
-    )
-    batch["query"]["user_ids"] = jnp.asarray(
-        rng.integers(5, 900, batch["query"]["user_ids"].shape), jnp.int32
-    )
-    batch["target"]["user_ids"] = jnp.asarray(
-        rng.integers(5, 900, batch["target"]["user_ids"].shape), jnp.int32
-    )
-    for side in ("query", "target"):
-        batch[side]["user_len"] = jnp.full(batch[side]["user_len"].shape, 12, jnp.int32)
-    batch["valid"] = jnp.ones_like(batch["valid"])
-    batch["target_ids"] = jnp.arange(batch["target_ids"].size).reshape(batch["target_ids"].shape)
-    batch["query_ids"] = batch["target_ids"]
-    consts = {
-        s: (jnp.arange(5, 10, dtype=jnp.int32), jnp.arange(10, 13, dtype=jnp.int32))
-        for s in ("query", "target")
-    }
-    model = Qwen2VL(cfg, rngs=nnx.Rngs(0))
-    shard_model(model, mesh)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    placed = jax.tree.map(
-        lambda x: jax.device_put(x, NamedSharding(mesh, P(None, ("data", "fsdp")) if x.ndim >= 2 else P())),
-        batch,
-    )
-    out = {}
-    for name, ctx in (("no mesh", None), ("mesh", mesh)):
-        fn = jax.jit(lambda p, r, b: loss_and_grads(graphdef, p, r, b, consts, StepConfig(grad_cache=True)))
-        if ctx is None:
-            out[name] = fn(params, rest, placed)
-            hlo = fn.lower(params, rest, placed).as_text()
-        else:
-            with jax.set_mesh(ctx):
-                out[name] = fn(params, rest, placed)
-                hlo = fn.lower(params, rest, placed).as_text()
-        results[f"constraints/{name}/sharding_constraints"] = hlo.count("Sharding") + hlo.count(
-            "sharding_constraint"
-        )
-    (l1, _), g1 = out["no mesh"]
-    (l2, _), g2 = out["mesh"]
-    results["constraints/loss_diff"] = abs(float(l1 - l2))
-    diff = sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)))
-    results["constraints/grad_relative_l2"] = float(
-        np.sqrt(diff / sum(float(jnp.sum(a**2)) for a in jax.tree.leaves(g1)))
-    )
-
-
 def memory_checks(results):
     """7B widths, 1 layer + 1 vision block, fsdp=8: memory analysis; a too-small limit is refused."""
     mesh = make_mesh(fsdp=8)
@@ -298,7 +236,7 @@ def main():
         full_7b(next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--remat=")), "none"))
         return
     results = {}
-    for check in (width_checks, tiny_golden, fallback_checks, constraint_checks, memory_checks, remat_checks):
+    for check in (width_checks, tiny_golden, fallback_checks, memory_checks, remat_checks):
         start = time.perf_counter()
         check(results) if check is not tiny_golden else check(results, update="--update-golden" in sys.argv)
         print(f"{check.__name__}: {time.perf_counter() - start:.1f} s", flush=True)

@@ -40,3 +40,12 @@ def test_sharded_training_step_equals_single_device(results, grad_cache):
     assert r["sharded_params"] > 0
     assert r["loss_diff"] <= 1e-5
     assert r["grad_relative_l2"] <= 1e-5
+
+
+def test_activation_constraints_change_nothing_but_layout(results):
+    """The GradCache case above ran sharded under ``jax.set_mesh`` (the activation sharding constraints
+    active, as in the trainer) and equals the single device, whose program has none."""
+    assert results["constraints"]["no mesh"] == 0
+    assert results["constraints"]["mesh"] > 0
+    r = results["step/grad_cache=True"]
+    assert r["loss_diff"] <= 1e-5 and r["grad_relative_l2"] <= 1e-5
