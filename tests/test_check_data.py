@@ -134,6 +134,7 @@ def test_clusters_name_the_member(bad_set, tmp_path):
     assert (found["line"], found["member"], found["field"]) == (2, 2, "qry_image_path")
 
 
+@pytest.mark.slow  # the command in a subprocess: the quick tier leaves it out
 def test_check_data_command(bad_set, tmp_path):
     data, _ = bad_set
     cmd = [

@@ -17,6 +17,7 @@ def _cli(*args):
     )
 
 
+@pytest.mark.slow  # the command in two subprocesses: the quick tier leaves it out
 def test_make_tiny_command(tmp_path):
     result = _cli("make-tiny", "--output", str(tmp_path / "tiny"), "--seed", "7")
     assert result.returncode == 0, result.stderr
@@ -57,6 +58,7 @@ def test_help_lists_commands():
     assert result.returncode == 0 and "make-tiny" in result.stdout
 
 
+@pytest.mark.slow  # the command in subprocesses: the quick tier leaves it out
 def test_prepare_command(tiny_dir, tmp_path):
     from g2e_jax.data.prepared import PreparedDataset
     from g2e_jax.data.synthetic import make_synthetic

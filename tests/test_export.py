@@ -131,6 +131,7 @@ def test_bad_input_is_a_clear_error_or_skipped(case, tiny_dir, images, tmp_path,
     np.testing.assert_allclose(emb, good_pair, atol=2e-5)
 
 
+@pytest.mark.slow  # the command in subprocesses: the quick tier leaves it out
 def test_cli_reports_errors_without_traceback(tiny_dir, images, tmp_path):
     src = _write_rows(images / "cli_bad.jsonl", [{"id": 1, "text": "ok"}, {"id": 2, "text": 5}])
     result = subprocess.run(

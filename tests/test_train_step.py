@@ -135,6 +135,7 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch(setup, jax_model):
     assert step._cache_size() == programs  # no program of its own for the other schedule
 
 
+@pytest.mark.slow  # compiles two training programs: the quick tier leaves it out
 def test_prefix_cache_gives_the_same_loss_and_gradients(setup, jax_model):
     pre, pairs, consts = setup
     graphdef, params, rest = nnx.split(jax_model, nnx.Param, ...)
@@ -285,6 +286,7 @@ def test_a_non_finite_step_leaves_params_and_optimizer_state_untouched(setup, ja
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow  # compiles a training program per remat policy: the quick tier leaves it out
 def test_per_layer_remat_gives_the_same_loss_and_gradients(setup, tiny_dir):
     """``remat="layers"`` (each decoder layer and vision block checkpointed) changes memory, not
     numbers: with DoRA, adapter dropout 0.1 in the decoder layers and the vision blocks, and GradCache

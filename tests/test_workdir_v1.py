@@ -166,6 +166,7 @@ def _export(workdir: Path, out: Path, fmt: str) -> Path:
     return out
 
 
+@pytest.mark.slow  # export-hf in a subprocess: the quick tier leaves it out
 def test_export_hf_merged_matches_the_old_code(workdir, tiny, expected, tmp_path):
     want = EXPECTED["export_hf"]["merged"]
     out = _export(workdir, tmp_path / "merged", "merged")
@@ -207,6 +208,7 @@ def test_export_hf_merged_matches_the_old_code(workdir, tiny, expected, tmp_path
         np.testing.assert_allclose(merged[hf].T, w, rtol=0, atol=2e-7, err_msg=hf)
 
 
+@pytest.mark.slow  # export-hf in a subprocess: the quick tier leaves it out
 def test_export_hf_peft_matches_the_old_code(workdir, tiny, tmp_path):
     want = EXPECTED["export_hf"]["peft"]
     out = _export(workdir, tmp_path / "peft", "peft")
