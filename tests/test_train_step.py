@@ -375,3 +375,29 @@ def test_per_layer_remat_in_the_towers_with_their_own_block_loop(tower):
     report(f"per-layer remat vs none ({tower} vision tower, tiny)", relative_l2=relative)
     assert "remat" not in str(plain_jaxpr) and cfg.depth in _checkpointed_scans(layered_jaxpr)
     assert relative < 1e-6  # float32 roundoff: 0 and 2e-9 measured
+
+
+def test_schedule_is_optax_linear_warmup_then_decay_to_the_last_bit():
+    """``lr_schedule`` (its numbers may be traced: the trainer passes them to its step) gives, bit for
+    bit, optax's linear warm-up joined to a linear decay to zero, as the step computed it when the
+    numbers were constants of its program (old workdirs' logged rates are compared exactly); traced
+    under jit, the same values within float32 rounding of the learning rate."""
+    import itertools
+
+    import optax
+
+    from g2e_jax.train.step import lr_schedule
+
+    def reference(lr, total, warm):
+        decay = optax.linear_schedule(lr, 0.0, max(total - warm, 1))
+        return decay if warm <= 0 else optax.join_schedules([optax.linear_schedule(0.0, lr, warm), decay], [warm])
+
+    traced = jax.jit(lambda c, lr, total, warm: lr_schedule(lr, total, warm)(c))
+    for lr, total, warm in itertools.product((0.01, 5e-5, 2e-4), (3, 5, 12, 300, 1500), (0, 1, 2, 100)):
+        count = np.arange(total + 2, dtype=np.int32)
+        want = np.asarray(reference(lr, total, warm)(count))
+        assert np.array_equal(np.asarray(lr_schedule(lr, total, warm)(count)), want), (lr, total, warm)
+        got = traced(count, np.float32(lr), np.float32(total), np.float32(warm))
+        # Compiled, XLA may reassociate (a - b) * f + b; 1 - count / steps then rounds differently
+        # (cancellation near the end of a ramp): within float32 rounding of the learning rate itself.
+        np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=lr * 2**-20, err_msg=str((lr, total, warm)))

@@ -183,10 +183,15 @@ def lr_schedule(learning_rate, total_steps, warmup_steps=0) -> optax.Schedule:
     passes them to its compiled step as arguments (``schedule_values``), so a run resumed with more
     steps, or another learning rate, reads the same program back from the compilation cache."""
 
+    def linear(count, start, end, steps):  # optax.linear_schedule's arithmetic, to the last bit
+        frac = 1 - jnp.clip(count, 0, steps) / steps
+        return (start - end) * frac + end
+
     def schedule(count):
         count = jnp.asarray(count, jnp.float32)
-        rising = learning_rate * count / jnp.maximum(warmup_steps, 1)
-        falling = learning_rate * jnp.maximum(total_steps - count, 0.0) / jnp.maximum(total_steps - warmup_steps, 1)
+        rising = linear(count, 0.0, learning_rate, jnp.maximum(warmup_steps, 1))
+        falling = linear(jnp.where(warmup_steps > 0, count - warmup_steps, count), learning_rate, 0.0,
+                         jnp.maximum(total_steps - jnp.maximum(warmup_steps, 0), 1))  # fmt: skip
         return jnp.where(count < warmup_steps, rising, falling)
 
     return schedule
