@@ -104,7 +104,7 @@ def step_checks(results):
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         fn = jax.jit(lambda p, r, b: loss_and_grads(graphdef, p, r, b, consts, cfg))
         (l1, _), g1 = fn(params, rest, batch)
-        single_hlo = fn.lower(params, rest, batch).as_text()
+        single_hlo = fn.lower(params, rest, batch).as_text() if grad_cache else None
         mesh = make_mesh(data=2, fsdp=2, tensor=2)
         sharded = load(model_dir, progress=False)
         shard_model(sharded, mesh)

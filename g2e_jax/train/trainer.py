@@ -68,7 +68,6 @@ class Run:
     params: object
     rest: object
     opt_state: object
-    tx: object
     step_cfg: StepConfig
     consts: dict
     shape: BatchShape
@@ -140,7 +139,7 @@ def setup(cfg, workdir: str | Path) -> Run:
                 f"{side} {u} user tokens, {p or 'no'} image patches per cell" for side, (u, p) in sides.items()
             ), flush=True)  # fmt: skip
     schedule = jax.device_put(schedule_values(t.learning_rate, t.steps, t.warmup_steps), replicated)
-    return Run(cfg, workdir, mesh, graphdef, params, rest, opt_state, tx, step_cfg, consts, shape, sampler, data,
+    return Run(cfg, workdir, mesh, graphdef, params, rest, opt_state, step_cfg, consts, shape, sampler, data,
                preprocessor, schedule=schedule, sides=sides)  # fmt: skip
 
 
